@@ -1,0 +1,146 @@
+//! Billing cycles: monthly, starting on an anchor day of month, in UTC.
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::InvalidInput;
+
+/// Milliseconds since the Unix epoch, UTC. Time is always passed in to the rules.
+pub type TimestampMs = i64;
+
+/// The last anchor day allowed: every month has a 28th, so every cycle is a whole month.
+pub const ANCHOR_DAY_MAX: u32 = 28;
+
+/// The day of month (1..=28) on which each billing cycle starts, at 00:00 UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillingAnchor(u8);
+
+/// One billing cycle: `[start_ms, end_ms)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cycle {
+    pub start_ms: TimestampMs,
+    pub end_ms: TimestampMs,
+}
+
+impl Cycle {
+    pub fn contains(&self, at_ms: TimestampMs) -> bool {
+        self.start_ms <= at_ms && at_ms < self.end_ms
+    }
+}
+
+impl Default for BillingAnchor {
+    fn default() -> Self {
+        Self(1)
+    }
+}
+
+impl BillingAnchor {
+    /// `day` 0 means the default, the 1st.
+    pub fn new(day: u32) -> Result<Self, InvalidInput> {
+        match day {
+            0 => Ok(Self::default()),
+            1..=ANCHOR_DAY_MAX => Ok(Self(day as u8)),
+            _ => Err(InvalidInput::new(
+                "billing_anchor_day",
+                format!("is {day}; it must be between 1 and {ANCHOR_DAY_MAX} so that every month has it"),
+            )),
+        }
+    }
+
+    pub fn day(self) -> u32 {
+        u32::from(self.0)
+    }
+
+    /// The cycle that contains `at_ms`.
+    pub fn cycle_at(self, at_ms: TimestampMs) -> Result<Cycle, InvalidInput> {
+        let at = DateTime::<Utc>::from_timestamp_millis(at_ms)
+            .ok_or_else(|| InvalidInput::new("timestamp", format!("{at_ms} ms is out of range")))?;
+        let (mut year, mut month) = (at.year(), at.month());
+        if at.day() < self.day() {
+            (year, month) = previous_month(year, month);
+        }
+        let (next_year, next_month) = next_month(year, month);
+        Ok(Cycle {
+            start_ms: self.start_of(year, month)?,
+            end_ms: self.start_of(next_year, next_month)?,
+        })
+    }
+
+    fn start_of(self, year: i32, month: u32) -> Result<TimestampMs, InvalidInput> {
+        let date = NaiveDate::from_ymd_opt(year, month, self.day()).ok_or_else(|| {
+            InvalidInput::new("timestamp", format!("{year}-{month} is out of range"))
+        })?;
+        let start = date
+            .and_hms_opt(0, 0, 0)
+            .ok_or_else(|| InvalidInput::new("timestamp", "midnight is out of range"))?;
+        Ok(Utc.from_utc_datetime(&start).timestamp_millis())
+    }
+}
+
+fn previous_month(year: i32, month: u32) -> (i32, u32) {
+    if month == 1 {
+        (year - 1, 12)
+    } else {
+        (year, month - 1)
+    }
+}
+
+fn next_month(year: i32, month: u32) -> (i32, u32) {
+    if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    }
+}
+
+/// Formats a timestamp as RFC 3339 for messages people read.
+pub fn format_ms(at_ms: TimestampMs) -> String {
+    DateTime::<Utc>::from_timestamp_millis(at_ms)
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_else(|| format!("{at_ms} ms"))
+}
+
+#[cfg(test)]
+pub(crate) fn ms(rfc3339: &str) -> TimestampMs {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .expect("test timestamp")
+        .timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cycle_starts_on_the_anchor_day() {
+        let anchor = BillingAnchor::new(15).unwrap();
+        let cycle = anchor.cycle_at(ms("2026-11-23T10:00:00Z")).unwrap();
+        assert_eq!(cycle.start_ms, ms("2026-11-15T00:00:00Z"));
+        assert_eq!(cycle.end_ms, ms("2026-12-15T00:00:00Z"));
+    }
+
+    #[test]
+    fn before_the_anchor_day_the_cycle_began_last_month_across_a_year() {
+        let anchor = BillingAnchor::new(15).unwrap();
+        let cycle = anchor.cycle_at(ms("2027-01-03T10:00:00Z")).unwrap();
+        assert_eq!(cycle.start_ms, ms("2026-12-15T00:00:00Z"));
+        assert_eq!(cycle.end_ms, ms("2027-01-15T00:00:00Z"));
+    }
+
+    #[test]
+    fn boundary_instant_belongs_to_the_new_cycle() {
+        let anchor = BillingAnchor::new(1).unwrap();
+        let start = ms("2026-12-01T00:00:00Z");
+        assert_eq!(anchor.cycle_at(start).unwrap().start_ms, start);
+        assert_eq!(anchor.cycle_at(start - 1).unwrap().end_ms, start);
+        assert!(anchor.cycle_at(start).unwrap().contains(start));
+        assert!(!anchor.cycle_at(start - 1).unwrap().contains(start));
+    }
+
+    #[test]
+    fn anchor_day_is_validated() {
+        assert_eq!(BillingAnchor::new(0).unwrap().day(), 1);
+        assert_eq!(BillingAnchor::new(28).unwrap().day(), 28);
+        assert!(BillingAnchor::new(29).is_err());
+    }
+}

@@ -1,0 +1,38 @@
+//! The quota rules. No I/O, no clocks, no actors: time is passed in, and every
+//! change is a [`Record`] applied by the same function that replays the log.
+
+pub mod account;
+pub mod cycle;
+pub mod error;
+pub mod ids;
+pub mod limits;
+pub mod record;
+pub mod school;
+pub mod slice;
+pub mod state;
+
+#[cfg(test)]
+mod tests;
+
+pub use account::{
+    CommitOutcome, CommitStep, EventEntry, Gate, HoldRequest, HoldState, Reservation,
+    ServiceUsageView, Step, TeacherAccount,
+};
+pub use cycle::{BillingAnchor, Cycle, TimestampMs};
+pub use error::{InvalidInput, RuleError};
+pub use ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
+pub use limits::RuleLimits;
+pub use record::{Change, HoldEnd, Record, Usage, UsageSource};
+pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};
+pub use slice::{DenyReason, Priority, Slice, SliceStatus};
+pub use state::{ApplyError, State};
+
+/// The service types a school gets when it names none.
+pub const DEFAULT_SERVICE_TYPES: [&str; 6] = [
+    "lesson_generation",
+    "grading_assistance",
+    "homework_help",
+    "claude_messages",
+    "content_generation",
+    "assessment_ai",
+];

@@ -1,0 +1,15 @@
+//! quotad: a quota engine for AI usage in schools.
+//!
+//! - [`domain`]: the quota rules (pools, slices, cycles, reservations, idempotency), free of I/O.
+//! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
+//! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
+//! - [`api`]: the gRPC services and the one place where errors become statuses.
+#![deny(clippy::unwrap_used)]
+
+/// Types generated from `proto/quotad/v1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("quotad.v1");
+}
+
+pub mod domain;
