@@ -13,3 +13,5 @@ pub mod proto {
 }
 
 pub mod domain;
+pub mod storage;
+pub mod telemetry;

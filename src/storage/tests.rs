@@ -1,0 +1,255 @@
+//! The log's promises, checked against every store: sled on disk and memory.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::log::Entry;
+use super::snapshot::{write_snapshot, Snapshotter};
+use super::*;
+use crate::domain::{Record, RuleLimits, SchoolConfig, SchoolId, ServiceType, Tier};
+
+fn school_record(name: &str) -> Record {
+    Record::SchoolCreated {
+        config: SchoolConfig {
+            id: SchoolId::parse(name).unwrap(),
+            name: Arc::from(name),
+            tier: Tier::K12,
+            anchor: Default::default(),
+            borrowing_enabled: false,
+        },
+        cycle_start_ms: 0,
+        pools: vec![(ServiceType::parse("claude_messages").unwrap(), 10)],
+        change: crate::domain::Change {
+            by: Arc::from("t"),
+            reason: Arc::from(""),
+            at_ms: 0,
+        },
+    }
+}
+
+/// Counts flushes, to see group commit at work.
+struct CountingStore<S> {
+    inner: S,
+    flushes: AtomicUsize,
+}
+
+impl<S: LogStore> LogStore for CountingStore<S> {
+    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.inner.append(entries)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(2));
+        self.inner.flush()
+    }
+    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError> {
+        self.inner.read_after(wal_seq)
+    }
+    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.write_snapshot(wal_seq, bytes)
+    }
+    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        self.inner.read_snapshot()
+    }
+    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
+        self.inner.truncate_through(wal_seq)
+    }
+}
+
+/// Runs a test body against sled (in a temp dir) and against memory.
+macro_rules! for_each_store {
+    ($name:ident, |$store:ident| $body:block) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sled() {
+                let dir = tempfile::tempdir().unwrap();
+                let $store: Arc<dyn LogStore> = Arc::new(SledLog::open(dir.path()).unwrap());
+                $body
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                let $store: Arc<dyn LogStore> = Arc::new(MemoryLog::default());
+                $body
+            }
+        }
+    };
+}
+
+for_each_store!(appended_records_are_recovered_in_order, |store| {
+    let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+    let mut last = 0;
+    for i in 0..20 {
+        last = wal.append(&school_record(&format!("s{i}"))).unwrap();
+    }
+    wal.wait_durable(last).await.unwrap();
+    writer.shutdown();
+    let recovered = recover(store.as_ref()).unwrap();
+    assert_eq!(recovered.last_seq, 20);
+    assert_eq!(recovered.replayed_records, 20);
+    assert_eq!(recovered.state.schools.len(), 20);
+});
+
+for_each_store!(
+    a_snapshot_truncates_the_log_and_recovery_resumes_after_it,
+    |store| {
+        let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        for i in 0..5 {
+            let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+            wal.wait_durable(seq).await.unwrap();
+        }
+        let state = recover(store.as_ref()).unwrap().state;
+        write_snapshot(store.as_ref(), 5, &state).unwrap();
+        assert!(
+            store.read_after(0).unwrap().is_empty(),
+            "records up to 5 are truncated"
+        );
+        let seq = wal.append(&school_record("s5")).unwrap();
+        wal.wait_durable(seq).await.unwrap();
+        writer.shutdown();
+        let recovered = recover(store.as_ref()).unwrap();
+        assert_eq!(
+            (
+                recovered.snapshot_seq,
+                recovered.last_seq,
+                recovered.replayed_records
+            ),
+            (5, 6, 1)
+        );
+        assert_eq!(recovered.state.schools.len(), 6);
+    }
+);
+
+for_each_store!(a_damaged_record_stops_recovery_with_its_position, |store| {
+    store
+        .append(&[
+            (1, codec::encode(&school_record("a")).unwrap()),
+            (2, b"garbage".to_vec()),
+        ])
+        .unwrap();
+    store.flush().unwrap();
+    match recover(store.as_ref()) {
+        Err(StorageError::Corrupt { wal_seq: 2, .. }) => {}
+        other => panic!("expected a corrupt record at 2, got {other:?}"),
+    }
+});
+
+for_each_store!(
+    the_snapshotter_writes_what_is_durable_and_a_restart_resumes,
+    |store| {
+        let (wal, writer, durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        let snapshotter = Snapshotter::start(
+            store.clone(),
+            durable,
+            Default::default(),
+            0,
+            Duration::from_millis(20),
+            RuleLimits::default(),
+            || 0,
+        )
+        .unwrap();
+        for i in 0..50 {
+            let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+            wal.wait_durable(seq).await.unwrap();
+        }
+        writer.shutdown();
+        snapshotter.join();
+        let recovered = recover(store.as_ref()).unwrap();
+        assert_eq!(
+            recovered.snapshot_seq, 50,
+            "the final snapshot covers everything"
+        );
+        assert_eq!(recovered.replayed_records, 0);
+        assert_eq!(recovered.state.schools.len(), 50);
+        let (wal, writer, _durable) =
+            Wal::start(store.clone(), WalConfig::default(), recovered.last_seq).unwrap();
+        assert_eq!(wal.append(&school_record("next")).unwrap(), 51);
+        writer.shutdown();
+    }
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flush_covers_every_record_that_arrived_meanwhile() {
+    let store = Arc::new(CountingStore {
+        inner: MemoryLog::default(),
+        flushes: AtomicUsize::new(0),
+    });
+    let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let wal = wal.clone();
+            tokio::spawn(async move {
+                let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+                wal.wait_durable(seq).await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let flushes = store.flushes.load(Ordering::SeqCst);
+    assert!(flushes < 200, "200 records took {flushes} flushes");
+    writer.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_survive_a_crash() {
+    let store = MemoryLog::default();
+    let (wal, writer, _durable) =
+        Wal::start(Arc::new(store.clone()), WalConfig::default(), 0).unwrap();
+    let mut acknowledged = 0;
+    for i in 0..30 {
+        let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+        wal.wait_durable(seq).await.unwrap();
+        acknowledged += 1;
+    }
+    let crashed = store.crash();
+    drop(writer);
+    let recovered = recover(&crashed).unwrap();
+    assert_eq!(recovered.state.schools.len(), acknowledged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_refuses_every_later_change() {
+    let store = MemoryLog::default();
+    let (wal, writer, _durable) =
+        Wal::start(Arc::new(store.clone()), WalConfig::default(), 0).unwrap();
+    let seq = wal.append(&school_record("before")).unwrap();
+    wal.wait_durable(seq).await.unwrap();
+    store.fail_writes();
+    let seq = wal.append(&school_record("during")).unwrap();
+    let waited = wal.wait_durable(seq).await;
+    assert!(
+        matches!(waited, Err(WalError::Poisoned(ref reason)) if reason.contains("injected")),
+        "{waited:?}"
+    );
+    assert!(matches!(
+        wal.append(&school_record("after")),
+        Err(WalError::Poisoned(_))
+    ));
+    assert!(!wal.is_durable(seq));
+    drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_mode_acknowledges_at_once_and_flushes_within_the_interval() {
+    let store = MemoryLog::default();
+    let config = WalConfig {
+        durability: Durability::Batched,
+        batched_flush_interval_ms: 20,
+        ..WalConfig::default()
+    };
+    let (wal, writer, _durable) = Wal::start(Arc::new(store.clone()), config, 0).unwrap();
+    let seq = wal.append(&school_record("a")).unwrap();
+    wal.wait_durable(seq).await.unwrap();
+    for _ in 0..200 {
+        if wal.is_durable(seq) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(wal.is_durable(seq), "flushed by the interval");
+    assert_eq!(recover(&store.crash()).unwrap().state.schools.len(), 1);
+    drop(writer);
+}
