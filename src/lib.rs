@@ -13,5 +13,6 @@ pub mod proto {
 }
 
 pub mod domain;
+pub mod engine;
 pub mod storage;
 pub mod telemetry;

@@ -386,6 +386,19 @@ impl TeacherAccount {
         }
     }
 
+    /// Why a usage of `units` was denied, in a sentence a person can read.
+    pub fn explain(&self, service: &ServiceType, reason: DenyReason, units: u64) -> String {
+        let slice = self.slices.get(service);
+        match (reason, slice) {
+            (DenyReason::Exhausted, Some(s)) => format!(
+                "the {service} slice is exhausted: {} used and {} reserved of {} allocated, {units} asked",
+                s.used_units, s.reserved_units, s.allocated_units
+            ),
+            (DenyReason::Suspended, _) => format!("the {service} slice of teacher {} is suspended", self.teacher_id),
+            _ => format!("teacher {} has no {service} slice", self.teacher_id),
+        }
+    }
+
     /// The record that frees a live hold, or None when it is already gone.
     pub fn release_record(
         &self,

@@ -1,0 +1,583 @@
+//! The live state, held by actix actors: one [`TeacherActor`] per teacher,
+//! supervised by one [`SchoolActor`] per school that owns the pooled totals.
+//! Actors are spread over one Arbiter (thread) per core; a [`Registry`] finds
+//! them on the hot path. [`Engine`] is the handle the API calls: it routes a
+//! call to its actor, then waits for the WAL flush that makes the answer
+//! durable before returning it.
+
+pub mod messages;
+pub mod registry;
+pub mod school;
+pub mod teacher;
+pub mod views;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix::prelude::*;
+use thiserror::Error;
+
+use crate::domain::{
+    Change, DenyReason, InvalidInput, Record, RuleError, RuleLimits, SchoolConfig, SchoolId,
+    SchoolState, ServiceType, State, TeacherAccount, TeacherId, TimestampMs,
+};
+use crate::storage::{Wal, WalError};
+use crate::telemetry;
+
+pub use messages::*;
+pub use registry::Registry;
+pub use school::SchoolActor;
+pub use teacher::TeacherActor;
+pub use views::*;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The engine cannot answer now (shutting down, an actor gone).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<InvalidInput> for EngineError {
+    fn from(error: InvalidInput) -> Self {
+        Self::Rule(RuleError::Invalid(error))
+    }
+}
+
+impl EngineError {
+    pub fn mailbox(error: MailboxError) -> Self {
+        match error {
+            MailboxError::Closed => {
+                Self::Unavailable("the actor is stopped (shutting down?)".into())
+            }
+            MailboxError::Timeout => Self::Unavailable("the actor did not answer in time".into()),
+        }
+    }
+}
+
+/// Where the rules get the time from: the system clock, or a clock a test moves.
+#[derive(Clone, Debug)]
+pub enum Clock {
+    System,
+    Manual(Arc<AtomicI64>),
+}
+
+impl Clock {
+    pub fn manual(start_ms: TimestampMs) -> Self {
+        Self::Manual(Arc::new(AtomicI64::new(start_ms)))
+    }
+
+    pub fn now_ms(&self) -> TimestampMs {
+        match self {
+            Clock::System => system_now_ms(),
+            Clock::Manual(now) => now.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Moves a manual clock; the system clock cannot be moved.
+    pub fn advance(&self, by_ms: i64) {
+        if let Clock::Manual(now) = self {
+            now.fetch_add(by_ms, Ordering::SeqCst);
+        }
+    }
+}
+
+pub fn system_now_ms() -> TimestampMs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Threads that run actors (default: one per core).
+    pub arbiters: usize,
+    /// Messages queued per actor at most; senders wait beyond it.
+    pub mailbox_capacity: usize,
+    /// How often actors expire holds, prune ids and check for a new cycle.
+    pub housekeeping_interval: Duration,
+    pub limits: RuleLimits,
+    /// Service types a new school gets when it names none.
+    pub default_service_types: Vec<ServiceType>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            arbiters: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            mailbox_capacity: 1024,
+            housekeeping_interval: Duration::from_secs(1),
+            limits: RuleLimits::default(),
+            default_service_types: crate::domain::DEFAULT_SERVICE_TYPES
+                .iter()
+                .filter_map(|s| ServiceType::parse(s).ok())
+                .collect(),
+        }
+    }
+}
+
+/// What every actor shares.
+pub struct Shared {
+    pub wal: Wal,
+    pub clock: Clock,
+    pub limits: RuleLimits,
+    pub mailbox_capacity: usize,
+    pub housekeeping_interval: Duration,
+}
+
+/// The engine's parts, shared by the handle and the school actors.
+pub struct Core {
+    pub registry: Registry,
+    pub shared: Arc<Shared>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: AtomicUsize,
+}
+
+impl Core {
+    fn arbiter(&self) -> &ArbiterHandle {
+        let i = self.next_arbiter.fetch_add(1, Ordering::Relaxed);
+        &self.arbiters[i % self.arbiters.len()]
+    }
+
+    /// Starts a supervised teacher actor on the next arbiter and registers it.
+    pub fn spawn_teacher(
+        &self,
+        account: TeacherAccount,
+        school: Addr<SchoolActor>,
+    ) -> Addr<TeacherActor> {
+        let key = (account.school_id.clone(), account.teacher_id.clone());
+        let shared = self.shared.clone();
+        let addr = Supervisor::start_in_arbiter(self.arbiter(), move |_| {
+            TeacherActor::new(account, school, shared)
+        });
+        self.registry.teachers.insert(key, addr.clone());
+        addr
+    }
+
+    fn spawn_school(self: &Arc<Self>, school: SchoolState) -> Addr<SchoolActor> {
+        let core = self.clone();
+        Supervisor::start_in_arbiter(self.arbiter(), move |_| SchoolActor::new(school, core))
+    }
+}
+
+/// The actix system on its own thread, with its arbiters.
+pub struct EngineRuntime {
+    system: System,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineRuntime {
+    /// Stops every actor and waits for the actor threads to end.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the actor system thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A teacher, as every gate call names one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TeacherRef {
+    pub school_id: SchoolId,
+    pub teacher_id: TeacherId,
+}
+
+/// A new school, validated.
+#[derive(Debug, Clone)]
+pub struct NewSchool {
+    pub config: SchoolConfig,
+    /// Empty: the default service types with 0 units.
+    pub pools: Vec<(ServiceType, u64)>,
+    pub change: Change,
+}
+
+/// The handle the API calls. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    core: Arc<Core>,
+    config: Arc<EngineConfig>,
+}
+
+fn start_actor_threads(
+    arbiters: usize,
+) -> Result<(System, Vec<ArbiterHandle>, JoinHandle<()>), EngineError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("quotad-actors".into())
+        .spawn(move || {
+            let system = System::new();
+            let arbiters: Vec<Arbiter> = (0..arbiters.max(1)).map(|_| Arbiter::new()).collect();
+            let handles = arbiters.iter().map(Arbiter::handle).collect();
+            if tx.send((System::current(), handles)).is_err() {
+                return;
+            }
+            if let Err(error) = system.run() {
+                tracing::error!(%error, "the actor system stopped with an error");
+            }
+            for arbiter in arbiters {
+                arbiter.stop();
+                let _ = arbiter.join();
+            }
+        })
+        .map_err(|e| EngineError::Internal(format!("start the actor thread: {e}")))?;
+    let (system, handles) = rx
+        .recv()
+        .map_err(|_| EngineError::Internal("the actor thread ended before it started".into()))?;
+    Ok((system, handles, thread))
+}
+
+impl Engine {
+    /// Starts the actors for a recovered state. Returns once every actor is
+    /// registered, so the first call finds them.
+    pub async fn start(
+        state: State,
+        wal: Wal,
+        config: EngineConfig,
+        clock: Clock,
+    ) -> Result<(Engine, EngineRuntime), EngineError> {
+        let (system, arbiters, thread) = start_actor_threads(config.arbiters)?;
+        let shared = Arc::new(Shared {
+            wal,
+            clock,
+            limits: config.limits,
+            mailbox_capacity: config.mailbox_capacity,
+            housekeeping_interval: config.housekeeping_interval,
+        });
+        let core = Arc::new(Core {
+            registry: Registry::default(),
+            shared,
+            arbiters,
+            next_arbiter: AtomicUsize::new(0),
+        });
+        let runtime = EngineRuntime {
+            system,
+            thread: Some(thread),
+        };
+        let mut accounts: BTreeMap<SchoolId, Vec<TeacherAccount>> = BTreeMap::new();
+        for ((school_id, _), account) in state.accounts {
+            accounts.entry(school_id).or_default().push(account);
+        }
+        for (school_id, school) in state.schools {
+            let services: Vec<_> = school.pools.keys().cloned().collect();
+            let addr = core.spawn_school(school);
+            let teachers: Vec<_> = accounts
+                .remove(&school_id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|account| {
+                    (
+                        account.teacher_id.clone(),
+                        core.spawn_teacher(account, addr.clone()),
+                    )
+                })
+                .collect();
+            addr.send(school::AdoptTeachers(teachers))
+                .await
+                .map_err(EngineError::mailbox)?;
+            core.registry
+                .schools
+                .insert(school_id, registry::SchoolHandle::new(addr, services));
+        }
+        Ok((
+            Engine {
+                core,
+                config: Arc::new(config),
+            },
+            runtime,
+        ))
+    }
+
+    pub fn limits(&self) -> &RuleLimits {
+        &self.core.shared.limits
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.core.shared.clock
+    }
+
+    pub fn actors_alive(&self) -> usize {
+        self.core.registry.actors()
+    }
+
+    /// Waits until the value's record is durable, then hands the value out.
+    async fn settle<T>(&self, durable: Durable<T>) -> Result<T, EngineError> {
+        if let Some(wal_seq) = durable.wal_seq {
+            self.core.shared.wal.wait_durable(wal_seq).await?;
+        }
+        Ok(durable.value)
+    }
+
+    fn school(&self, school_id: &SchoolId) -> Result<registry::SchoolHandle, EngineError> {
+        self.core
+            .registry
+            .schools
+            .get(school_id)
+            .map(|h| h.clone())
+            .ok_or_else(|| {
+                RuleError::not_found(format!("school {school_id} does not exist")).into()
+            })
+    }
+
+    /// The teacher's actor, or None when the teacher has no slice in the school.
+    fn route(
+        &self,
+        teacher: &TeacherRef,
+        service: Option<&ServiceType>,
+    ) -> Result<Option<Addr<TeacherActor>>, EngineError> {
+        let school = self.school(&teacher.school_id)?;
+        if let Some(service) = service {
+            if !school.has_service(service) {
+                return Err(RuleError::not_found(format!(
+                    "service type {service} is not configured for school {}",
+                    teacher.school_id
+                ))
+                .into());
+            }
+        }
+        let key = (teacher.school_id.clone(), teacher.teacher_id.clone());
+        Ok(self.core.registry.teachers.get(&key).map(|a| a.clone()))
+    }
+
+    fn no_allocation(teacher: &TeacherRef, service: &ServiceType) -> Decision {
+        Decision {
+            allowed: false,
+            reason: Some(DenyReason::NoAllocation),
+            remaining_units: 0,
+            borrowed_units: 0,
+            duplicate: false,
+            message: format!(
+                "teacher {} has no {service} slice in school {}",
+                teacher.teacher_id, teacher.school_id
+            ),
+        }
+    }
+
+    fn teacher_not_found(teacher: &TeacherRef) -> EngineError {
+        RuleError::not_found(format!(
+            "teacher {} has no allocation in school {}",
+            teacher.teacher_id, teacher.school_id
+        ))
+        .into()
+    }
+
+    pub async fn consume(
+        &self,
+        teacher: &TeacherRef,
+        msg: Consume,
+    ) -> Result<Decision, EngineError> {
+        self.limits().check_units("units", msg.units)?;
+        let Some(addr) = self.route(teacher, Some(&msg.service))? else {
+            telemetry::decision("consume", DenyReason::NoAllocation.as_str());
+            return Ok(Self::no_allocation(teacher, &msg.service));
+        };
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let decision = self.settle(durable).await?;
+        telemetry::decision("consume", outcome(&decision));
+        Ok(decision)
+    }
+
+    pub async fn check(&self, teacher: &TeacherRef, msg: Check) -> Result<Decision, EngineError> {
+        self.limits().check_units("units", msg.units)?;
+        let Some(addr) = self.route(teacher, Some(&msg.service))? else {
+            return Ok(Self::no_allocation(teacher, &msg.service));
+        };
+        addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
+    pub async fn reserve(
+        &self,
+        teacher: &TeacherRef,
+        mut msg: Reserve,
+    ) -> Result<(Decision, TimestampMs), EngineError> {
+        msg.0.units = self.limits().check_units("estimate_units", msg.0.units)?;
+        msg.0.ttl_ms = self.limits().check_ttl(msg.0.ttl_ms)?;
+        let Some(addr) = self.route(teacher, Some(&msg.0.service))? else {
+            return Ok((Self::no_allocation(teacher, &msg.0.service), 0));
+        };
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let answer = self.settle(durable).await?;
+        telemetry::decision("reserve", outcome(&answer.0));
+        Ok(answer)
+    }
+
+    pub async fn commit(
+        &self,
+        teacher: &TeacherRef,
+        msg: Commit,
+    ) -> Result<CommitResult, EngineError> {
+        self.limits()
+            .check_units("actual_units", msg.actual_units)?;
+        let addr = self
+            .route(teacher, None)?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    pub async fn release(&self, teacher: &TeacherRef, msg: Release) -> Result<u64, EngineError> {
+        let addr = self
+            .route(teacher, None)?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    pub async fn usage(&self, teacher: &TeacherRef) -> Result<UsageView, EngineError> {
+        let addr = self
+            .route(teacher, None)?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        addr.send(GetUsage).await.map_err(EngineError::mailbox)?
+    }
+
+    /// Creates a school and its actor. The record is written before the
+    /// school is visible, so no call can reach a school the log does not hold.
+    pub async fn create_school(&self, new: NewSchool) -> Result<SchoolView, EngineError> {
+        let mut pools = new.pools;
+        if pools.is_empty() {
+            pools = self
+                .config
+                .default_service_types
+                .iter()
+                .map(|s| (s.clone(), 0))
+                .collect();
+        }
+        if pools.len() > self.limits().service_types_per_school_max {
+            return Err(InvalidInput::new(
+                "pools",
+                format!(
+                    "names {} service types; at most {} are allowed",
+                    pools.len(),
+                    self.limits().service_types_per_school_max
+                ),
+            )
+            .into());
+        }
+        let now_ms = self.clock().now_ms();
+        let cycle = new.config.anchor.cycle_at(now_ms)?;
+        let record = Record::SchoolCreated {
+            config: new.config.clone(),
+            cycle_start_ms: cycle.start_ms,
+            pools: pools.clone(),
+            change: new.change,
+        };
+        let addr = {
+            let entry = match self.core.registry.schools.entry(new.config.id.clone()) {
+                dashmap::Entry::Occupied(_) => {
+                    return Err(RuleError::AlreadyExists(format!(
+                        "school {} exists already",
+                        new.config.id
+                    ))
+                    .into())
+                }
+                dashmap::Entry::Vacant(entry) => entry,
+            };
+            let wal_seq = self.core.shared.wal.append(&record)?;
+            let school = SchoolState::new(new.config, cycle.start_ms, &pools);
+            let addr = self.core.spawn_school(school);
+            entry.insert(registry::SchoolHandle::new(
+                addr.clone(),
+                pools.iter().map(|(s, _)| s.clone()),
+            ));
+            (addr, wal_seq)
+        };
+        self.core.shared.wal.wait_durable(addr.1).await?;
+        addr.0.send(GetSchool).await.map_err(EngineError::mailbox)?
+    }
+
+    pub async fn get_school(&self, school_id: &SchoolId) -> Result<SchoolView, EngineError> {
+        let school = self.school(school_id)?;
+        school
+            .addr
+            .send(GetSchool)
+            .await
+            .map_err(EngineError::mailbox)?
+    }
+
+    pub async fn set_pool(
+        &self,
+        school_id: &SchoolId,
+        msg: SetPool,
+    ) -> Result<PoolView, EngineError> {
+        let school = self.school(school_id)?;
+        let durable = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    pub async fn set_allocation(
+        &self,
+        teacher: &TeacherRef,
+        msg: SetAllocation,
+    ) -> Result<AllocationView, EngineError> {
+        let school = self.school(&teacher.school_id)?;
+        if !school.has_service(&msg.service) {
+            return Err(RuleError::not_found(format!(
+                "service type {} is not configured for school {}",
+                msg.service, teacher.school_id
+            ))
+            .into());
+        }
+        let addr = school
+            .addr
+            .send(EnsureTeacher(teacher.teacher_id.clone()))
+            .await
+            .map_err(EngineError::mailbox)??;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    pub async fn set_status(
+        &self,
+        teacher: &TeacherRef,
+        msg: SetStatus,
+    ) -> Result<AllocationView, EngineError> {
+        let addr = self
+            .route(teacher, Some(&msg.service))?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    /// Makes a teacher's actor panic (tests of supervision).
+    pub async fn inject_panic(&self, teacher: &TeacherRef) -> Result<(), EngineError> {
+        let addr = self
+            .route(teacher, None)?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        addr.send(InjectPanic).await.map_err(EngineError::mailbox)?
+    }
+}
+
+fn outcome(decision: &Decision) -> &'static str {
+    match (decision.duplicate, decision.reason) {
+        (true, _) => "duplicate",
+        (false, None) => "allowed",
+        (false, Some(reason)) => reason.as_str(),
+    }
+}

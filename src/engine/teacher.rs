@@ -1,0 +1,539 @@
+//! One actor per teacher (a teacher's slices in one school). It alone changes
+//! the teacher's account, so checks and charges need no lock. Every change is
+//! appended to the WAL and applied in the same handler; the caller waits for
+//! durability outside the actor, so the actor never blocks on a flush.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use actix::prelude::*;
+
+use super::messages::*;
+use super::school::SchoolActor;
+use super::views::{AllocationView, Decision, Durable, UsageView};
+use super::{EngineError, Shared};
+use crate::domain::{
+    CommitStep, DenyReason, EventEntry, Gate, HoldState, Record, Reservation, Step, TeacherAccount,
+    TimestampMs,
+};
+use crate::telemetry;
+
+/// How often idle ids are pruned, at most.
+const PRUNE_INTERVAL_MS: i64 = 60_000;
+
+pub struct TeacherActor {
+    account: TeacherAccount,
+    school: Addr<SchoolActor>,
+    shared: Arc<Shared>,
+    last_prune_ms: TimestampMs,
+}
+
+impl Actor for TeacherActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.shared.mailbox_capacity);
+        ctx.run_interval(self.shared.housekeeping_interval, |act, _| {
+            act.housekeeping()
+        });
+        telemetry::actor_started();
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        telemetry::actor_stopped();
+    }
+}
+
+impl Supervised for TeacherActor {
+    /// The account is kept as it was: decisions are made on `&self` and only
+    /// a finished record is applied, so a panic leaves no half-made change.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        telemetry::actor_restarted("teacher");
+        match self.account.check_invariants() {
+            Ok(()) => {
+                tracing::warn!(teacher = %self.account.teacher_id, "teacher actor restarted with its state intact")
+            }
+            Err(problem) => {
+                tracing::error!(teacher = %self.account.teacher_id, %problem, "teacher actor restarted with broken state")
+            }
+        }
+    }
+}
+
+/// The first half of a consume: done, or waiting for the school to lend units.
+enum ConsumeStart {
+    Done(Durable<Decision>),
+    NeedsBorrow {
+        gate: Gate,
+        borrow: u64,
+        occurred_at_ms: TimestampMs,
+    },
+}
+
+impl TeacherActor {
+    pub fn new(account: TeacherAccount, school: Addr<SchoolActor>, shared: Arc<Shared>) -> Self {
+        Self {
+            account,
+            school,
+            shared,
+            last_prune_ms: 0,
+        }
+    }
+
+    /// Runs `f`; a panic becomes an error for this caller and a restart of the
+    /// actor by its supervisor, instead of a lost arbiter thread.
+    fn guarded<T>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        f: impl FnOnce(&mut Self) -> Reply<T>,
+    ) -> Reply<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(reply) => reply,
+            Err(_) => {
+                tracing::error!(teacher = %self.account.teacher_id, "teacher actor panicked; restarting it");
+                ctx.stop();
+                Err(EngineError::Internal(
+                    "the teacher's actor failed and is restarting; retry the call".into(),
+                ))
+            }
+        }
+    }
+
+    /// Asks the school, blocking this actor's mailbox until it answers so that
+    /// the teacher's state cannot change in between. The school never waits
+    /// for a teacher, so this cannot deadlock.
+    fn ask_school<M, T>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        message: M,
+        finish: impl FnOnce(&mut Self, Result<M::Result, MailboxError>) -> Reply<T> + 'static,
+    ) -> ActorResponse<Self, Reply<T>>
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+        SchoolActor: Handler<M>,
+        T: 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = self
+            .school
+            .send(message)
+            .into_actor(self)
+            .map(move |answer, act, ctx| {
+                let _ = tx.send(act.guarded(ctx, |act| finish(act, answer)));
+            });
+        ctx.wait(request);
+        ActorResponse::r#async(fut::wrap_future(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(EngineError::Unavailable(
+                    "the teacher's actor stopped".into(),
+                ))
+            })
+        }))
+    }
+
+    /// Appends a record and applies it. The WAL position is taken before the
+    /// state changes, so a refused append changes nothing.
+    fn write(&mut self, record: &Record) -> Reply<u64> {
+        let wal_seq = self.shared.wal.append(record)?;
+        self.account.apply(wal_seq, record);
+        Ok(wal_seq)
+    }
+
+    /// What is due before any call: a new cycle, expired holds.
+    fn housekeep(&mut self, now_ms: TimestampMs) -> Reply<()> {
+        let cycle = self.account.anchor.cycle_at(now_ms)?;
+        if cycle.start_ms > self.account.cycle_start_ms {
+            self.account.roll_to(cycle.start_ms);
+            // The school rolls on its own timer too; a full mailbox only delays it.
+            let _ = self.school.try_send(RollIfDue);
+        }
+        for record in self.account.expiry_records(now_ms) {
+            self.write(&record)?;
+        }
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) {
+        let now_ms = self.shared.clock.now_ms();
+        if let Err(error) = self.housekeep(now_ms) {
+            tracing::warn!(teacher = %self.account.teacher_id, %error, "housekeeping failed");
+        }
+        if now_ms - self.last_prune_ms >= PRUNE_INTERVAL_MS {
+            self.account.prune(now_ms, &self.shared.limits);
+            self.last_prune_ms = now_ms;
+        }
+    }
+
+    fn decision(
+        &self,
+        service: &crate::domain::ServiceType,
+        allowed: bool,
+        reason: Option<DenyReason>,
+        units: u64,
+    ) -> Decision {
+        Decision {
+            allowed,
+            reason,
+            remaining_units: self.account.remaining_units(service),
+            borrowed_units: 0,
+            duplicate: false,
+            message: reason
+                .map(|r| self.account.explain(service, r, units))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn begin_consume(&mut self, msg: &Consume, now_ms: TimestampMs) -> Reply<ConsumeStart> {
+        self.housekeep(now_ms)?;
+        let occurred_at_ms = self
+            .shared
+            .limits
+            .check_event_time(msg.occurred_at_ms, now_ms)?;
+        match self
+            .account
+            .begin_consume(&msg.service, msg.units, &msg.event_id)?
+        {
+            Step::Duplicate(entry) => Ok(ConsumeStart::Done(self.repeat(msg, entry))),
+            Step::Decide(gate @ Gate::Allow { borrow, .. }) if borrow > 0 => {
+                Ok(ConsumeStart::NeedsBorrow {
+                    gate,
+                    borrow,
+                    occurred_at_ms,
+                })
+            }
+            Step::Decide(gate) => self
+                .finish_consume(msg, gate, false, occurred_at_ms, now_ms)
+                .map(ConsumeStart::Done),
+        }
+    }
+
+    fn repeat(&self, msg: &Consume, entry: EventEntry) -> Durable<Decision> {
+        let mut decision = self.decision(&msg.service, entry.allowed, entry.reason, msg.units);
+        decision.borrowed_units = entry.borrowed_units;
+        decision.duplicate = true;
+        Durable::written(decision, entry.wal_seq)
+    }
+
+    fn finish_consume(
+        &mut self,
+        msg: &Consume,
+        gate: Gate,
+        borrow_granted: bool,
+        occurred_at_ms: TimestampMs,
+        now_ms: TimestampMs,
+    ) -> Reply<Durable<Decision>> {
+        let record = self.account.consume_record(
+            &msg.service,
+            msg.units,
+            &msg.event_id,
+            gate,
+            borrow_granted,
+            occurred_at_ms,
+            now_ms,
+            &msg.model,
+        );
+        let wal_seq = self.write(&record)?;
+        let decision = match &record {
+            Record::UsageCharged(usage) => {
+                let mut decision = self.decision(&msg.service, true, None, msg.units);
+                decision.borrowed_units = usage.borrowed_units;
+                decision
+            }
+            Record::UsageDenied { reason, .. } => {
+                self.decision(&msg.service, false, Some(*reason), msg.units)
+            }
+            other => unreachable!("a consume produced a {} record", other.kind()),
+        };
+        Ok(Durable::written(decision, wal_seq))
+    }
+
+    fn reservation_decision(&self, reservation: &Reservation) -> (Decision, TimestampMs) {
+        match reservation.state {
+            HoldState::Denied(reason) => (
+                self.decision(&reservation.service, false, Some(reason), reservation.units),
+                0,
+            ),
+            _ => (
+                self.decision(&reservation.service, true, None, reservation.units),
+                reservation.expires_at_ms,
+            ),
+        }
+    }
+}
+
+impl Handler<Consume> for TeacherActor {
+    type Result = ActorResponse<Self, Reply<Durable<Decision>>>;
+
+    fn handle(&mut self, msg: Consume, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        match self.guarded(ctx, |act| act.begin_consume(&msg, now_ms)) {
+            Err(error) => ActorResponse::reply(Err(error)),
+            Ok(ConsumeStart::Done(reply)) => ActorResponse::reply(Ok(reply)),
+            Ok(ConsumeStart::NeedsBorrow {
+                gate,
+                borrow,
+                occurred_at_ms,
+            }) => {
+                let ask = Borrow {
+                    service: msg.service.clone(),
+                    units: borrow,
+                    dry_run: false,
+                };
+                self.ask_school(ctx, ask, move |act, granted| {
+                    act.finish_consume(&msg, gate, granted.unwrap_or(false), occurred_at_ms, now_ms)
+                })
+            }
+        }
+    }
+}
+
+impl Handler<Check> for TeacherActor {
+    type Result = ActorResponse<Self, Reply<Decision>>;
+
+    fn handle(&mut self, msg: Check, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        let gate = self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            Ok(act.account.gate(&msg.service, msg.units)?)
+        });
+        match gate {
+            Err(error) => ActorResponse::reply(Err(error)),
+            Ok(Gate::Deny(reason)) => ActorResponse::reply(Ok(self.decision(
+                &msg.service,
+                false,
+                Some(reason),
+                msg.units,
+            ))),
+            Ok(Gate::Allow { borrow: 0, .. }) => {
+                ActorResponse::reply(Ok(self.decision(&msg.service, true, None, msg.units)))
+            }
+            Ok(Gate::Allow { borrow, .. }) => {
+                let ask = Borrow {
+                    service: msg.service.clone(),
+                    units: borrow,
+                    dry_run: true,
+                };
+                self.ask_school(ctx, ask, move |act, could| {
+                    let could = could.unwrap_or(false);
+                    let mut decision = act.decision(
+                        &msg.service,
+                        could,
+                        (!could).then_some(DenyReason::Exhausted),
+                        msg.units,
+                    );
+                    decision.borrowed_units = if could { borrow } else { 0 };
+                    Ok(decision)
+                })
+            }
+        }
+    }
+}
+
+impl Handler<Reserve> for TeacherActor {
+    type Result = Reply<Durable<(Decision, TimestampMs)>>;
+
+    fn handle(&mut self, Reserve(request): Reserve, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let step = act.account.begin_reserve(
+                &request.service,
+                request.units,
+                &request.reservation_id,
+                &act.shared.limits,
+            )?;
+            match step {
+                Step::Duplicate(reservation) => {
+                    let (mut decision, expires_at_ms) = act.reservation_decision(&reservation);
+                    decision.duplicate = true;
+                    Ok(Durable::written(
+                        (decision, expires_at_ms),
+                        reservation.wal_seq,
+                    ))
+                }
+                Step::Decide(gate) => {
+                    let record = act.account.reserve_record(&request, gate, now_ms);
+                    let wal_seq = act.write(&record)?;
+                    let reservation = &act.account.reservations[&request.reservation_id];
+                    Ok(Durable::written(
+                        act.reservation_decision(reservation),
+                        wal_seq,
+                    ))
+                }
+            }
+        })
+    }
+}
+
+impl Handler<Commit> for TeacherActor {
+    type Result = Reply<Durable<CommitResult>>;
+
+    fn handle(&mut self, msg: Commit, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let (outcome, duplicate, wal_seq) =
+                match act
+                    .account
+                    .begin_commit(&msg.reservation_id, msg.actual_units, now_ms)?
+                {
+                    CommitStep::Duplicate { outcome, wal_seq } => (outcome, true, wal_seq),
+                    CommitStep::Charge(record) => {
+                        let wal_seq = act.write(&record)?;
+                        match act
+                            .account
+                            .reservations
+                            .get(&msg.reservation_id)
+                            .map(|r| r.state)
+                        {
+                            Some(HoldState::Committed(outcome)) => (outcome, false, wal_seq),
+                            other => {
+                                return Err(EngineError::Internal(format!(
+                                    "a commit left the reservation {other:?}"
+                                )))
+                            }
+                        }
+                    }
+                };
+            let service = &act.account.reservations[&msg.reservation_id].service;
+            let remaining_units = act.account.remaining_units(service);
+            Ok(Durable::written(
+                CommitResult {
+                    outcome,
+                    duplicate,
+                    remaining_units,
+                },
+                wal_seq,
+            ))
+        })
+    }
+}
+
+impl Handler<Release> for TeacherActor {
+    type Result = Reply<Durable<u64>>;
+
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let Some(record) = act.account.release_record(&msg.reservation_id, now_ms) else {
+                return Ok(Durable::read(0));
+            };
+            let units = act
+                .account
+                .reservations
+                .get(&msg.reservation_id)
+                .map_or(0, |r| r.units);
+            Ok(Durable::written(units, act.write(&record)?))
+        })
+    }
+}
+
+impl Handler<GetUsage> for TeacherActor {
+    type Result = Reply<UsageView>;
+
+    fn handle(&mut self, _: GetUsage, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            Ok(UsageView {
+                school_id: act.account.school_id.clone(),
+                teacher_id: act.account.teacher_id.clone(),
+                services: act.account.usage(),
+                cycle: act.account.cycle()?,
+            })
+        })
+    }
+}
+
+impl Handler<SetAllocation> for TeacherActor {
+    type Result = ActorResponse<Self, Reply<Durable<AllocationView>>>;
+
+    fn handle(&mut self, msg: SetAllocation, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        let checked = self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let current = act.account.slices.get(&msg.service);
+            if let Some(slice) = current {
+                let floor_units = slice.used_units.saturating_add(slice.reserved_units);
+                if msg.allocated_units < floor_units {
+                    return Err(EngineError::Rule(crate::domain::RuleError::precondition(format!(
+                        "teacher {} has used {} and holds {} units of {} this cycle; the slice cannot shrink below {floor_units}",
+                        act.account.teacher_id, slice.used_units, slice.reserved_units, msg.service
+                    ))));
+                }
+            }
+            Ok(msg.priority.or(current.map(|s| s.priority)).unwrap_or_default())
+        });
+        let priority = match checked {
+            Ok(priority) => priority,
+            Err(error) => return ActorResponse::reply(Err(error)),
+        };
+        let ask = ApplyAllocation {
+            teacher_id: self.account.teacher_id.clone(),
+            service: msg.service.clone(),
+            allocated_units: msg.allocated_units,
+            priority,
+            auto_renew: msg.auto_renew,
+            change: msg.change,
+        };
+        let service = msg.service;
+        self.ask_school(ctx, ask, move |act, answer| {
+            let (wal_seq, record) = answer.map_err(EngineError::mailbox)??;
+            act.account.apply(wal_seq, &record);
+            Ok(Durable::written(
+                AllocationView::of(&act.account, &service),
+                wal_seq,
+            ))
+        })
+    }
+}
+
+impl Handler<SetStatus> for TeacherActor {
+    type Result = Reply<Durable<AllocationView>>;
+
+    fn handle(&mut self, msg: SetStatus, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            if !act.account.slices.contains_key(&msg.service) {
+                return Err(EngineError::Rule(crate::domain::RuleError::not_found(
+                    format!(
+                        "teacher {} has no {} slice",
+                        act.account.teacher_id, msg.service
+                    ),
+                )));
+            }
+            let record = Record::AllocationStatusSet {
+                school_id: act.account.school_id.clone(),
+                teacher_id: act.account.teacher_id.clone(),
+                service: msg.service.clone(),
+                status: msg.status,
+                cycle_start_ms: act.account.cycle_start_ms,
+                change: msg.change,
+            };
+            let wal_seq = act.write(&record)?;
+            Ok(Durable::written(
+                AllocationView::of(&act.account, &msg.service),
+                wal_seq,
+            ))
+        })
+    }
+}
+
+impl Handler<RollTo> for TeacherActor {
+    type Result = ();
+
+    fn handle(&mut self, RollTo(cycle_start_ms): RollTo, _: &mut Context<Self>) {
+        self.account.roll_to(cycle_start_ms);
+    }
+}
+
+impl Handler<InjectPanic> for TeacherActor {
+    type Result = Reply<()>;
+
+    fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |_| panic!("injected panic"))
+    }
+}

@@ -1,0 +1,407 @@
+//! The engine with real actors and a real WAL (in memory), time on a test clock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::domain::{
+    BillingAnchor, EventId, HoldRequest, Priority, ReservationId, SliceStatus, Tier,
+};
+use crate::storage::{recover, MemoryLog, WalConfig, WalWriter};
+
+const START_MS: i64 = 1_794_000_000_000; // 2026-11-06T...
+
+struct Harness {
+    engine: Engine,
+    runtime: Option<EngineRuntime>,
+    writer: Option<WalWriter>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown();
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.shutdown();
+        }
+    }
+}
+
+async fn start(store: MemoryLog, clock: Clock) -> Harness {
+    let recovered = recover(&store).unwrap();
+    let (wal, writer, _durable) = Wal::start(
+        Arc::new(store.clone()),
+        WalConfig::default(),
+        recovered.last_seq,
+    )
+    .unwrap();
+    let config = EngineConfig {
+        housekeeping_interval: Duration::from_millis(20),
+        ..EngineConfig::default()
+    };
+    let (engine, runtime) = Engine::start(recovered.state, wal, config, clock)
+        .await
+        .unwrap();
+    Harness {
+        engine,
+        runtime: Some(runtime),
+        writer: Some(writer),
+    }
+}
+
+fn change() -> Change {
+    Change {
+        by: Arc::from("principal"),
+        reason: Arc::from("test"),
+        at_ms: START_MS,
+    }
+}
+
+fn service() -> ServiceType {
+    ServiceType::parse("claude_messages").unwrap()
+}
+
+fn teacher(name: &str) -> TeacherRef {
+    TeacherRef {
+        school_id: SchoolId::parse("school").unwrap(),
+        teacher_id: TeacherId::parse(name).unwrap(),
+    }
+}
+
+fn consume(units: u64, event: &str) -> Consume {
+    Consume {
+        service: service(),
+        units,
+        event_id: EventId::parse(event).unwrap(),
+        occurred_at_ms: 0,
+        model: Arc::from("m"),
+    }
+}
+
+async fn school(h: &Harness, cycle_units: u64, borrowing: bool) {
+    let config = SchoolConfig {
+        id: SchoolId::parse("school").unwrap(),
+        name: Arc::from("School"),
+        tier: Tier::K12,
+        anchor: BillingAnchor::new(1).unwrap(),
+        borrowing_enabled: borrowing,
+    };
+    h.engine
+        .create_school(NewSchool {
+            config,
+            pools: vec![(service(), cycle_units)],
+            change: change(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn allocate(
+    h: &Harness,
+    name: &str,
+    units: u64,
+    priority: Priority,
+) -> Result<AllocationView, EngineError> {
+    let msg = SetAllocation {
+        service: service(),
+        allocated_units: units,
+        priority: Some(priority),
+        auto_renew: false,
+        change: change(),
+    };
+    h.engine.set_allocation(&teacher(name), msg).await
+}
+
+async fn used(h: &Harness, name: &str) -> (u64, u64, u64) {
+    let usage = h.engine.usage(&teacher(name)).await.unwrap();
+    let s = &usage.services[0];
+    (s.used_units, s.reserved_units, s.borrowed_units)
+}
+
+#[actix_rt::test]
+async fn a_panicking_teacher_actor_is_restarted_with_its_state_intact() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    assert!(
+        h.engine
+            .consume(&teacher("t1"), consume(4, "e1"))
+            .await
+            .unwrap()
+            .allowed
+    );
+    let failed = h.engine.inject_panic(&teacher("t1")).await;
+    assert!(
+        matches!(failed, Err(EngineError::Internal(_))),
+        "{failed:?}"
+    );
+    assert_eq!(
+        used(&h, "t1").await,
+        (4, 0, 0),
+        "state survived the restart"
+    );
+    let again = h
+        .engine
+        .consume(&teacher("t1"), consume(1, "e1"))
+        .await
+        .unwrap();
+    assert!(
+        again.duplicate,
+        "the ids seen before the panic are still known"
+    );
+    assert!(
+        h.engine
+            .consume(&teacher("t1"), consume(6, "e2"))
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert!(
+        !h.engine
+            .consume(&teacher("t1"), consume(1, "e3"))
+            .await
+            .unwrap()
+            .allowed
+    );
+}
+
+#[actix_rt::test]
+async fn a_high_priority_teacher_borrows_through_the_school() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 30, true).await;
+    allocate(&h, "high", 10, Priority::High).await.unwrap();
+    let check = h
+        .engine
+        .check(
+            &teacher("high"),
+            Check {
+                service: service(),
+                units: 15,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(check.allowed && check.borrowed_units == 5);
+    assert_eq!(used(&h, "high").await, (0, 0, 0), "check charges nothing");
+    let decision = h
+        .engine
+        .consume(&teacher("high"), consume(15, "e1"))
+        .await
+        .unwrap();
+    assert_eq!((decision.allowed, decision.borrowed_units), (true, 5));
+    let view = h
+        .engine
+        .get_school(&SchoolId::parse("school").unwrap())
+        .await
+        .unwrap();
+    let pool = &view.pools[0];
+    assert_eq!(
+        (
+            pool.allocated_units,
+            pool.borrowed_units,
+            pool.available_units,
+            pool.used_units
+        ),
+        (10, 5, 15, 15)
+    );
+    assert!(
+        !h.engine
+            .consume(&teacher("high"), consume(16, "e2"))
+            .await
+            .unwrap()
+            .allowed
+    );
+}
+
+#[actix_rt::test]
+async fn unknown_school_service_and_teacher_are_told_apart() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 30, false).await;
+    let nobody = h
+        .engine
+        .consume(&teacher("nobody"), consume(1, "e1"))
+        .await
+        .unwrap();
+    assert_eq!(nobody.reason, Some(DenyReason::NoAllocation));
+    let mut other = consume(1, "e1");
+    other.service = ServiceType::parse("homework_help").unwrap();
+    assert!(matches!(
+        h.engine.consume(&teacher("t"), other).await,
+        Err(EngineError::Rule(RuleError::NotFound(_)))
+    ));
+    let elsewhere = TeacherRef {
+        school_id: SchoolId::parse("elsewhere").unwrap(),
+        teacher_id: TeacherId::parse("t").unwrap(),
+    };
+    assert!(matches!(
+        h.engine.consume(&elsewhere, consume(1, "e1")).await,
+        Err(EngineError::Rule(RuleError::NotFound(_)))
+    ));
+}
+
+#[actix_rt::test]
+async fn holds_expire_on_the_clock_and_a_rollover_resets_usage() {
+    let clock = Clock::manual(crate::domain::cycle::ms("2026-11-30T23:59:00Z"));
+    let h = start(MemoryLog::default(), clock.clone()).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    let hold = HoldRequest {
+        service: service(),
+        units: 5,
+        ttl_ms: 1_000,
+        reservation_id: ReservationId::parse("r1").unwrap(),
+        model: Arc::from("m"),
+    };
+    assert!(
+        h.engine
+            .reserve(&teacher("t1"), Reserve(hold))
+            .await
+            .unwrap()
+            .0
+            .allowed
+    );
+    h.engine
+        .consume(&teacher("t1"), consume(3, "e1"))
+        .await
+        .unwrap();
+    assert_eq!(used(&h, "t1").await, (3, 5, 0));
+    clock.advance(1_000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(used(&h, "t1").await, (3, 0, 0), "the hold freed itself");
+    clock.advance(60_000);
+    let usage = h.engine.usage(&teacher("t1")).await.unwrap();
+    assert_eq!(
+        usage.cycle.start_ms,
+        crate::domain::cycle::ms("2026-12-01T00:00:00Z")
+    );
+    assert_eq!(
+        (
+            usage.services[0].used_units,
+            usage.services[0].allocated_units
+        ),
+        (0, 0),
+        "no auto-renew: units went back"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let view = h
+        .engine
+        .get_school(&SchoolId::parse("school").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(view.pools[0].allocated_units, 0);
+}
+
+#[actix_rt::test]
+async fn the_pool_and_the_slice_floor_are_enforced_through_the_actors() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 60, Priority::Normal).await.unwrap();
+    assert!(matches!(
+        allocate(&h, "t2", 41, Priority::Normal).await,
+        Err(EngineError::Rule(RuleError::Precondition(_)))
+    ));
+    h.engine
+        .consume(&teacher("t1"), consume(30, "e1"))
+        .await
+        .unwrap();
+    let err = allocate(&h, "t1", 29, Priority::Normal).await.unwrap_err();
+    assert!(err.to_string().contains("cannot shrink below 30"), "{err}");
+    allocate(&h, "t1", 30, Priority::Normal).await.unwrap();
+    allocate(&h, "t2", 70, Priority::Normal).await.unwrap();
+    let status = SetStatus {
+        service: service(),
+        status: SliceStatus::Suspended,
+        change: change(),
+    };
+    h.engine.set_status(&teacher("t2"), status).await.unwrap();
+    let denied = h
+        .engine
+        .consume(&teacher("t2"), consume(1, "e2"))
+        .await
+        .unwrap();
+    assert_eq!(denied.reason, Some(DenyReason::Suspended));
+}
+
+#[actix_rt::test]
+async fn recovery_from_the_log_gives_back_the_same_usage_and_ids() {
+    let store = MemoryLog::default();
+    {
+        let h = start(store.clone(), Clock::manual(START_MS)).await;
+        school(&h, 100, true).await;
+        allocate(&h, "t1", 10, Priority::High).await.unwrap();
+        h.engine
+            .consume(&teacher("t1"), consume(12, "e1"))
+            .await
+            .unwrap();
+        allocate(&h, "t1", 20, Priority::High).await.unwrap();
+        let hold = HoldRequest {
+            service: service(),
+            units: 3,
+            ttl_ms: 60_000,
+            reservation_id: ReservationId::parse("r1").unwrap(),
+            model: Arc::from("m"),
+        };
+        h.engine
+            .reserve(&teacher("t1"), Reserve(hold))
+            .await
+            .unwrap();
+    }
+    let crashed = store.crash();
+    let h = start(crashed, Clock::manual(START_MS)).await;
+    assert_eq!(used(&h, "t1").await, (10, 3, 2));
+    assert!(
+        h.engine
+            .consume(&teacher("t1"), consume(12, "e1"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+    let commit = Commit {
+        reservation_id: ReservationId::parse("r1").unwrap(),
+        actual_units: 4,
+    };
+    let result = h.engine.commit(&teacher("t1"), commit).await.unwrap();
+    assert_eq!(
+        (result.outcome.charged_units, result.outcome.overage_units),
+        (4, 0)
+    );
+    assert_eq!(used(&h, "t1").await, (14, 0, 2));
+}
+
+#[actix_rt::test]
+async fn many_concurrent_consumers_never_overspend_and_each_event_counts_once() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 1_000, false).await;
+    for t in 0..4 {
+        allocate(&h, &format!("t{t}"), 50, Priority::Normal)
+            .await
+            .unwrap();
+    }
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let engine = h.engine.clone();
+            tokio::spawn(async move {
+                let mut allowed = 0u64;
+                for n in 0..20 {
+                    // Every event is sent twice (a retry): it must count once.
+                    let msg = consume(1, &format!("{task}-{n}"));
+                    let who = teacher(&format!("t{}", task % 4));
+                    let first = engine.consume(&who, msg.clone()).await.unwrap();
+                    let retry = engine.consume(&who, msg).await.unwrap();
+                    assert_eq!(first.allowed, retry.allowed);
+                    allowed += u64::from(first.allowed);
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    assert_eq!(allowed, 200, "4 slices of 50");
+    for t in 0..4 {
+        assert_eq!(used(&h, &format!("t{t}")).await.0, 50);
+    }
+}
