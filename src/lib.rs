@@ -12,7 +12,10 @@ pub mod proto {
     tonic::include_proto!("quotad.v1");
 }
 
+pub mod api;
+pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod server;
 pub mod storage;
 pub mod telemetry;

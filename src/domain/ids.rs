@@ -126,7 +126,7 @@ impl ReservationId {
 }
 
 /// The AI model a usage was made with; free text, may be empty.
-pub fn parse_model(value: &str) -> Result<Arc<str>, InvalidInput> {
+pub fn parse_model_field(value: &str) -> Result<Arc<str>, InvalidInput> {
     if value.len() > MODEL_BYTES_MAX {
         return Err(InvalidInput::new(
             "model",
@@ -172,7 +172,7 @@ mod tests {
         assert!(EventId::parse(&"é".repeat(65)).is_err());
         assert!(EventId::parse("a\nb").is_err());
         assert!(ReservationId::parse("").is_err());
-        assert!(parse_model("").is_ok());
-        assert!(parse_model(&"m".repeat(129)).is_err());
+        assert!(parse_model_field("").is_ok());
+        assert!(parse_model_field(&"m".repeat(129)).is_err());
     }
 }

@@ -20,7 +20,7 @@ pub use account::{
 };
 pub use cycle::{BillingAnchor, Cycle, TimestampMs};
 pub use error::{InvalidInput, RuleError};
-pub use ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
+pub use ids::{parse_model_field, EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 pub use limits::RuleLimits;
 pub use record::{Change, HoldEnd, Record, Usage, UsageSource};
 pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};

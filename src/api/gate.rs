@@ -1,0 +1,141 @@
+//! `QuotaGate`: the calls an AI proxy makes on its hot path.
+
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::status::{invalid, to_status};
+use crate::domain::HoldRequest;
+use crate::engine::{Check, Commit, Consume, Engine, Release, Reserve};
+use crate::proto::quota_gate_server::QuotaGate;
+use crate::proto::*;
+use crate::telemetry;
+
+pub struct GateService {
+    engine: Engine,
+}
+
+impl GateService {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaGate for GateService {
+    async fn consume(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<ConsumeResponse>, Status> {
+        let started = Instant::now();
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let msg = Consume {
+            service: convert::service(&r.service_type).map_err(invalid)?,
+            units: r.units,
+            event_id: convert::event_id(&r.event_id).map_err(invalid)?,
+            occurred_at_ms: r.occurred_at_ms,
+            model: convert::model(&r.model).map_err(invalid)?,
+        };
+        let decision = self
+            .engine
+            .consume(&teacher, msg)
+            .await
+            .map_err(to_status)?;
+        telemetry::consume_latency(started.elapsed());
+        Ok(Response::new(ConsumeResponse {
+            decision: Some(convert::decision(decision)),
+        }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let msg = Check {
+            service: convert::service(&r.service_type).map_err(invalid)?,
+            units: r.units,
+        };
+        let decision = self.engine.check(&teacher, msg).await.map_err(to_status)?;
+        Ok(Response::new(CheckResponse {
+            decision: Some(convert::decision(decision)),
+        }))
+    }
+
+    async fn reserve(
+        &self,
+        request: Request<ReserveRequest>,
+    ) -> Result<Response<ReserveResponse>, Status> {
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let hold = HoldRequest {
+            service: convert::service(&r.service_type).map_err(invalid)?,
+            units: r.estimate_units,
+            ttl_ms: r.ttl_ms,
+            reservation_id: convert::reservation_id(&r.reservation_id).map_err(invalid)?,
+            model: convert::model(&r.model).map_err(invalid)?,
+        };
+        let (decision, expires_at_ms) = self
+            .engine
+            .reserve(&teacher, Reserve(hold))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ReserveResponse {
+            decision: Some(convert::decision(decision)),
+            expires_at_ms,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let msg = Commit {
+            reservation_id: convert::reservation_id(&r.reservation_id).map_err(invalid)?,
+            actual_units: r.actual_units,
+        };
+        let result = self.engine.commit(&teacher, msg).await.map_err(to_status)?;
+        Ok(Response::new(CommitResponse {
+            charged_units: result.outcome.charged_units,
+            overage_units: result.outcome.overage_units,
+            duplicate: result.duplicate,
+            hold_had_expired: result.outcome.hold_had_expired,
+            remaining_units: result.remaining_units,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let msg = Release {
+            reservation_id: convert::reservation_id(&r.reservation_id).map_err(invalid)?,
+        };
+        let released_units = self
+            .engine
+            .release(&teacher, msg)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ReleaseResponse {
+            released: released_units > 0,
+            released_units,
+        }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<GetUsageRequest>,
+    ) -> Result<Response<GetUsageResponse>, Status> {
+        let r = request.into_inner();
+        let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        let view = self.engine.usage(&teacher).await.map_err(to_status)?;
+        Ok(Response::new(convert::usage(view)))
+    }
+}

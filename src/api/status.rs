@@ -1,0 +1,29 @@
+//! The one place where errors become gRPC statuses.
+
+use tonic::Status;
+
+use crate::domain::{InvalidInput, RuleError};
+use crate::engine::EngineError;
+use crate::storage::WalError;
+
+/// Bad input says which field and why; a rule that refuses says what is in
+/// the way; a failed WAL is UNAVAILABLE, so clients retry elsewhere or later
+/// instead of treating the refusal as an answer about their quota.
+pub fn to_status(error: EngineError) -> Status {
+    match error {
+        EngineError::Rule(RuleError::Invalid(e)) => invalid(e),
+        EngineError::Rule(RuleError::NotFound(m)) => Status::not_found(m),
+        EngineError::Rule(RuleError::Precondition(m)) => Status::failed_precondition(m),
+        EngineError::Rule(RuleError::AlreadyExists(m)) => Status::already_exists(m),
+        EngineError::Wal(e @ (WalError::Poisoned(_) | WalError::Closed)) => {
+            Status::unavailable(e.to_string())
+        }
+        EngineError::Wal(e @ WalError::Encode(_)) => Status::internal(e.to_string()),
+        EngineError::Unavailable(m) => Status::unavailable(m),
+        EngineError::Internal(m) => Status::internal(m),
+    }
+}
+
+pub fn invalid(error: InvalidInput) -> Status {
+    Status::invalid_argument(format!("{}: {}", error.field, error.problem))
+}

@@ -1,0 +1,259 @@
+//! quotad's settings: defaults, then a TOML file, then environment variables
+//! (`QUOTAD_*`), then command-line flags, each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::domain::{RuleLimits, ServiceType};
+use crate::engine::EngineConfig;
+use crate::storage::{Durability, WalConfig};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("setting {setting}: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the gRPC services listen.
+    pub grpc_addr: SocketAddr,
+    /// Where Prometheus scrapes `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// The sled database (WAL and local snapshot).
+    pub data_dir: PathBuf,
+    /// `sync` (acknowledge after the flush) or `batched` (acknowledge at once).
+    pub durability: Durability,
+    pub batched_flush_interval_ms: u64,
+    pub snapshot_interval_s: u64,
+    pub idempotency_window_s: u64,
+    /// Threads that run actors; 0 means one per core.
+    pub actor_threads: usize,
+    /// Threads that run gRPC; 0 means one per core.
+    pub grpc_threads: usize,
+    pub mailbox_capacity: usize,
+    pub housekeeping_interval_ms: u64,
+    pub hold_ttl_ms_default: u64,
+    pub hold_ttl_ms_max: u64,
+    /// The largest gRPC request accepted, in bytes.
+    pub request_bytes_max: usize,
+    pub wal_queue_records_max: usize,
+    pub wal_batch_records_max: usize,
+    /// Service types a new school gets when it names none.
+    pub default_service_types: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let limits = RuleLimits::default();
+        let wal = WalConfig::default();
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Sync,
+            batched_flush_interval_ms: wal.batched_flush_interval_ms,
+            snapshot_interval_s: 30,
+            idempotency_window_s: (limits.idempotency_window_ms / 1000) as u64,
+            actor_threads: 0,
+            grpc_threads: 0,
+            mailbox_capacity: 1024,
+            housekeeping_interval_ms: 1000,
+            hold_ttl_ms_default: limits.hold_ttl_ms_default,
+            hold_ttl_ms_max: limits.hold_ttl_ms_max,
+            request_bytes_max: 64 * 1024,
+            wal_queue_records_max: wal.queue_records_max,
+            wal_batch_records_max: wal.batch_records_max,
+            default_service_types: crate::domain::DEFAULT_SERVICE_TYPES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+fn invalid(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Checks every setting; the server refuses to start on a bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("batched_flush_interval_ms", self.batched_flush_interval_ms),
+            ("snapshot_interval_s", self.snapshot_interval_s),
+            ("idempotency_window_s", self.idempotency_window_s),
+            ("housekeeping_interval_ms", self.housekeeping_interval_ms),
+            ("hold_ttl_ms_max", self.hold_ttl_ms_max),
+            ("hold_ttl_ms_default", self.hold_ttl_ms_default),
+        ];
+        for (setting, value) in positive {
+            if value == 0 {
+                return Err(invalid(setting, "must be greater than 0"));
+            }
+        }
+        if self.hold_ttl_ms_default > self.hold_ttl_ms_max {
+            return Err(invalid(
+                "hold_ttl_ms_default",
+                "must not exceed hold_ttl_ms_max",
+            ));
+        }
+        if self.mailbox_capacity == 0
+            || self.wal_queue_records_max == 0
+            || self.wal_batch_records_max == 0
+        {
+            return Err(invalid(
+                "mailbox_capacity / wal_*_records_max",
+                "must be greater than 0",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.request_bytes_max) {
+            return Err(invalid(
+                "request_bytes_max",
+                "must be between 1 KiB and 16 MiB",
+            ));
+        }
+        if self.idempotency_window_s > 366 * 24 * 3600 {
+            return Err(invalid("idempotency_window_s", "must be at most a year"));
+        }
+        self.service_types()?;
+        Ok(())
+    }
+
+    pub fn service_types(&self) -> Result<Vec<ServiceType>, ConfigError> {
+        let types = self
+            .default_service_types
+            .iter()
+            .map(|s| {
+                ServiceType::parse(s).map_err(|e| invalid("default_service_types", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if types.len() > RuleLimits::default().service_types_per_school_max {
+            return Err(invalid(
+                "default_service_types",
+                "names more than 32 service types",
+            ));
+        }
+        Ok(types)
+    }
+
+    pub fn limits(&self) -> RuleLimits {
+        RuleLimits {
+            idempotency_window_ms: i64::try_from(self.idempotency_window_s.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            hold_ttl_ms_default: self.hold_ttl_ms_default,
+            hold_ttl_ms_max: self.hold_ttl_ms_max,
+            ..RuleLimits::default()
+        }
+    }
+
+    pub fn wal(&self) -> WalConfig {
+        WalConfig {
+            durability: self.durability,
+            batched_flush_interval_ms: self.batched_flush_interval_ms,
+            queue_records_max: self.wal_queue_records_max,
+            batch_records_max: self.wal_batch_records_max,
+        }
+    }
+
+    pub fn engine(&self) -> Result<EngineConfig, ConfigError> {
+        let defaults = EngineConfig::default();
+        Ok(EngineConfig {
+            arbiters: if self.actor_threads == 0 {
+                defaults.arbiters
+            } else {
+                self.actor_threads
+            },
+            mailbox_capacity: self.mailbox_capacity,
+            housekeeping_interval: Duration::from_millis(self.housekeeping_interval_ms),
+            limits: self.limits(),
+            default_service_types: self.service_types()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.grpc_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(config.metrics_addr.to_string(), "127.0.0.1:9464");
+        assert_eq!(config.durability, Durability::Sync);
+        assert_eq!(config.idempotency_window_s, 8 * 24 * 3600);
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quotad.toml");
+        std::fs::write(&path, "durability = \"batched\"\nsnapshot_interval_s = 5\n").unwrap();
+        let config = Config::from_file(&path).unwrap();
+        assert_eq!(
+            (config.durability, config.snapshot_interval_s),
+            (Durability::Batched, 5)
+        );
+        std::fs::write(&path, "durabilty = \"batched\"\n").unwrap();
+        assert!(matches!(
+            Config::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_their_name() {
+        let config = Config {
+            snapshot_interval_s: 0,
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("snapshot_interval_s"));
+        let config = Config {
+            default_service_types: vec!["Bad-Name".into()],
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("default_service_types"));
+    }
+}
