@@ -100,9 +100,11 @@ pub enum CommitStep {
 pub struct ServiceUsageView {
     pub service: ServiceType,
     pub allocated_units: u64,
+    /// Everything used this cycle, borrowed units included.
     pub used_units: u64,
     pub reserved_units: u64,
     pub remaining_units: u64,
+    /// The part of `used_units` taken from the school's unallocated units.
     pub borrowed_units: u64,
     pub overage_units: u64,
     pub priority: Priority,
@@ -452,7 +454,7 @@ impl TeacherAccount {
             .map(|(service, s)| ServiceUsageView {
                 service: service.clone(),
                 allocated_units: s.allocated_units,
-                used_units: s.used_units,
+                used_units: s.total_used_units(),
                 reserved_units: s.reserved_units,
                 remaining_units: s.remaining_units(),
                 borrowed_units: s.borrowed_units,

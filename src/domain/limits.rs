@@ -14,6 +14,9 @@ pub struct RuleLimits {
     pub clock_skew_ms_max: i64,
     /// The most units one call may consume, reserve or commit (default 10^12).
     pub units_per_call_max: u64,
+    /// The most units a pool or a slice may hold (default 10^15), so that
+    /// sums over a school's slices and usages stay far from overflowing.
+    pub pool_units_max: u64,
     /// A hold's lifetime when the client gives none (default 60 s).
     pub hold_ttl_ms_default: u64,
     /// The longest a hold may live (default 1 hour).
@@ -30,6 +33,7 @@ impl Default for RuleLimits {
             idempotency_window_ms: 8 * 24 * 3600 * 1000,
             clock_skew_ms_max: 5 * 60 * 1000,
             units_per_call_max: 1_000_000_000_000,
+            pool_units_max: 1_000_000_000_000_000,
             hold_ttl_ms_default: 60_000,
             hold_ttl_ms_max: 3_600_000,
             service_types_per_school_max: 32,
@@ -50,6 +54,20 @@ impl RuleLimits {
                 format!(
                     "is {units}; one call may use at most {}",
                     self.units_per_call_max
+                ),
+            ));
+        }
+        Ok(units)
+    }
+
+    /// The size of a pool or a slice: 0 (empty) up to `pool_units_max`.
+    pub fn check_pool_units(&self, field: &'static str, units: u64) -> Result<u64, InvalidInput> {
+        if units > self.pool_units_max {
+            return Err(InvalidInput::new(
+                field,
+                format!(
+                    "is {units}; a pool or a slice holds at most {}",
+                    self.pool_units_max
                 ),
             ));
         }

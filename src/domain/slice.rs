@@ -115,6 +115,12 @@ impl Slice {
             .saturating_sub(self.used_units.saturating_add(self.reserved_units))
     }
 
+    /// Everything the teacher used this cycle: from the slice and borrowed.
+    /// This is the "used" every view shows.
+    pub fn total_used_units(&self) -> u64 {
+        self.used_units.saturating_add(self.borrowed_units)
+    }
+
     /// Starts a new cycle: the usage counters reset and a slice without
     /// auto-renew returns its units to the pool.
     pub fn roll(&mut self, old_cycle_start_ms: TimestampMs) {

@@ -457,6 +457,9 @@ impl Engine {
     /// school is visible, so no call can reach a school the log does not hold.
     pub async fn create_school(&self, new: NewSchool) -> Result<SchoolView, EngineError> {
         let mut pools = new.pools;
+        for (_, units) in &pools {
+            self.limits().check_pool_units("cycle_units", *units)?;
+        }
         if pools.is_empty() {
             pools = self
                 .config
@@ -522,6 +525,8 @@ impl Engine {
         school_id: &SchoolId,
         msg: SetPool,
     ) -> Result<PoolView, EngineError> {
+        self.limits()
+            .check_pool_units("cycle_units", msg.cycle_units)?;
         let school = self.school(school_id)?;
         let durable = school
             .addr
@@ -536,6 +541,8 @@ impl Engine {
         teacher: &TeacherRef,
         msg: SetAllocation,
     ) -> Result<AllocationView, EngineError> {
+        self.limits()
+            .check_pool_units("allocated_units", msg.allocated_units)?;
         let school = self.school(&teacher.school_id)?;
         if !school.has_service(&msg.service) {
             return Err(RuleError::not_found(format!(

@@ -116,8 +116,7 @@ impl SchoolActor {
             let mut used = BTreeMap::new();
             for answer in join_all(requests).await {
                 for service in answer.map_err(EngineError::mailbox)??.services {
-                    *used.entry(service.service).or_insert(0u64) +=
-                        service.used_units + service.borrowed_units;
+                    *used.entry(service.service).or_insert(0u64) += service.used_units;
                 }
             }
             Ok(used)

@@ -349,7 +349,7 @@ async fn recovery_from_the_log_gives_back_the_same_usage_and_ids() {
     }
     let crashed = store.crash();
     let h = start(crashed, Clock::manual(START_MS)).await;
-    assert_eq!(used(&h, "t1").await, (10, 3, 2));
+    assert_eq!(used(&h, "t1").await, (12, 3, 2));
     assert!(
         h.engine
             .consume(&teacher("t1"), consume(12, "e1"))
@@ -366,7 +366,7 @@ async fn recovery_from_the_log_gives_back_the_same_usage_and_ids() {
         (result.outcome.charged_units, result.outcome.overage_units),
         (4, 0)
     );
-    assert_eq!(used(&h, "t1").await, (14, 0, 2));
+    assert_eq!(used(&h, "t1").await, (16, 0, 2));
 }
 
 #[actix_rt::test]
@@ -404,4 +404,50 @@ async fn many_concurrent_consumers_never_overspend_and_each_event_counts_once() 
     for t in 0..4 {
         assert_eq!(used(&h, &format!("t{t}")).await.0, 50);
     }
+}
+
+#[actix_rt::test]
+async fn a_failed_flush_stops_acknowledging_and_says_unavailable() {
+    let store = MemoryLog::default();
+    let h = start(store.clone(), Clock::manual(START_MS)).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    assert!(
+        h.engine
+            .consume(&teacher("t1"), consume(1, "e1"))
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    store.fail_writes();
+    let failed = h.engine.consume(&teacher("t1"), consume(1, "e2")).await;
+    let status = crate::api::status::to_status(
+        failed.expect_err("a change that is not durable is never acknowledged"),
+    );
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(
+        status.message().contains("injected"),
+        "{}",
+        status.message()
+    );
+    // From now on every change is refused the same way, not half-applied.
+    let again = h.engine.consume(&teacher("t1"), consume(1, "e3")).await;
+    assert!(
+        matches!(again, Err(EngineError::Wal(WalError::Poisoned(_)))),
+        "{again:?}"
+    );
+    let admin = allocate(&h, "t1", 20, Priority::Normal).await;
+    assert!(
+        matches!(admin, Err(EngineError::Wal(WalError::Poisoned(_)))),
+        "{admin:?}"
+    );
+
+    // What survives is exactly what was acknowledged.
+    let recovered = recover(&store.crash()).unwrap();
+    let account = &recovered.state.accounts[&(
+        SchoolId::parse("school").unwrap(),
+        TeacherId::parse("t1").unwrap(),
+    )];
+    assert_eq!(account.usage()[0].used_units, 1);
 }

@@ -88,7 +88,7 @@ impl AllocationView {
             teacher_id: account.teacher_id.clone(),
             service: service.clone(),
             allocated_units: slice.allocated_units,
-            used_units: slice.used_units,
+            used_units: slice.total_used_units(),
             reserved_units: slice.reserved_units,
             priority: slice.priority,
             auto_renew: slice.auto_renew,
