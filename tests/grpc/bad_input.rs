@@ -1,0 +1,501 @@
+//! Bad input gets a clear status naming the field, and changes nothing.
+
+use quotad::proto::*;
+use tonic::Code;
+
+use crate::common::*;
+
+/// A school "oak" with ms-lee holding 10 units, and one charged unit to compare against.
+async fn setup(server: &TestServer) {
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "oak", 100, false).await;
+    allocate(&mut admin, "oak", "ms-lee", 10, "normal")
+        .await
+        .unwrap();
+    gate.consume(consume("oak", "ms-lee", 1, "baseline"))
+        .await
+        .unwrap();
+}
+
+fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, mentions: &str) {
+    let status = result.expect_err("bad input must be refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(mentions),
+        "{:?} should mention {mentions:?}",
+        status.message()
+    );
+}
+
+async fn assert_unchanged(server: &TestServer) {
+    let mut gate = server.gate().await;
+    let usage = gate
+        .get_usage(GetUsageRequest {
+            school_id: "oak".into(),
+            teacher_id: "ms-lee".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let s = &usage.services[0];
+    assert_eq!(
+        (s.allocated_units, s.used_units, s.reserved_units),
+        (10, 1, 0),
+        "bad input changed the state"
+    );
+}
+
+#[tokio::test]
+async fn consume_refuses_bad_fields() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+    let ok = || consume("oak", "ms-lee", 1, "fresh");
+    let cases: Vec<(ConsumeRequest, Code, &str)> = vec![
+        (
+            ConsumeRequest {
+                school_id: "".into(),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "school_id",
+        ),
+        (
+            ConsumeRequest {
+                teacher_id: "".into(),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "teacher_id",
+        ),
+        (
+            ConsumeRequest {
+                event_id: "".into(),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "event_id",
+        ),
+        (
+            ConsumeRequest {
+                event_id: "x".repeat(129),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "event_id",
+        ),
+        (
+            ConsumeRequest {
+                service_type: "".into(),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "service_type",
+        ),
+        (
+            ConsumeRequest {
+                service_type: "Lesson Generation!".into(),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "service_type",
+        ),
+        (
+            ConsumeRequest {
+                service_type: "homework_help".into(),
+                ..ok()
+            },
+            Code::NotFound,
+            "homework_help",
+        ),
+        (
+            ConsumeRequest {
+                school_id: "elm".into(),
+                ..ok()
+            },
+            Code::NotFound,
+            "elm",
+        ),
+        (
+            ConsumeRequest { units: 0, ..ok() },
+            Code::InvalidArgument,
+            "units",
+        ),
+        (
+            ConsumeRequest {
+                units: u64::MAX,
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "units",
+        ),
+        (
+            ConsumeRequest {
+                model: "m".repeat(129),
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "model",
+        ),
+        (
+            ConsumeRequest {
+                occurred_at_ms: 1_000,
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "occurred_at",
+        ),
+        (
+            ConsumeRequest {
+                occurred_at_ms: i64::MAX,
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "occurred_at",
+        ),
+        (
+            ConsumeRequest {
+                occurred_at_ms: -1,
+                ..ok()
+            },
+            Code::InvalidArgument,
+            "occurred_at",
+        ),
+    ];
+    for (request, code, mentions) in cases {
+        let what = format!("{request:?}");
+        let status = gate.consume(request).await.expect_err(&what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            status.message().contains(mentions),
+            "{what}: {:?} should mention {mentions:?}",
+            status.message()
+        );
+    }
+    assert_unchanged(&server).await;
+    // None of the refused calls used up the id "fresh".
+    let d = gate
+        .consume(ok())
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert!(d.allowed && !d.duplicate, "{d:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn check_reserve_commit_release_and_usage_refuse_bad_fields() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+
+    let check = || CheckRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        units: 1,
+    };
+    assert_status(
+        gate.check(CheckRequest {
+            teacher_id: "".into(),
+            ..check()
+        })
+        .await,
+        Code::InvalidArgument,
+        "teacher_id",
+    );
+    assert_status(
+        gate.check(CheckRequest {
+            units: 0,
+            ..check()
+        })
+        .await,
+        Code::InvalidArgument,
+        "units",
+    );
+    assert_status(
+        gate.check(CheckRequest {
+            service_type: "nope".into(),
+            ..check()
+        })
+        .await,
+        Code::NotFound,
+        "nope",
+    );
+
+    let reserve = || ReserveRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        estimate_units: 1,
+        ttl_ms: 0,
+        reservation_id: "r1".into(),
+        model: String::new(),
+    };
+    assert_status(
+        gate.reserve(ReserveRequest {
+            reservation_id: "".into(),
+            ..reserve()
+        })
+        .await,
+        Code::InvalidArgument,
+        "reservation_id",
+    );
+    assert_status(
+        gate.reserve(ReserveRequest {
+            estimate_units: 0,
+            ..reserve()
+        })
+        .await,
+        Code::InvalidArgument,
+        "units",
+    );
+    assert_status(
+        gate.reserve(ReserveRequest {
+            estimate_units: u64::MAX,
+            ..reserve()
+        })
+        .await,
+        Code::InvalidArgument,
+        "units",
+    );
+    assert_status(
+        gate.reserve(ReserveRequest {
+            ttl_ms: u64::MAX,
+            ..reserve()
+        })
+        .await,
+        Code::InvalidArgument,
+        "ttl",
+    );
+    assert_status(
+        gate.reserve(ReserveRequest {
+            school_id: "".into(),
+            ..reserve()
+        })
+        .await,
+        Code::InvalidArgument,
+        "school_id",
+    );
+
+    let commit = || CommitRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        reservation_id: "r1".into(),
+        actual_units: 1,
+    };
+    assert_status(
+        gate.commit(CommitRequest {
+            reservation_id: "".into(),
+            ..commit()
+        })
+        .await,
+        Code::InvalidArgument,
+        "reservation_id",
+    );
+    assert_status(
+        gate.commit(CommitRequest {
+            actual_units: u64::MAX,
+            ..commit()
+        })
+        .await,
+        Code::InvalidArgument,
+        "units",
+    );
+    assert_status(gate.commit(commit()).await, Code::NotFound, "r1");
+
+    let release = || ReleaseRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        reservation_id: "r1".into(),
+    };
+    assert_status(
+        gate.release(ReleaseRequest {
+            reservation_id: "r".repeat(200),
+            ..release()
+        })
+        .await,
+        Code::InvalidArgument,
+        "reservation_id",
+    );
+    assert_status(
+        gate.release(ReleaseRequest {
+            teacher_id: "".into(),
+            ..release()
+        })
+        .await,
+        Code::InvalidArgument,
+        "teacher_id",
+    );
+
+    assert_status(
+        gate.get_usage(GetUsageRequest {
+            school_id: "".into(),
+            teacher_id: "ms-lee".into(),
+        })
+        .await,
+        Code::InvalidArgument,
+        "school_id",
+    );
+    assert_status(
+        gate.get_usage(GetUsageRequest {
+            school_id: "elm".into(),
+            teacher_id: "ms-lee".into(),
+        })
+        .await,
+        Code::NotFound,
+        "elm",
+    );
+    assert_unchanged(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_calls_refuse_bad_fields() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut admin = server.admin().await;
+    let set = || SetAllocationRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        allocated_units: 5,
+        priority: "normal".into(),
+        auto_renew: false,
+        changed_by: "principal".into(),
+        reason: "test".into(),
+    };
+    assert_status(
+        admin
+            .set_allocation(SetAllocationRequest {
+                priority: "urgent".into(),
+                ..set()
+            })
+            .await,
+        Code::InvalidArgument,
+        "priority",
+    );
+    assert_status(
+        admin
+            .set_allocation(SetAllocationRequest {
+                teacher_id: "".into(),
+                ..set()
+            })
+            .await,
+        Code::InvalidArgument,
+        "teacher_id",
+    );
+    assert_status(
+        admin
+            .set_allocation(SetAllocationRequest {
+                allocated_units: u64::MAX,
+                ..set()
+            })
+            .await,
+        Code::InvalidArgument,
+        "units",
+    );
+    assert_status(
+        admin
+            .set_allocation(SetAllocationRequest {
+                service_type: "nope".into(),
+                ..set()
+            })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    // Below what the teacher already used: refused, the slice stays.
+    assert_status(
+        admin
+            .set_allocation(SetAllocationRequest {
+                allocated_units: 0,
+                ..set()
+            })
+            .await,
+        Code::FailedPrecondition,
+        "",
+    );
+
+    let status = SetAllocationStatusRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        status: "paused".into(),
+        changed_by: "principal".into(),
+        reason: "test".into(),
+    };
+    assert_status(
+        admin.set_allocation_status(status).await,
+        Code::InvalidArgument,
+        "status",
+    );
+
+    let school = |id: &str, tier: &str, day: u32| CreateSchoolRequest {
+        school_id: id.into(),
+        name: "Elm".into(),
+        tier: tier.into(),
+        billing_anchor_day: day,
+        borrowing_enabled: false,
+        pools: vec![],
+        changed_by: "test".into(),
+    };
+    assert_status(
+        admin.create_school(school("elm", "university", 1)).await,
+        Code::InvalidArgument,
+        "tier",
+    );
+    assert_status(
+        admin.create_school(school("elm", "k12", 31)).await,
+        Code::InvalidArgument,
+        "anchor",
+    );
+    assert_status(
+        admin.create_school(school("", "k12", 1)).await,
+        Code::InvalidArgument,
+        "school_id",
+    );
+    assert_status(
+        admin.create_school(school("oak", "k12", 1)).await,
+        Code::AlreadyExists,
+        "oak",
+    );
+    assert_eq!(
+        admin
+            .get_school(GetSchoolRequest {
+                school_id: "elm".into()
+            })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_unchanged(&server).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_before_it_is_read() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+    let huge = ConsumeRequest {
+        model: "m".repeat(100 * 1024),
+        ..consume("oak", "ms-lee", 1, "huge")
+    };
+    let status = gate.consume(huge).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message length too large"),
+        "{:?}",
+        status.message()
+    );
+    assert_unchanged(&server).await;
+    server.stop().await;
+}

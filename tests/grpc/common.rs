@@ -1,0 +1,258 @@
+//! A real quotad for each test: in-process (`serve` on 127.0.0.1:0, real sled
+//! in a temp dir) or as a child process (for crash tests), and real tonic
+//! clients over TCP.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use quotad::config::Config;
+use quotad::proto::quota_admin_client::QuotaAdminClient;
+use quotad::proto::quota_gate_client::QuotaGateClient;
+use quotad::proto::*;
+use quotad::server::{serve, Listeners, ServeError};
+use quotad::storage::Durability;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub const SERVICE: &str = "claude_messages";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(Config {
+            data_dir: data_dir.to_path_buf(),
+            ..Config::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel();
+        let listeners = Listeners {
+            grpc,
+            metrics: Some(metrics),
+        };
+        let task = tokio::spawn(serve(listeners, config, async move {
+            let _ = rx.await;
+        }));
+        let server = Self {
+            addr,
+            metrics_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if let Ok(mut admin) = QuotaAdminClient::connect(format!("http://{}", self.addr)).await
+            {
+                let probe = admin
+                    .get_school(GetSchoolRequest {
+                        school_id: "probe".into(),
+                    })
+                    .await;
+                if probe.is_err_and(|s| s.code() == tonic::Code::NotFound) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("quotad did not start on {}", self.addr);
+    }
+
+    pub async fn gate(&self) -> QuotaGateClient<Channel> {
+        QuotaGateClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin(&self) -> QuotaAdminClient<Channel> {
+        QuotaAdminClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// quotad as a child process, so that a test can SIGKILL it.
+pub struct ProcessServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ProcessServer {
+    pub fn start(data_dir: &Path, durability: Durability) -> Self {
+        let durability = match durability {
+            Durability::Sync => "sync",
+            Durability::Batched => "batched",
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quotad"))
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--no-metrics",
+                "--durability",
+                durability,
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("QUOTAD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the quotad binary");
+        let stdout = child.stdout.take().expect("quotad's stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("quotad's first line");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Self { child, addr }
+    }
+
+    pub async fn gate(&self) -> QuotaGateClient<Channel> {
+        QuotaGateClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub async fn admin(&self) -> QuotaAdminClient<Channel> {
+        QuotaAdminClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ProcessServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    (dir, data)
+}
+
+/// A school with one pool of `cycle_units` units of SERVICE.
+pub async fn create_school(
+    admin: &mut QuotaAdminClient<Channel>,
+    school_id: &str,
+    cycle_units: u64,
+    borrowing: bool,
+) {
+    admin
+        .create_school(CreateSchoolRequest {
+            school_id: school_id.into(),
+            name: format!("School {school_id}"),
+            tier: "k12".into(),
+            billing_anchor_day: 1,
+            borrowing_enabled: borrowing,
+            pools: vec![PoolUnits {
+                service_type: SERVICE.into(),
+                cycle_units,
+            }],
+            changed_by: "test".into(),
+        })
+        .await
+        .unwrap();
+}
+
+pub async fn allocate(
+    admin: &mut QuotaAdminClient<Channel>,
+    school_id: &str,
+    teacher_id: &str,
+    units: u64,
+    priority: &str,
+) -> Result<Allocation, tonic::Status> {
+    admin
+        .set_allocation(SetAllocationRequest {
+            school_id: school_id.into(),
+            teacher_id: teacher_id.into(),
+            service_type: SERVICE.into(),
+            allocated_units: units,
+            priority: priority.into(),
+            auto_renew: false,
+            changed_by: "principal".into(),
+            reason: "test".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub fn consume(school_id: &str, teacher_id: &str, units: u64, event_id: &str) -> ConsumeRequest {
+    ConsumeRequest {
+        school_id: school_id.into(),
+        teacher_id: teacher_id.into(),
+        service_type: SERVICE.into(),
+        units,
+        event_id: event_id.into(),
+        occurred_at_ms: 0,
+        model: "claude".into(),
+    }
+}
+
+pub async fn used_units(
+    gate: &mut QuotaGateClient<Channel>,
+    school_id: &str,
+    teacher_id: &str,
+) -> u64 {
+    let usage = gate
+        .get_usage(GetUsageRequest {
+            school_id: school_id.into(),
+            teacher_id: teacher_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    usage
+        .services
+        .iter()
+        .find(|s| s.service_type == SERVICE)
+        .map_or(0, |s| s.used_units)
+}

@@ -1,0 +1,10 @@
+//! quotad through its real gRPC API: a real server on 127.0.0.1:0 (in this
+//! process, or as a child process for the crash tests), real tonic clients
+//! over TCP and real sled in a temp dir.
+
+mod bad_input;
+mod common;
+mod crash;
+mod gate;
+mod idempotency;
+mod stress;
