@@ -125,6 +125,8 @@ pub struct MemoryLog {
 struct MemoryInner {
     written: BTreeMap<u64, Vec<u8>>,
     durable: BTreeMap<u64, Vec<u8>>,
+    /// Appended since the last flush (a flush moves them into `durable`).
+    unflushed: Vec<Entry>,
     snapshot: Option<(u64, Vec<u8>)>,
 }
 
@@ -139,6 +141,7 @@ impl MemoryLog {
         let copy = MemoryInner {
             written: inner.durable.clone(),
             durable: inner.durable.clone(),
+            unflushed: Vec::new(),
             snapshot: inner.snapshot.clone(),
         };
         MemoryLog {
@@ -165,14 +168,17 @@ impl MemoryLog {
 impl LogStore for MemoryLog {
     fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
         self.check()?;
-        self.lock().written.extend(entries.iter().cloned());
+        let mut inner = self.lock();
+        inner.written.extend(entries.iter().cloned());
+        inner.unflushed.extend(entries.iter().cloned());
         Ok(())
     }
 
     fn flush(&self) -> Result<(), StorageError> {
         self.check()?;
         let mut inner = self.lock();
-        inner.durable = inner.written.clone();
+        let unflushed = std::mem::take(&mut inner.unflushed);
+        inner.durable.extend(unflushed);
         Ok(())
     }
 
@@ -199,6 +205,7 @@ impl LogStore for MemoryLog {
         let mut inner = self.lock();
         inner.written.retain(|k, _| *k > wal_seq);
         inner.durable.retain(|k, _| *k > wal_seq);
+        inner.unflushed.retain(|(k, _)| *k > wal_seq);
         Ok(())
     }
 }
