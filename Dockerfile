@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t quotad .
+# Run:   docker run -p 50051:50051 -p 9464:9464 -v quotad-data:/var/lib/quotad quotad
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# protoc is vendored by the build script: no system package needed.
+COPY Cargo.toml Cargo.lock build.rs clippy.toml ./
+COPY proto proto
+COPY src src
+COPY benches benches
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+ && mkdir -p /out \
+ && cp target/release/quotad target/release/quotactl target/release/quotad-bench /out/
+
+FROM debian:bookworm-slim AS runtime
+RUN groupadd --system quotad \
+ && useradd --system --gid quotad --home-dir /var/lib/quotad --shell /usr/sbin/nologin quotad \
+ && mkdir -p /var/lib/quotad \
+ && chown quotad:quotad /var/lib/quotad
+COPY --from=build /out/ /usr/local/bin/
+USER quotad
+WORKDIR /var/lib/quotad
+VOLUME ["/var/lib/quotad"]
+# Inside a container the ports must listen on all interfaces.
+ENV QUOTAD_GRPC_ADDR=0.0.0.0:50051 \
+    QUOTAD_METRICS_ADDR=0.0.0.0:9464 \
+    QUOTAD_DATA_DIR=/var/lib/quotad \
+    QUOTAD_LOG=info
+EXPOSE 50051 9464
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/quotad"]
+CMD ["serve"]
