@@ -45,10 +45,8 @@ pub struct Config {
     pub batched_flush_interval_ms: u64,
     pub snapshot_interval_s: u64,
     pub idempotency_window_s: u64,
-    /// Threads that run actors; 0 means one per core.
+    /// Threads that run the actors and the gRPC server; 0 means one per core.
     pub actor_threads: usize,
-    /// Threads that run gRPC; 0 means one per core.
-    pub grpc_threads: usize,
     pub mailbox_capacity: usize,
     pub housekeeping_interval_ms: u64,
     pub hold_ttl_ms_default: u64,
@@ -74,7 +72,6 @@ impl Default for Config {
             snapshot_interval_s: 30,
             idempotency_window_s: (limits.idempotency_window_ms / 1000) as u64,
             actor_threads: 0,
-            grpc_threads: 0,
             mailbox_capacity: 1024,
             housekeeping_interval_ms: 1000,
             hold_ttl_ms_default: limits.hold_ttl_ms_default,

@@ -36,6 +36,8 @@ pub enum ServeError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("gRPC listener: {0}")]
+    Listener(std::io::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]
@@ -105,6 +107,10 @@ pub async fn serve(
     served
 }
 
+/// Serves gRPC on every actor thread: each runs an accept loop on the same
+/// socket, and a call is answered on the thread that accepted its connection.
+/// Half the time (with two threads) the teacher's actor lives there too, and
+/// the call never crosses threads; the other half costs one hop each way.
 async fn serve_grpc(
     listener: TcpListener,
     engine: Engine,
@@ -117,19 +123,80 @@ async fn serve_grpc(
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
-    let admin = QuotaAdminServer::new(AdminService::new(engine))
+    let admin = QuotaAdminServer::new(AdminService::new(engine.clone()))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
-    // TCP_NODELAY: without it a small unary reply can wait for the peer's
-    // delayed ACK (measured: p50 at c=1 from ~200 us to ~146 us).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(gate)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
+    let listener = listener.into_std().map_err(ServeError::Listener)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for arbiter in engine.arbiters() {
+        let listener = listener.try_clone().map_err(ServeError::Listener)?;
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .add_service(gate.clone())
+            .add_service(admin.clone());
+        let mut stop = stop_rx.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = arbiter.spawn(async move {
+            let served = async {
+                let listener = TcpListener::from_std(listener).map_err(ServeError::Listener)?;
+                // TCP_NODELAY: without it a small unary reply can wait for the
+                // peer's delayed ACK (measured: p50 at c=1 from ~200 us to ~146 us).
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                let stopped = async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                };
+                router
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await
+                    .map_err(ServeError::Transport)
+            };
+            let _ = done_tx.send(served.await);
+        });
+        if !spawned {
+            return Err(ServeError::Listener(std::io::Error::other(
+                "an actor thread stopped before the gRPC server started",
+            )));
+        }
+        servers.push(done_rx);
+    }
+    // Run until asked to stop, or until one server fails (then stop the others).
+    let failed = {
+        let first_exit = futures::future::select_all(servers.iter_mut());
+        tokio::select! {
+            _ = shutdown => None,
+            (result, index, _) = first_exit => Some((index, flatten(result))),
+        }
+    };
+    let _ = stop_tx.send(true);
+    // Graceful: each server finishes the calls in flight before it returns.
+    let mut outcome = Ok(());
+    for (i, server) in servers.into_iter().enumerate() {
+        if failed.as_ref().is_some_and(|(index, _)| *index == i) {
+            continue;
+        }
+        if let Err(error) = flatten(server.await) {
+            tracing::error!(%error, "a gRPC server failed while stopping");
+            outcome = outcome.and(Err(error));
+        }
+    }
+    match failed {
+        None => outcome,
+        Some((_, Err(error))) => Err(error),
+        Some((_, Ok(()))) => Err(ServeError::Listener(std::io::Error::other(
+            "a gRPC server stopped unexpectedly",
+        ))),
+    }
+}
+
+fn flatten(
+    result: Result<Result<(), ServeError>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), ServeError> {
+    result.unwrap_or_else(|_| {
+        Err(ServeError::Listener(std::io::Error::other(
+            "a gRPC server's actor thread stopped",
+        )))
+    })
 }
 
 /// The process-wide Prometheus recorder, installed once (tests start many servers).

@@ -319,6 +319,12 @@ impl Engine {
         &self.core.shared.clock
     }
 
+    /// The actor threads. The gRPC server runs on them too, so that a call
+    /// and the actor that answers it often share a thread (no wake-up hop).
+    pub fn arbiters(&self) -> &[ArbiterHandle] {
+        &self.core.arbiters
+    }
+
     pub fn actors_alive(&self) -> usize {
         self.core.registry.actors()
     }
