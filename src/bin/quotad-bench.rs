@@ -155,6 +155,8 @@ enum BenchError {
     SchoolId(String),
     #[error("a load task failed")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the pacing thread: {0}")]
+    Pacer(String),
 }
 
 /// The settings every phase runs with, resolved from the command line.
@@ -424,43 +426,58 @@ async fn closed_loop_worker<W: Workload>(
 /// Sends call n at `start + n / rate`, each in its own task, at most `max_in_flight` at once.
 ///
 /// Latency runs from the scheduled time, so when the server (or the in-flight bound) holds the
-/// sender back, the calls that should have gone out meanwhile are charged the wait. tokio's timer
-/// has 1 ms resolution: above 1000 calls/s, calls leave in per-millisecond bursts and each may
-/// carry up to ~1 ms of sender lag; compare with closed-loop figures for pure service time.
+/// sender back, the calls that should have gone out meanwhile are charged the wait. The pacing
+/// runs on its own OS thread with `std::thread::sleep` (tens of microseconds of overshoot):
+/// tokio's timer has 1 ms resolution, which sent calls in per-millisecond bursts and charged
+/// each up to ~1 ms of sender lag.
 async fn run_fixed_rate<W: Workload>(
     workload: &Arc<W>,
     config: &RunConfig,
     window: Window,
 ) -> Result<Recorder, BenchError> {
+    let runtime = tokio::runtime::Handle::current();
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (workload, rate_per_s) = (workload.clone(), config.rate_per_s);
+    let pacer = std::thread::Builder::new()
+        .name("quotad-bench-pacer".into())
+        .spawn(move || {
+            let mut call = 0u64;
+            loop {
+                let scheduled = window.start + scheduled_offset(call, rate_per_s);
+                if scheduled >= window.end {
+                    return 0;
+                }
+                let now = Instant::now();
+                if now >= window.end + SEND_GRACE {
+                    // Far behind schedule when the window closed: the rest are reported, never sent.
+                    return scheduled_call_count(window, rate_per_s).saturating_sub(call);
+                }
+                if scheduled > now {
+                    std::thread::sleep(scheduled - now);
+                }
+                let Ok(permit) = runtime.block_on(permits.clone().acquire_owned()) else {
+                    return 0;
+                };
+                let (workload, done_tx) = (workload.clone(), done_tx.clone());
+                runtime.spawn(async move {
+                    let result = timed_call(workload, call, scheduled, window).await;
+                    drop(permit);
+                    let _ = done_tx.send(result);
+                });
+                call += 1;
+            }
+        })
+        .map_err(|e| BenchError::Pacer(format!("cannot start it: {e}")))?;
     let mut recorder = Recorder::new();
-    let mut in_flight = JoinSet::new();
-    let mut call = 0u64;
-    loop {
-        let scheduled = window.start + scheduled_offset(call, config.rate_per_s);
-        if scheduled >= window.end {
-            break;
+    while let Some(result) = done_rx.recv().await {
+        if let Some((outcome, latency)) = result {
+            recorder.record(outcome, latency);
         }
-        let now = Instant::now();
-        if now >= window.end + SEND_GRACE {
-            // Far behind schedule when the window closed: the rest are reported, never sent.
-            recorder.unsent = scheduled_call_count(window, config.rate_per_s).saturating_sub(call);
-            break;
-        }
-        if scheduled > now {
-            tokio::time::sleep_until(scheduled).await;
-        }
-        while in_flight.len() >= config.max_in_flight {
-            record_completion(&mut recorder, in_flight.join_next().await)?;
-        }
-        in_flight.spawn(timed_call(workload.clone(), call, scheduled, window));
-        while let Some(done) = in_flight.try_join_next() {
-            record_completion(&mut recorder, Some(done))?;
-        }
-        call += 1;
     }
-    while let Some(done) = in_flight.join_next().await {
-        record_completion(&mut recorder, Some(done))?;
-    }
+    recorder.unsent = pacer
+        .join()
+        .map_err(|_| BenchError::Pacer("it panicked".into()))?;
     Ok(recorder)
 }
 
@@ -476,18 +493,6 @@ async fn timed_call<W: Workload>(
     window
         .is_measured(scheduled)
         .then(|| (outcome, scheduled.elapsed()))
-}
-
-type TimedCallResult = Result<Option<(Outcome, Duration)>, tokio::task::JoinError>;
-
-fn record_completion(
-    recorder: &mut Recorder,
-    done: Option<TimedCallResult>,
-) -> Result<(), BenchError> {
-    if let Some((outcome, latency)) = done.transpose()?.flatten() {
-        recorder.record(outcome, latency);
-    }
-    Ok(())
 }
 
 fn scheduled_offset(call: u64, rate_per_s: u32) -> Duration {
