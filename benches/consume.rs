@@ -75,6 +75,7 @@ impl Bench {
             tier: Tier::K12,
             anchor: BillingAnchor::new(1).expect("an anchor"),
             borrowing_enabled: false,
+            self_service_requests: false,
         };
         let pool = 1_000_000_000 * TEACHERS as u64;
         engine
@@ -97,6 +98,7 @@ impl Bench {
                 priority: Some(Priority::Normal),
                 auto_renew: false,
                 change: change(),
+                managed: true,
             };
             engine
                 .set_allocation(&teacher, msg)

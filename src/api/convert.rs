@@ -4,10 +4,13 @@
 use std::sync::Arc;
 
 use crate::domain::{
-    parse_model_field, Change, DenyReason, EventId, InvalidInput, ReservationId, SchoolId,
-    ServiceType, TeacherId, TimestampMs,
+    parse_model_field, AuditEntry, Change, DenyReason, EventId, IncreaseRequest, InvalidInput,
+    RequestStatus, ReservationId, SchoolId, ServiceType, TeacherId, TimestampMs,
 };
-use crate::engine::{AllocationView, Decision, PoolView, SchoolView, TeacherRef, UsageView};
+use crate::engine::{
+    AllocationView, Decision, PoolView, SchoolView, TeacherRef, UsageReportView, UsageRow,
+    UsageView,
+};
 use crate::proto;
 
 pub fn teacher(school_id: &str, teacher_id: &str) -> Result<TeacherRef, InvalidInput> {
@@ -126,6 +129,7 @@ pub fn school(view: SchoolView) -> proto::School {
         cycle_start_ms: view.cycle.start_ms,
         cycle_end_ms: view.cycle.end_ms,
         teacher_count: u32::try_from(view.teacher_count).unwrap_or(u32::MAX),
+        self_service_requests: view.config.self_service_requests,
     }
 }
 
@@ -140,5 +144,100 @@ pub fn allocation(view: AllocationView) -> proto::Allocation {
         priority: view.priority.as_str().into(),
         auto_renew: view.auto_renew,
         status: view.status.as_str().into(),
+    }
+}
+
+/// An optional filter: empty means none.
+pub fn optional<T>(
+    value: &str,
+    parse: impl FnOnce(&str) -> Result<T, InvalidInput>,
+) -> Result<Option<T>, InvalidInput> {
+    match value {
+        "" => Ok(None),
+        value => parse(value).map(Some),
+    }
+}
+
+/// A page size: 0 means 100; at most 1000.
+pub fn page_size(value: u32) -> Result<usize, InvalidInput> {
+    match value {
+        0 => Ok(100),
+        1..=1000 => Ok(value as usize),
+        _ => Err(InvalidInput::new(
+            "page_size",
+            format!("is {value}; at most 1000"),
+        )),
+    }
+}
+
+pub fn request(school_id: &SchoolId, r: IncreaseRequest) -> proto::IncreaseRequest {
+    proto::IncreaseRequest {
+        school_id: school_id.to_string(),
+        request_id: r.id,
+        teacher_id: r.teacher_id.to_string(),
+        service_type: r.service.to_string(),
+        requested_units: r.units,
+        reason: r.reason.to_string(),
+        status: r.status.as_str().into(),
+        approved_units: match r.status {
+            RequestStatus::Approved { units } => units,
+            _ => 0,
+        },
+        decision_reason: r.decision_reason.as_deref().unwrap_or_default().into(),
+        decided_by: r.decided_by.as_deref().unwrap_or_default().into(),
+        created_at_ms: r.created_at_ms,
+        decided_at_ms: r.decided_at_ms.unwrap_or(0),
+        expires_at_ms: if r.is_pending() { r.expires_at_ms() } else { 0 },
+    }
+}
+
+pub fn history_entry(school_id: &SchoolId, e: AuditEntry) -> proto::HistoryEntry {
+    proto::HistoryEntry {
+        school_id: school_id.to_string(),
+        seq: e.seq,
+        at_ms: e.at_ms,
+        actor: e.actor.to_string(),
+        action: e.action.as_str().into(),
+        teacher_id: e.teacher_id.map(|t| t.to_string()).unwrap_or_default(),
+        service_type: e.service.map(|s| s.to_string()).unwrap_or_default(),
+        reason: e.reason.to_string(),
+        before: e.before.into_iter().collect(),
+        after: e.after.into_iter().collect(),
+        prev_hash: hex::encode(e.prev_hash),
+        hash: hex::encode(e.hash),
+    }
+}
+
+fn usage_row(r: &UsageRow) -> proto::UsageRow {
+    proto::UsageRow {
+        teacher_id: r.teacher_id.to_string(),
+        service_type: r.service.to_string(),
+        allocated_units: r.allocated_units,
+        used_units: r.used_units,
+        borrowed_units: r.borrowed_units,
+        overage_units: r.overage_units,
+    }
+}
+
+pub fn usage_report(school_id: &SchoolId, view: UsageReportView) -> proto::UsageReport {
+    let mut totals: std::collections::BTreeMap<String, proto::UsageRow> = Default::default();
+    for row in &view.rows {
+        let total = totals
+            .entry(row.service.to_string())
+            .or_insert_with(|| proto::UsageRow {
+                service_type: row.service.to_string(),
+                ..Default::default()
+            });
+        total.allocated_units = total.allocated_units.saturating_add(row.allocated_units);
+        total.used_units = total.used_units.saturating_add(row.used_units);
+        total.borrowed_units = total.borrowed_units.saturating_add(row.borrowed_units);
+        total.overage_units = total.overage_units.saturating_add(row.overage_units);
+    }
+    proto::UsageReport {
+        school_id: school_id.to_string(),
+        cycle_start_ms: view.cycle.start_ms,
+        cycle_end_ms: view.cycle.end_ms,
+        rows: view.rows.iter().map(usage_row).collect(),
+        totals: totals.into_values().collect(),
     }
 }

@@ -470,6 +470,7 @@ async fn create_school(
         borrowing_enabled: args.borrowing,
         pools,
         changed_by: args.changed_by.unwrap_or_default(),
+        self_service_requests: false,
     };
     Ok(admin.create_school(request).await?.into_inner())
 }

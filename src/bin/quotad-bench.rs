@@ -643,6 +643,7 @@ async fn prepare_consume(
             cycle_units,
         }],
         changed_by: "quotad-bench".to_string(),
+        self_service_requests: false,
     };
     admin
         .create_school(request)

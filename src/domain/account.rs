@@ -13,8 +13,8 @@ use super::cycle::{BillingAnchor, Cycle, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
-use super::record::{HoldEnd, Record, Usage, UsageSource};
-use super::slice::{DenyReason, Priority, Slice, SliceStatus};
+use super::record::{HoldEnd, Record, SliceSet, Usage, UsageSource};
+use super::slice::{CycleTotals, DenyReason, Priority, Slice, SliceStatus};
 
 /// The answer of the quota check, before idempotency and borrowing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +110,8 @@ pub struct ServiceUsageView {
     pub priority: Priority,
     pub status: SliceStatus,
     pub auto_renew: bool,
+    /// What the slice counted in the cycle before this one.
+    pub previous: CycleTotals,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -462,12 +464,25 @@ impl TeacherAccount {
                 priority: s.priority,
                 status: s.status,
                 auto_renew: s.auto_renew,
+                previous: s.previous,
             })
             .collect()
     }
 
     pub fn remaining_units(&self, service: &ServiceType) -> u64 {
         self.slices.get(service).map_or(0, Slice::remaining_units)
+    }
+
+    /// Sets a slice's terms, unless a newer record set them already.
+    fn set_terms(&mut self, wal_seq: u64, set: &SliceSet) {
+        let slice = self.slices.entry(set.service.clone()).or_default();
+        if wal_seq < slice.terms_seq {
+            return;
+        }
+        slice.terms_seq = wal_seq;
+        slice.allocated_units = set.allocated_units;
+        slice.priority = set.priority;
+        slice.auto_renew = set.auto_renew;
     }
 
     /// Applies a fact. Never decides: the record says what happened.
@@ -477,16 +492,30 @@ impl TeacherAccount {
         }
         match record {
             Record::AllocationSet {
+                teacher_id,
                 service,
                 allocated_units,
                 priority,
                 auto_renew,
                 ..
-            } => {
-                let slice = self.slices.entry(service.clone()).or_default();
-                slice.allocated_units = *allocated_units;
-                slice.priority = *priority;
-                slice.auto_renew = *auto_renew;
+            } => self.set_terms(
+                wal_seq,
+                &SliceSet {
+                    teacher_id: teacher_id.clone(),
+                    service: service.clone(),
+                    allocated_units: *allocated_units,
+                    priority: *priority,
+                    auto_renew: *auto_renew,
+                },
+            ),
+            Record::AllocationsSet { slices, .. } => {
+                let own = self.teacher_id.clone();
+                for slice in slices.iter().filter(|s| s.teacher_id == own) {
+                    self.set_terms(wal_seq, slice);
+                }
+            }
+            Record::AllocationRemoved { service, .. } => {
+                self.slices.remove(service);
             }
             Record::AllocationStatusSet {
                 service, status, ..
@@ -564,7 +593,10 @@ impl TeacherAccount {
             } => self.end_hold(reservation_id, *how),
             Record::SchoolCreated { .. }
             | Record::PoolSet { .. }
-            | Record::CycleRolledOver { .. } => {}
+            | Record::CycleRolledOver { .. }
+            | Record::SettingsSet { .. }
+            | Record::RequestFiled { .. }
+            | Record::RequestDecided { .. } => {}
         }
     }
 

@@ -2,11 +2,13 @@
 //! change is a [`Record`] applied by the same function that replays the log.
 
 pub mod account;
+pub mod audit;
 pub mod cycle;
 pub mod error;
 pub mod ids;
 pub mod limits;
 pub mod record;
+pub mod requests;
 pub mod school;
 pub mod slice;
 pub mod state;
@@ -22,7 +24,9 @@ pub use cycle::{BillingAnchor, Cycle, TimestampMs};
 pub use error::{InvalidInput, RuleError};
 pub use ids::{parse_model_field, EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 pub use limits::RuleLimits;
-pub use record::{Change, HoldEnd, Record, Usage, UsageSource};
+pub use audit::{AuditAction, AuditEntry, AuditTrail, HistoryFilter};
+pub use record::{Change, Grant, HoldEnd, Record, SliceSet, Usage, UsageSource};
+pub use requests::{IncreaseRequest, RequestOutcome, RequestStatus};
 pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};
 pub use slice::{DenyReason, Priority, Slice, SliceStatus};
 pub use state::{ApplyError, State};

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::cycle::TimestampMs;
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::school::SchoolConfig;
+use super::requests::RequestOutcome;
 use super::slice::{DenyReason, Priority, SliceStatus};
 
 /// Who made an administrative change, why, and when: kept for the audit trail.
@@ -87,6 +88,8 @@ pub enum Record {
         auto_renew: bool,
         cycle_start_ms: TimestampMs,
         change: Change,
+        /// Set when the change grants an increase request.
+        grant: Option<Grant>,
     },
     AllocationStatusSet {
         school_id: SchoolId,
@@ -140,6 +143,62 @@ pub enum Record {
         to_start_ms: TimestampMs,
         at_ms: TimestampMs,
     },
+    /// School settings changed; a None keeps the setting.
+    SettingsSet {
+        school_id: SchoolId,
+        name: Option<Arc<str>>,
+        borrowing_enabled: Option<bool>,
+        self_service_requests: Option<bool>,
+        change: Change,
+    },
+    /// A slice returned its units to the pool and is gone.
+    AllocationRemoved {
+        school_id: SchoolId,
+        teacher_id: TeacherId,
+        service: ServiceType,
+        cycle_start_ms: TimestampMs,
+        change: Change,
+    },
+    /// Many slices set in one step: all of them or none.
+    AllocationsSet {
+        school_id: SchoolId,
+        slices: Vec<SliceSet>,
+        cycle_start_ms: TimestampMs,
+        change: Change,
+    },
+    RequestFiled {
+        school_id: SchoolId,
+        request_id: u64,
+        teacher_id: TeacherId,
+        service: ServiceType,
+        units: u64,
+        /// `change.reason` is the teacher's reason.
+        change: Change,
+    },
+    /// A request ended without an approval (approvals are `AllocationSet` with a grant).
+    RequestDecided {
+        school_id: SchoolId,
+        request_id: u64,
+        outcome: RequestOutcome,
+        change: Change,
+    },
+}
+
+/// The increase request an allocation change grants, and how many units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub request_id: u64,
+    pub units: u64,
+}
+
+/// One slice's new terms in an [`Record::AllocationsSet`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceSet {
+    pub teacher_id: TeacherId,
+    pub service: ServiceType,
+    pub allocated_units: u64,
+    pub priority: Priority,
+    pub auto_renew: bool,
 }
 
 impl Record {
@@ -155,7 +214,12 @@ impl Record {
             | Record::Reserved { school_id, .. }
             | Record::ReserveDenied { school_id, .. }
             | Record::HoldEnded { school_id, .. }
-            | Record::CycleRolledOver { school_id, .. } => school_id,
+            | Record::CycleRolledOver { school_id, .. }
+            | Record::SettingsSet { school_id, .. }
+            | Record::AllocationRemoved { school_id, .. }
+            | Record::AllocationsSet { school_id, .. }
+            | Record::RequestFiled { school_id, .. }
+            | Record::RequestDecided { school_id, .. } => school_id,
         }
     }
 
@@ -168,10 +232,16 @@ impl Record {
             | Record::UsageDenied { teacher_id, .. }
             | Record::Reserved { teacher_id, .. }
             | Record::ReserveDenied { teacher_id, .. }
-            | Record::HoldEnded { teacher_id, .. } => Some(teacher_id),
+            | Record::HoldEnded { teacher_id, .. }
+            | Record::AllocationRemoved { teacher_id, .. } => Some(teacher_id),
+            // Request records change the school's list, not the teacher's account.
             Record::SchoolCreated { .. }
             | Record::PoolSet { .. }
-            | Record::CycleRolledOver { .. } => None,
+            | Record::CycleRolledOver { .. }
+            | Record::SettingsSet { .. }
+            | Record::AllocationsSet { .. }
+            | Record::RequestFiled { .. }
+            | Record::RequestDecided { .. } => None,
         }
     }
 
@@ -184,10 +254,15 @@ impl Record {
             | Record::AllocationStatusSet { cycle_start_ms, .. }
             | Record::UsageDenied { cycle_start_ms, .. }
             | Record::Reserved { cycle_start_ms, .. }
-            | Record::ReserveDenied { cycle_start_ms, .. } => Some(*cycle_start_ms),
+            | Record::ReserveDenied { cycle_start_ms, .. }
+            | Record::AllocationRemoved { cycle_start_ms, .. }
+            | Record::AllocationsSet { cycle_start_ms, .. } => Some(*cycle_start_ms),
             Record::UsageCharged(usage) => Some(usage.cycle_start_ms),
             Record::CycleRolledOver { to_start_ms, .. } => Some(*to_start_ms),
-            Record::HoldEnded { .. } => None,
+            Record::HoldEnded { .. }
+            | Record::SettingsSet { .. }
+            | Record::RequestFiled { .. }
+            | Record::RequestDecided { .. } => None,
         }
     }
 
@@ -204,6 +279,11 @@ impl Record {
             Record::ReserveDenied { .. } => "reserve_denied",
             Record::HoldEnded { .. } => "hold_ended",
             Record::CycleRolledOver { .. } => "cycle_rolled_over",
+            Record::SettingsSet { .. } => "settings_set",
+            Record::AllocationRemoved { .. } => "allocation_removed",
+            Record::AllocationsSet { .. } => "allocations_set",
+            Record::RequestFiled { .. } => "request_filed",
+            Record::RequestDecided { .. } => "request_decided",
         }
     }
 }

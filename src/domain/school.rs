@@ -2,7 +2,7 @@
 //! much of them is allocated to teachers or borrowed. The SchoolActor holds
 //! this and is the only place that changes it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -10,8 +10,16 @@ use serde::{Deserialize, Serialize};
 use super::cycle::{BillingAnchor, Cycle, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{SchoolId, ServiceType, TeacherId};
+use super::audit::{AuditAction, AuditTrail, Draft};
 use super::limits::RuleLimits;
-use super::record::Record;
+use super::record::{Change, Grant, Record, SliceSet};
+use super::requests::{
+    IncreaseRequest, RequestOutcome, RequestStatus, PENDING_REQUESTS_PER_TEACHER_MAX,
+};
+use super::slice::{Priority, SliceStatus};
+
+/// Who the audit trail names for changes quotad makes by itself (rollover, expiry).
+pub const SYSTEM_ACTOR: &str = "quotad";
 
 /// Longest school name, in bytes.
 pub const SCHOOL_NAME_BYTES_MAX: usize = 256;
@@ -54,6 +62,8 @@ pub struct SchoolConfig {
     pub tier: Tier,
     pub anchor: BillingAnchor,
     pub borrowing_enabled: bool,
+    /// Teachers may file increase requests.
+    pub self_service_requests: bool,
 }
 
 impl SchoolConfig {
@@ -68,6 +78,25 @@ impl SchoolConfig {
             ));
         }
         Ok(Arc::from(name))
+    }
+
+    /// An individual user's school has one allocation, the whole pool, that
+    /// nobody manages: allocation calls on it are refused.
+    pub fn check_managed(&self) -> Result<(), RuleError> {
+        if self.tier == Tier::Individual {
+            return Err(RuleError::precondition(format!(
+                "{} is an individual account: its only allocation is the whole pool, which follows the subscription",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The teacher id of an individual account's owner: the school id itself.
+    pub fn owner(&self) -> Option<TeacherId> {
+        (self.tier == Tier::Individual)
+            .then(|| TeacherId::parse(self.id.as_str()).ok())
+            .flatten()
     }
 }
 
@@ -89,11 +118,14 @@ impl Pool {
     }
 }
 
-/// What the school must know of a slice to keep its pool's sum.
+/// What the school knows of a slice: its terms, not its usage (the teacher's
+/// actor counts that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceTerms {
     pub allocated_units: u64,
     pub auto_renew: bool,
+    pub priority: Priority,
+    pub status: SliceStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,7 +133,9 @@ pub struct SchoolState {
     pub config: SchoolConfig,
     pub cycle_start_ms: TimestampMs,
     pub pools: BTreeMap<ServiceType, Pool>,
-    pub slices: HashMap<(TeacherId, ServiceType), SliceTerms>,
+    pub slices: BTreeMap<(TeacherId, ServiceType), SliceTerms>,
+    pub requests: BTreeMap<u64, IncreaseRequest>,
+    pub history: AuditTrail,
 }
 
 impl SchoolState {
@@ -126,7 +160,9 @@ impl SchoolState {
             config,
             cycle_start_ms,
             pools,
-            slices: HashMap::new(),
+            slices: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            history: AuditTrail::default(),
         }
     }
 
@@ -206,6 +242,126 @@ impl SchoolState {
         Ok(())
     }
 
+    /// Checks slices set together: each names a configured service type once,
+    /// and per service type the pool holds the new sum. Nothing is applied
+    /// unless every slice fits.
+    pub fn check_allocations(&self, slices: &[SliceSet]) -> Result<(), RuleError> {
+        let mut allocated: BTreeMap<&ServiceType, u64> = BTreeMap::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, slice) in slices.iter().enumerate() {
+            let pool = self.pool(&slice.service)?;
+            if !seen.insert((&slice.teacher_id, &slice.service)) {
+                return Err(InvalidInput::new(
+                    "allocations",
+                    format!(
+                        "entry {} sets teacher {}'s {} slice a second time",
+                        i + 1,
+                        slice.teacher_id,
+                        slice.service
+                    ),
+                )
+                .into());
+            }
+            let sum = allocated.entry(&slice.service).or_insert(pool.allocated_units);
+            let current = self
+                .slices
+                .get(&(slice.teacher_id.clone(), slice.service.clone()))
+                .map_or(0, |t| t.allocated_units);
+            *sum = add_units("allocated_units", sum.saturating_sub(current), slice.allocated_units)?;
+        }
+        let mut short = Vec::new();
+        for (service, sum) in allocated {
+            let pool = self.pool(service)?;
+            let wanted = add_units("allocated_units", sum, pool.borrowed_units)?;
+            if wanted > pool.cycle_units {
+                short.push(format!(
+                    "{service}: slices would add up to {sum} (+{} borrowed) of {} cycle units, {} over",
+                    pool.borrowed_units,
+                    pool.cycle_units,
+                    wanted - pool.cycle_units
+                ));
+            }
+        }
+        if !short.is_empty() {
+            return Err(RuleError::precondition(format!(
+                "nothing was changed; the pools of school {} are too small: {}",
+                self.config.id,
+                short.join("; ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a new increase request and returns its id.
+    pub fn check_file_request(
+        &self,
+        teacher: &TeacherId,
+        service: &ServiceType,
+        units: u64,
+        limits: &RuleLimits,
+    ) -> Result<u64, RuleError> {
+        self.config.check_managed()?;
+        if !self.config.self_service_requests {
+            return Err(RuleError::precondition(format!(
+                "school {} does not take increase requests from teachers (self-service is off)",
+                self.config.id
+            )));
+        }
+        self.pool(service)?;
+        limits.check_units("units", units)?;
+        limits.check_pool_units("units", units)?;
+        let pending = self
+            .requests
+            .values()
+            .filter(|r| r.is_pending() && &r.teacher_id == teacher)
+            .count();
+        if pending >= PENDING_REQUESTS_PER_TEACHER_MAX {
+            return Err(RuleError::precondition(format!(
+                "teacher {teacher} has {pending} pending requests, the most allowed; wait for a decision"
+            )));
+        }
+        Ok(self.requests.last_key_value().map_or(1, |(id, _)| id + 1))
+    }
+
+    /// A request that can still be decided.
+    pub fn pending_request(&self, id: u64) -> Result<&IncreaseRequest, RuleError> {
+        let request = self.requests.get(&id).ok_or_else(|| {
+            RuleError::not_found(format!("school {} has no request {id}", self.config.id))
+        })?;
+        if !request.is_pending() {
+            return Err(RuleError::precondition(format!(
+                "request {id} is {} already",
+                request.status.as_str()
+            )));
+        }
+        Ok(request)
+    }
+
+    /// The units an approval grants: 0 means all that was asked; more than
+    /// was asked is refused.
+    pub fn grant_units(request: &IncreaseRequest, units: u64) -> Result<u64, InvalidInput> {
+        match units {
+            0 => Ok(request.units),
+            u if u <= request.units => Ok(u),
+            u => Err(InvalidInput::new(
+                "units",
+                format!(
+                    "is {u}; request {} asked for {}, the most that can be granted",
+                    request.id, request.units
+                ),
+            )),
+        }
+    }
+
+    /// Pending requests whose week has run out.
+    pub fn due_expiries(&self, now_ms: TimestampMs) -> Vec<u64> {
+        self.requests
+            .values()
+            .filter(|r| r.is_due_to_expire(now_ms))
+            .map(|r| r.id)
+            .collect()
+    }
+
     /// Grants `units` of the unallocated part to a high priority teacher, if
     /// the school allows borrowing and has them.
     pub fn can_borrow(&self, service: &ServiceType, units: u64) -> bool {
@@ -255,46 +411,245 @@ impl SchoolState {
         }
     }
 
-    /// Applies a fact to the pools. Usage only matters here for what it borrowed.
+    /// Applies a fact to the pools, the slices' terms, the requests and the
+    /// audit trail. Never decides: the record says what happened.
     pub fn apply(&mut self, record: &Record) {
         if let Some(cycle_start_ms) = record.cycle_start_ms() {
             self.roll_to(cycle_start_ms);
         }
         match record {
+            Record::SchoolCreated { config, pools, change, .. } => {
+                let mut draft = Draft::new(AuditAction::SchoolCreated, change)
+                    .after("name", &config.name)
+                    .after("tier", config.tier.as_str())
+                    .after("billing_anchor_day", config.anchor.day())
+                    .after("borrowing_enabled", config.borrowing_enabled)
+                    .after("self_service_requests", config.self_service_requests);
+                for (service, units) in pools {
+                    draft = draft.after(&format!("cycle_units.{service}"), units);
+                }
+                self.history.append(draft);
+            }
             Record::PoolSet {
                 service,
                 cycle_units,
+                change,
                 ..
             } => {
-                self.pools.entry(service.clone()).or_default().cycle_units = *cycle_units;
+                let pool = self.pools.entry(service.clone()).or_default();
+                let before = pool.cycle_units;
+                pool.cycle_units = *cycle_units;
+                self.history.append(
+                    Draft::new(AuditAction::PoolSet, change)
+                        .service(service)
+                        .before("cycle_units", before)
+                        .after("cycle_units", cycle_units),
+                );
             }
             Record::AllocationSet {
                 teacher_id,
                 service,
                 allocated_units,
+                priority,
                 auto_renew,
+                change,
+                grant,
                 ..
             } => {
-                let key = (teacher_id.clone(), service.clone());
-                let old = self.slices.insert(
-                    key,
-                    SliceTerms {
-                        allocated_units: *allocated_units,
-                        auto_renew: *auto_renew,
+                let slice = SliceSet {
+                    teacher_id: teacher_id.clone(),
+                    service: service.clone(),
+                    allocated_units: *allocated_units,
+                    priority: *priority,
+                    auto_renew: *auto_renew,
+                };
+                self.set_slice(&slice, change);
+                if let Some(grant) = grant {
+                    self.approve(grant, change);
+                }
+            }
+            Record::AllocationsSet { slices, change, .. } => {
+                for slice in slices {
+                    self.set_slice(slice, change);
+                }
+            }
+            Record::AllocationStatusSet {
+                teacher_id,
+                service,
+                status,
+                change,
+                ..
+            } => {
+                if let Some(terms) = self.slices.get_mut(&(teacher_id.clone(), service.clone())) {
+                    let before = terms.status;
+                    terms.status = *status;
+                    self.history.append(
+                        Draft::new(AuditAction::AllocationStatusSet, change)
+                            .slice(teacher_id, service)
+                            .before("status", before.as_str())
+                            .after("status", status.as_str()),
+                    );
+                }
+            }
+            Record::AllocationRemoved {
+                teacher_id,
+                service,
+                change,
+                ..
+            } => {
+                if let Some(old) = self.slices.remove(&(teacher_id.clone(), service.clone())) {
+                    if let Some(pool) = self.pools.get_mut(service) {
+                        pool.allocated_units = pool.allocated_units.saturating_sub(old.allocated_units);
+                    }
+                    self.history.append(
+                        terms_values(Draft::new(AuditAction::AllocationRemoved, change), Some(&old), true)
+                            .slice(teacher_id, service),
+                    );
+                }
+            }
+            Record::SettingsSet {
+                name,
+                borrowing_enabled,
+                self_service_requests,
+                change,
+                ..
+            } => {
+                let mut draft = Draft::new(AuditAction::SettingsSet, change);
+                if let Some(name) = name {
+                    draft = draft.before("name", &self.config.name).after("name", name);
+                    self.config.name = name.clone();
+                }
+                if let Some(on) = borrowing_enabled {
+                    draft = draft
+                        .before("borrowing_enabled", self.config.borrowing_enabled)
+                        .after("borrowing_enabled", on);
+                    self.config.borrowing_enabled = *on;
+                }
+                if let Some(on) = self_service_requests {
+                    draft = draft
+                        .before("self_service_requests", self.config.self_service_requests)
+                        .after("self_service_requests", on);
+                    self.config.self_service_requests = *on;
+                }
+                self.history.append(draft);
+            }
+            Record::RequestFiled {
+                request_id,
+                teacher_id,
+                service,
+                units,
+                change,
+                ..
+            } => {
+                self.requests.insert(
+                    *request_id,
+                    IncreaseRequest {
+                        id: *request_id,
+                        teacher_id: teacher_id.clone(),
+                        service: service.clone(),
+                        units: *units,
+                        reason: change.reason.clone(),
+                        filed_by: change.by.clone(),
+                        created_at_ms: change.at_ms,
+                        status: RequestStatus::Pending,
+                        decided_by: None,
+                        decision_reason: None,
+                        decided_at_ms: None,
                     },
                 );
-                let pool = self.pools.entry(service.clone()).or_default();
-                pool.allocated_units = pool
-                    .allocated_units
-                    .saturating_sub(old.map_or(0, |t| t.allocated_units))
-                    .saturating_add(*allocated_units);
+                self.history.append(
+                    Draft::new(AuditAction::RequestFiled, change)
+                        .slice(teacher_id, service)
+                        .after("request_id", request_id)
+                        .after("requested_units", units)
+                        .after("status", "pending"),
+                );
+            }
+            Record::RequestDecided {
+                request_id,
+                outcome,
+                change,
+                ..
+            } => {
+                let (status, action) = match outcome {
+                    RequestOutcome::Rejected => (RequestStatus::Rejected, AuditAction::RequestRejected),
+                    RequestOutcome::Expired => (RequestStatus::Expired, AuditAction::RequestExpired),
+                };
+                self.decide(*request_id, status, action, change);
             }
             Record::UsageCharged(usage) if usage.cycle_start_ms == self.cycle_start_ms => {
                 let pool = self.pools.entry(usage.service.clone()).or_default();
                 pool.borrowed_units = pool.borrowed_units.saturating_add(usage.borrowed_units);
             }
+            Record::CycleRolledOver {
+                from_start_ms,
+                to_start_ms,
+                at_ms,
+                ..
+            } => {
+                let change = Change {
+                    by: Arc::from(SYSTEM_ACTOR),
+                    reason: Arc::from("billing cycle ended"),
+                    at_ms: *at_ms,
+                };
+                self.history.append(
+                    Draft::new(AuditAction::CycleRolledOver, &change)
+                        .before("cycle_start", crate::domain::cycle::format_ms(*from_start_ms))
+                        .after("cycle_start", crate::domain::cycle::format_ms(*to_start_ms)),
+                );
+            }
             _ => {}
         }
+    }
+
+    fn set_slice(&mut self, slice: &SliceSet, change: &Change) {
+        let key = (slice.teacher_id.clone(), slice.service.clone());
+        let old = self.slices.get(&key).copied();
+        let terms = SliceTerms {
+            allocated_units: slice.allocated_units,
+            auto_renew: slice.auto_renew,
+            priority: slice.priority,
+            status: old.map_or(SliceStatus::Active, |t| t.status),
+        };
+        self.slices.insert(key, terms);
+        let pool = self.pools.entry(slice.service.clone()).or_default();
+        pool.allocated_units = pool
+            .allocated_units
+            .saturating_sub(old.map_or(0, |t| t.allocated_units))
+            .saturating_add(slice.allocated_units);
+        let draft = terms_values(Draft::new(AuditAction::AllocationSet, change), old.as_ref(), true);
+        let draft = terms_values(draft, Some(&terms), false);
+        self.history.append(draft.slice(&slice.teacher_id, &slice.service));
+    }
+
+    fn approve(&mut self, grant: &Grant, change: &Change) {
+        self.decide(
+            grant.request_id,
+            RequestStatus::Approved { units: grant.units },
+            AuditAction::RequestApproved,
+            change,
+        );
+    }
+
+    fn decide(&mut self, id: u64, status: RequestStatus, action: AuditAction, change: &Change) {
+        let Some(request) = self.requests.get_mut(&id) else {
+            return;
+        };
+        request.status = status;
+        request.decided_by = Some(change.by.clone());
+        request.decision_reason = Some(change.reason.clone());
+        request.decided_at_ms = Some(change.at_ms);
+        let mut draft = Draft::new(action, change)
+            .slice(&request.teacher_id, &request.service)
+            .before("request_id", id)
+            .before("status", "pending")
+            .after("status", status.as_str());
+        if let RequestStatus::Approved { units } = status {
+            draft = draft
+                .before("requested_units", request.units)
+                .after("approved_units", units);
+        }
+        self.history.append(draft);
     }
 
     /// The pool invariant: slices and borrowing fit in the cycle units.
@@ -319,6 +674,28 @@ impl SchoolState {
                 ));
             }
         }
-        Ok(())
+        self.history
+            .verify()
+            .map_err(|broken| format!("audit trail: {}", broken.problem))
     }
+}
+
+/// A slice's terms as audit values (`before` or `after`).
+fn terms_values(draft: Draft, terms: Option<&SliceTerms>, before: bool) -> Draft {
+    let Some(t) = terms else {
+        return draft;
+    };
+    let values = [
+        ("allocated_units", t.allocated_units.to_string()),
+        ("priority", t.priority.as_str().to_string()),
+        ("auto_renew", t.auto_renew.to_string()),
+        ("status", t.status.as_str().to_string()),
+    ];
+    values.into_iter().fold(draft, |d, (name, value)| {
+        if before {
+            d.before(name, value)
+        } else {
+            d.after(name, value)
+        }
+    })
 }

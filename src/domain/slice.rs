@@ -106,6 +106,10 @@ pub struct Slice {
     pub overage_units: u64,
     /// The cycle before the current one, for late usage and the views.
     pub previous: CycleTotals,
+    /// The log position of the record that last set the terms. A school pushes
+    /// bulk changes to the teacher's actor, which may see them after a newer
+    /// change of its own; the older one is then ignored.
+    pub terms_seq: u64,
 }
 
 impl Slice {

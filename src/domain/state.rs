@@ -49,7 +49,8 @@ impl State {
             if self.schools.contains_key(&config.id) {
                 return Err(error("exists already"));
             }
-            let school = SchoolState::new(config.clone(), *cycle_start_ms, pools);
+            let mut school = SchoolState::new(config.clone(), *cycle_start_ms, pools);
+            school.apply(record);
             self.schools.insert(config.id.clone(), school);
             return Ok(());
         }
@@ -75,6 +76,23 @@ impl State {
                     .apply(wal_seq, record);
             }
             None => {
+                if let Record::AllocationsSet { slices, .. } = record {
+                    let (anchor, cycle_start_ms) = (school.config.anchor, school.cycle_start_ms);
+                    for slice in slices {
+                        let key = (school.config.id.clone(), slice.teacher_id.clone());
+                        self.accounts
+                            .entry(key)
+                            .or_insert_with(|| {
+                                TeacherAccount::new(
+                                    school.config.id.clone(),
+                                    slice.teacher_id.clone(),
+                                    anchor,
+                                    cycle_start_ms,
+                                )
+                            })
+                            .apply(wal_seq, record);
+                    }
+                }
                 if let Record::CycleRolledOver { to_start_ms, .. } = record {
                     let id = school.config.id.clone();
                     for account in self.accounts_of_mut(&id) {

@@ -55,6 +55,7 @@ impl Sim {
             tier: Tier::K12,
             anchor,
             borrowing_enabled: borrowing,
+            self_service_requests: false,
         };
         sim.record(Record::SchoolCreated {
             config,
@@ -132,6 +133,7 @@ impl Sim {
             auto_renew,
             cycle_start_ms: self.school().cycle_start_ms,
             change: change(now_ms),
+            grant: None,
         });
         Ok(())
     }

@@ -4,11 +4,15 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::views::{AllocationView, Decision, Durable, PoolView, SchoolView, UsageView};
+use super::views::{
+    AllocationView, Decision, Durable, PoolView, SchoolView, UsageReportView, UsageView,
+};
 use super::EngineError;
+use crate::domain::audit::Broken;
 use crate::domain::{
-    Change, CommitOutcome, EventId, HoldRequest, Priority, Record, ReservationId, ServiceType,
-    SliceStatus, TeacherId, TimestampMs,
+    AuditEntry, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest,
+    IncreaseRequest, Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus,
+    TeacherId, TimestampMs,
 };
 
 pub type Reply<T> = Result<T, EngineError>;
@@ -75,6 +79,8 @@ pub struct SetAllocation {
     pub priority: Option<Priority>,
     pub auto_renew: bool,
     pub change: Change,
+    /// False only for quotad's own changes to an individual account's slice.
+    pub managed: bool,
 }
 
 /// Suspend or reactivate a slice.
@@ -86,18 +92,142 @@ pub struct SetStatus {
     pub change: Change,
 }
 
-/// From a teacher to its school: check the pool and record the slice change.
-/// `floor_units` is what the teacher has used and holds, below which the
-/// slice may not shrink.
+/// Return a slice's units to the pool; only a slice with nothing used or held this cycle.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Durable<AllocationView>>")]
+pub struct RemoveSlice {
+    pub service: ServiceType,
+    pub change: Change,
+}
+
+/// Add the units an approved request grants to the teacher's slice.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Durable<AllocationView>>")]
+pub struct GrantIncrease {
+    pub service: ServiceType,
+    pub grant: Grant,
+    pub change: Change,
+}
+
+/// What a teacher asks its school to record about one of its slices.
+#[derive(Debug, Clone)]
+pub enum SliceChange {
+    Set {
+        allocated_units: u64,
+        priority: Priority,
+        auto_renew: bool,
+        grant: Option<Grant>,
+    },
+    Status(SliceStatus),
+    Remove,
+}
+
+/// From a teacher to its school: check the change against the pool (and the
+/// school's rules) and record it. The teacher applies the record it gets back.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<(u64, Record)>")]
-pub struct ApplyAllocation {
+pub struct ApplySliceChange {
     pub teacher_id: TeacherId,
     pub service: ServiceType,
-    pub allocated_units: u64,
-    pub priority: Priority,
-    pub auto_renew: bool,
+    pub change: SliceChange,
+    pub audit: Change,
+    /// False only for quotad's own changes to an individual account's slice.
+    pub managed: bool,
+}
+
+/// From the school to a teacher: a record that changed the teacher's terms
+/// (a bulk change), to apply unless a newer one did already.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct ApplyRecord {
+    pub wal_seq: u64,
+    pub record: Record,
+}
+
+/// Set many slices of a school at once: all or none.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<u64>")]
+pub struct BulkSet {
+    pub slices: Vec<SliceSet>,
     pub change: Change,
+}
+
+/// Change a school's settings; each None keeps the setting.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<u64>")]
+pub struct UpdateSettings {
+    pub name: Option<Arc<str>>,
+    pub borrowing_enabled: Option<bool>,
+    pub self_service_requests: Option<bool>,
+    pub change: Change,
+}
+
+/// A teacher asks for more units.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Durable<IncreaseRequest>>")]
+pub struct FileRequest {
+    pub teacher_id: TeacherId,
+    pub service: ServiceType,
+    pub units: u64,
+    pub change: Change,
+}
+
+/// Validates an approval and says whose slice gets how many units.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Reply<(TeacherId, ServiceType, Grant)>")]
+pub struct PrepareGrant {
+    pub request_id: u64,
+    /// 0: all that was asked.
+    pub units: u64,
+}
+
+/// Refuse a pending request.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Durable<IncreaseRequest>>")]
+pub struct RejectRequest {
+    pub request_id: u64,
+    pub change: Change,
+}
+
+/// Requests of the school, filtered.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Vec<IncreaseRequest>>")]
+pub struct ListRequests {
+    pub teacher_id: Option<TeacherId>,
+    /// "pending", "approved", "rejected" or "expired".
+    pub status: Option<&'static str>,
+    pub request_id: Option<u64>,
+}
+
+/// A page of the audit trail.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<(Vec<AuditEntry>, Option<u64>)>")]
+pub struct ListHistory {
+    pub filter: HistoryFilter,
+    pub after_seq: u64,
+    pub limit: usize,
+}
+
+/// Recompute the audit chain: the number of entries, or where it breaks.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Reply<Result<usize, Broken>>")]
+pub struct VerifyHistory;
+
+/// The school's slices with their usage.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Vec<AllocationView>>")]
+pub struct ListSlices {
+    pub teacher_id: Option<TeacherId>,
+    pub service: Option<ServiceType>,
+}
+
+/// Usage per teacher and service type, this cycle or the one before.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<UsageReportView>")]
+pub struct UsageReport {
+    pub teacher_id: Option<TeacherId>,
+    pub service: Option<ServiceType>,
+    pub previous: bool,
 }
 
 /// From a teacher to its school: lend `units` of the unallocated part

@@ -23,9 +23,11 @@ use std::time::Duration;
 use actix::prelude::*;
 use thiserror::Error;
 
+use crate::domain::audit::Broken;
 use crate::domain::{
-    Change, DenyReason, InvalidInput, Record, RuleError, RuleLimits, SchoolConfig, SchoolId,
-    SchoolState, ServiceType, State, TeacherAccount, TeacherId, TimestampMs,
+    AuditEntry, Change, DenyReason, IncreaseRequest, InvalidInput, Priority, Record, RuleError,
+    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, TeacherAccount,
+    TeacherId, Tier, TimestampMs,
 };
 use crate::storage::{Wal, WalError};
 use crate::telemetry;
@@ -283,6 +285,7 @@ impl Engine {
         }
         for (school_id, school) in state.schools {
             let services: Vec<_> = school.pools.keys().cloned().collect();
+            let tier = school.config.tier;
             let addr = core.spawn_school(school);
             let teachers: Vec<_> = accounts
                 .remove(&school_id)
@@ -300,7 +303,7 @@ impl Engine {
                 .map_err(EngineError::mailbox)?;
             core.registry
                 .schools
-                .insert(school_id, registry::SchoolHandle::new(addr, services));
+                .insert(school_id, registry::SchoolHandle::new(addr, tier, services));
         }
         Ok((
             Engine {
@@ -487,6 +490,7 @@ impl Engine {
         }
         let now_ms = self.clock().now_ms();
         let cycle = new.config.anchor.cycle_at(now_ms)?;
+        let change = new.change.clone();
         let record = Record::SchoolCreated {
             config: new.config.clone(),
             cycle_start_ms: cycle.start_ms,
@@ -505,16 +509,48 @@ impl Engine {
                 dashmap::Entry::Vacant(entry) => entry,
             };
             let wal_seq = self.core.shared.wal.append(&record)?;
-            let school = SchoolState::new(new.config, cycle.start_ms, &pools);
+            let mut school = SchoolState::new(new.config.clone(), cycle.start_ms, &pools);
+            school.apply(&record);
             let addr = self.core.spawn_school(school);
             entry.insert(registry::SchoolHandle::new(
                 addr.clone(),
+                new.config.tier,
                 pools.iter().map(|(s, _)| s.clone()),
             ));
             (addr, wal_seq)
         };
         self.core.shared.wal.wait_durable(addr.1).await?;
+        if let Some(owner) = new.config.owner() {
+            // An individual's only slice is the whole pool.
+            let teacher = TeacherRef {
+                school_id: new.config.id.clone(),
+                teacher_id: owner,
+            };
+            for (service, units) in &pools {
+                self.set_owner_slice(&teacher, service, *units, &change)
+                    .await?;
+            }
+        }
         addr.0.send(GetSchool).await.map_err(EngineError::mailbox)?
+    }
+
+    /// Sets an individual account's slice to the whole pool.
+    async fn set_owner_slice(
+        &self,
+        owner: &TeacherRef,
+        service: &ServiceType,
+        units: u64,
+        change: &Change,
+    ) -> Result<AllocationView, EngineError> {
+        let msg = SetAllocation {
+            service: service.clone(),
+            allocated_units: units,
+            priority: Some(Priority::Normal),
+            auto_renew: true,
+            change: change.clone(),
+            managed: false,
+        };
+        self.set_allocation(owner, msg).await
     }
 
     pub async fn get_school(&self, school_id: &SchoolId) -> Result<SchoolView, EngineError> {
@@ -531,15 +567,40 @@ impl Engine {
         school_id: &SchoolId,
         msg: SetPool,
     ) -> Result<PoolView, EngineError> {
-        self.limits()
-            .check_pool_units("cycle_units", msg.cycle_units)?;
+        self.limits().check_pool_units("cycle_units", msg.cycle_units)?;
         let school = self.school(school_id)?;
-        let durable = school
+        let owner = (school.tier == Tier::Individual)
+            .then(|| TeacherId::parse(school_id.as_str()).ok())
+            .flatten()
+            .map(|teacher_id| TeacherRef {
+                school_id: school_id.clone(),
+                teacher_id,
+            });
+        let Some(owner) = owner else {
+            let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+            return self.settle(durable).await;
+        };
+        // An individual's slice follows the pool: shrink the slice before the
+        // pool, grow it after, so the slice always fits.
+        let current = school
             .addr
-            .send(msg)
+            .send(GetSchool)
             .await
-            .map_err(EngineError::mailbox)??;
-        self.settle(durable).await
+            .map_err(EngineError::mailbox)??
+            .pools
+            .iter()
+            .find(|p| p.service == msg.service)
+            .map_or(0, |p| p.cycle_units);
+        let (service, units, change) = (msg.service.clone(), msg.cycle_units, msg.change.clone());
+        if units < current {
+            self.set_owner_slice(&owner, &service, units, &change).await?;
+        }
+        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let view = self.settle(durable).await?;
+        if units >= current {
+            self.set_owner_slice(&owner, &service, units, &change).await?;
+        }
+        Ok(view)
     }
 
     pub async fn set_allocation(
@@ -578,6 +639,244 @@ impl Engine {
         self.settle(durable).await
     }
 
+    /// Schools in id order, optionally of one tier: a page after `after`.
+    pub async fn list_schools(
+        &self,
+        tier: Option<Tier>,
+        after: Option<&SchoolId>,
+        limit: usize,
+    ) -> Result<(Vec<SchoolView>, Option<SchoolId>), EngineError> {
+        let mut ids: Vec<SchoolId> = self
+            .core
+            .registry
+            .schools
+            .iter()
+            .filter(|h| tier.is_none_or(|t| h.tier == t))
+            .filter(|h| after.is_none_or(|a| h.key() > a))
+            .map(|h| h.key().clone())
+            .collect();
+        ids.sort();
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let mut views = Vec::with_capacity(ids.len());
+        for id in &ids {
+            views.push(self.get_school(id).await?);
+        }
+        let next = if more { ids.last().cloned() } else { None };
+        Ok((views, next))
+    }
+
+    pub async fn update_settings(
+        &self,
+        school_id: &SchoolId,
+        msg: UpdateSettings,
+    ) -> Result<SchoolView, EngineError> {
+        let school = self.school(school_id)?;
+        let wal_seq = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.core.shared.wal.wait_durable(wal_seq).await?;
+        self.get_school(school_id).await
+    }
+
+    /// Sets many slices at once: all of them or none. A slice may not shrink
+    /// below what its teacher used and holds (read just before the change).
+    pub async fn bulk_set(
+        &self,
+        school_id: &SchoolId,
+        msg: BulkSet,
+    ) -> Result<Vec<AllocationView>, EngineError> {
+        let school = self.school(school_id)?;
+        for (i, slice) in msg.slices.iter().enumerate() {
+            self.limits()
+                .check_pool_units("allocated_units", slice.allocated_units)
+                .map_err(|e| InvalidInput::new("allocations", format!("entry {}: {}", i + 1, e)))?;
+            let teacher = TeacherRef {
+                school_id: school_id.clone(),
+                teacher_id: slice.teacher_id.clone(),
+            };
+            let Some(addr) = self.route(&teacher, Some(&slice.service))? else {
+                continue;
+            };
+            let usage = addr.send(GetUsage).await.map_err(EngineError::mailbox)??;
+            if let Some(s) = usage.services.iter().find(|s| s.service == slice.service) {
+                let floor = s.used_units.saturating_add(s.reserved_units);
+                if slice.allocated_units < floor {
+                    return Err(RuleError::precondition(format!(
+                        "nothing was changed: teacher {} has used and holds {floor} units of {}; entry {} asks for {}",
+                        slice.teacher_id, slice.service, i + 1, slice.allocated_units
+                    ))
+                    .into());
+                }
+            }
+        }
+        let wanted: Vec<(TeacherId, ServiceType)> = msg
+            .slices
+            .iter()
+            .map(|s| (s.teacher_id.clone(), s.service.clone()))
+            .collect();
+        let wal_seq = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.core.shared.wal.wait_durable(wal_seq).await?;
+        let all = self.list_allocations(school_id, None, None).await?;
+        Ok(wanted
+            .iter()
+            .filter_map(|(t, s)| {
+                all.iter()
+                    .find(|v| &v.teacher_id == t && &v.service == s)
+                    .cloned()
+            })
+            .collect())
+    }
+
+    pub async fn remove_allocation(
+        &self,
+        teacher: &TeacherRef,
+        msg: RemoveSlice,
+    ) -> Result<AllocationView, EngineError> {
+        let addr = self
+            .route(teacher, Some(&msg.service))?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    pub async fn list_allocations(
+        &self,
+        school_id: &SchoolId,
+        teacher_id: Option<TeacherId>,
+        service: Option<ServiceType>,
+    ) -> Result<Vec<AllocationView>, EngineError> {
+        let school = self.school(school_id)?;
+        if let Some(service) = &service {
+            self.route_service(&school, school_id, service)?;
+        }
+        let msg = ListSlices {
+            teacher_id,
+            service,
+        };
+        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
+    pub async fn file_request(&self, msg: FileRequest, school_id: &SchoolId) -> Result<IncreaseRequest, EngineError> {
+        let school = self.school(school_id)?;
+        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    /// Grants all or part of a pending request, as an allocation change
+    /// (subject to the pool). The request stays pending if the pool is short.
+    pub async fn approve_request(
+        &self,
+        school_id: &SchoolId,
+        request_id: u64,
+        units: u64,
+        change: Change,
+    ) -> Result<IncreaseRequest, EngineError> {
+        let school = self.school(school_id)?;
+        let (teacher_id, service, grant) = school
+            .addr
+            .send(PrepareGrant { request_id, units })
+            .await
+            .map_err(EngineError::mailbox)??;
+        let addr = school
+            .addr
+            .send(EnsureTeacher(teacher_id))
+            .await
+            .map_err(EngineError::mailbox)??;
+        let msg = GrantIncrease {
+            service,
+            grant,
+            change,
+        };
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await?;
+        self.request(&school, request_id).await
+    }
+
+    pub async fn reject_request(
+        &self,
+        school_id: &SchoolId,
+        msg: RejectRequest,
+    ) -> Result<IncreaseRequest, EngineError> {
+        let school = self.school(school_id)?;
+        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    async fn request(
+        &self,
+        school: &registry::SchoolHandle,
+        request_id: u64,
+    ) -> Result<IncreaseRequest, EngineError> {
+        let msg = ListRequests {
+            teacher_id: None,
+            status: None,
+            request_id: Some(request_id),
+        };
+        school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??
+            .pop()
+            .ok_or_else(|| EngineError::Internal(format!("request {request_id} is gone")))
+    }
+
+    pub async fn list_requests(
+        &self,
+        school_id: &SchoolId,
+        msg: ListRequests,
+    ) -> Result<Vec<IncreaseRequest>, EngineError> {
+        let school = self.school(school_id)?;
+        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
+    pub async fn history(
+        &self,
+        school_id: &SchoolId,
+        msg: ListHistory,
+    ) -> Result<(Vec<AuditEntry>, Option<u64>), EngineError> {
+        let school = self.school(school_id)?;
+        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
+    pub async fn verify_history(
+        &self,
+        school_id: &SchoolId,
+    ) -> Result<Result<usize, Broken>, EngineError> {
+        let school = self.school(school_id)?;
+        school
+            .addr
+            .send(VerifyHistory)
+            .await
+            .map_err(EngineError::mailbox)?
+    }
+
+    pub async fn usage_report(
+        &self,
+        school_id: &SchoolId,
+        msg: UsageReport,
+    ) -> Result<UsageReportView, EngineError> {
+        let school = self.school(school_id)?;
+        if let Some(service) = &msg.service {
+            self.route_service(&school, school_id, service)?;
+        }
+        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
+    fn route_service(
+        &self,
+        school: &registry::SchoolHandle,
+        school_id: &SchoolId,
+        service: &ServiceType,
+    ) -> Result<(), EngineError> {
+        if !school.has_service(service) {
+            return Err(RuleError::not_found(format!(
+                "service type {service} is not configured for school {school_id}"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Makes a teacher's actor panic (tests of supervision).
     pub async fn inject_panic(&self, teacher: &TeacherRef) -> Result<(), EngineError> {
         let addr = self
@@ -594,3 +893,4 @@ fn outcome(decision: &Decision) -> &'static str {
         (false, Some(reason)) => reason.as_str(),
     }
 }
+

@@ -9,19 +9,26 @@ use dashmap::DashMap;
 
 use super::school::SchoolActor;
 use super::teacher::TeacherActor;
-use crate::domain::{SchoolId, ServiceType, TeacherId};
+use crate::domain::{SchoolId, ServiceType, TeacherId, Tier};
 
 #[derive(Clone)]
 pub struct SchoolHandle {
     pub addr: Addr<SchoolActor>,
+    /// Fixed when the school is created.
+    pub tier: Tier,
     /// The school's service types; written only by its actor, read on every call.
     services: Arc<RwLock<BTreeSet<ServiceType>>>,
 }
 
 impl SchoolHandle {
-    pub fn new(addr: Addr<SchoolActor>, services: impl IntoIterator<Item = ServiceType>) -> Self {
+    pub fn new(
+        addr: Addr<SchoolActor>,
+        tier: Tier,
+        services: impl IntoIterator<Item = ServiceType>,
+    ) -> Self {
         Self {
             addr,
+            tier,
             services: Arc::new(RwLock::new(services.into_iter().collect())),
         }
     }

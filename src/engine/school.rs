@@ -5,7 +5,7 @@
 //! The school never waits for a teacher (teachers wait for the school), so the
 //! two can never wait for each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -14,10 +14,15 @@ use futures::future::join_all;
 
 use super::messages::*;
 use super::teacher::TeacherActor;
-use super::views::{Durable, PoolView, SchoolView};
+use super::views::{
+    AllocationView, Durable, PoolView, SchoolView, UsageReportView, UsageRow, UsageView,
+};
 use super::{Core, EngineError};
+use crate::domain::audit::Broken;
+use crate::domain::school::SYSTEM_ACTOR;
 use crate::domain::{
-    Pool, Record, SchoolState, ServiceType, TeacherAccount, TeacherId, TimestampMs,
+    AuditEntry, Change, Cycle, Grant, IncreaseRequest, Pool, Record, RequestOutcome, RuleError,
+    SchoolState, ServiceType, SliceTerms, TeacherAccount, TeacherId, TimestampMs,
 };
 use crate::telemetry;
 
@@ -36,6 +41,9 @@ impl Actor for SchoolActor {
             let now_ms = act.core.shared.clock.now_ms();
             if let Err(error) = act.roll_if_due(now_ms) {
                 tracing::warn!(school = %act.school.config.id, %error, "rollover failed; it is tried again");
+            }
+            if let Err(error) = act.expire_requests(now_ms) {
+                tracing::warn!(school = %act.school.config.id, %error, "request expiry failed; it is tried again");
             }
         });
         telemetry::actor_started();
@@ -107,6 +115,92 @@ impl SchoolActor {
         Ok(())
     }
 
+    fn ensure_teacher(&mut self, teacher_id: TeacherId, ctx: &mut Context<Self>) -> Addr<TeacherActor> {
+        if let Some(addr) = self.teachers.get(&teacher_id) {
+            return addr.clone();
+        }
+        let account = TeacherAccount::new(
+            self.school.config.id.clone(),
+            teacher_id.clone(),
+            self.school.config.anchor,
+            self.school.cycle_start_ms,
+        );
+        let addr = self.core.spawn_teacher(account, ctx.address());
+        self.teachers.insert(teacher_id, addr.clone());
+        addr
+    }
+
+    fn slice_terms(&self, teacher_id: &TeacherId, service: &ServiceType) -> Reply<SliceTerms> {
+        self.school
+            .slices
+            .get(&(teacher_id.clone(), service.clone()))
+            .copied()
+            .ok_or_else(|| {
+                EngineError::Rule(RuleError::not_found(format!(
+                    "teacher {teacher_id} has no {service} slice"
+                )))
+            })
+    }
+
+    fn request(&self, request_id: u64) -> Reply<IncreaseRequest> {
+        self.school
+            .requests
+            .get(&request_id)
+            .cloned()
+            .ok_or_else(|| EngineError::Internal(format!("request {request_id} just written is missing")))
+    }
+
+    /// The usage views of one teacher, or of every teacher of the school.
+    fn usages_of(
+        &self,
+        teacher_id: Option<&TeacherId>,
+    ) -> impl std::future::Future<Output = Reply<Vec<UsageView>>> + 'static {
+        let requests: Vec<_> = self
+            .teachers
+            .iter()
+            .filter(|(id, _)| teacher_id.is_none_or(|want| *id == want))
+            .map(|(_, t)| t.send(GetUsage))
+            .collect();
+        async move {
+            let mut usages = Vec::with_capacity(requests.len());
+            for answer in join_all(requests).await {
+                usages.push(answer.map_err(EngineError::mailbox)??);
+            }
+            Ok(usages)
+        }
+    }
+
+    /// The current cycle, or the one before it.
+    fn report_cycle(&self, previous: bool) -> Reply<Cycle> {
+        let current = self.school.cycle()?;
+        if !previous {
+            return Ok(current);
+        }
+        let before = self.school.config.anchor.cycle_at(current.start_ms - 1)?;
+        Ok(Cycle {
+            start_ms: before.start_ms,
+            end_ms: current.start_ms,
+        })
+    }
+
+    /// Pending requests older than a week expire; each expiry is recorded.
+    fn expire_requests(&mut self, now_ms: TimestampMs) -> Reply<()> {
+        for request_id in self.school.due_expiries(now_ms) {
+            let record = Record::RequestDecided {
+                school_id: self.school.config.id.clone(),
+                request_id,
+                outcome: RequestOutcome::Expired,
+                change: Change {
+                    by: Arc::from(SYSTEM_ACTOR),
+                    reason: Arc::from("no decision within 7 days"),
+                    at_ms: now_ms,
+                },
+            };
+            self.write(&record)?;
+        }
+        Ok(())
+    }
+
     /// Used units per service type, summed over the teachers' actors.
     fn used_units(
         &self,
@@ -132,18 +226,7 @@ impl Handler<EnsureTeacher> for SchoolActor {
         EnsureTeacher(teacher_id): EnsureTeacher,
         ctx: &mut Context<Self>,
     ) -> Self::Result {
-        if let Some(addr) = self.teachers.get(&teacher_id) {
-            return Ok(addr.clone());
-        }
-        let account = TeacherAccount::new(
-            self.school.config.id.clone(),
-            teacher_id.clone(),
-            self.school.config.anchor,
-            self.school.cycle_start_ms,
-        );
-        let addr = self.core.spawn_teacher(account, ctx.address());
-        self.teachers.insert(teacher_id, addr.clone());
-        Ok(addr)
+        Ok(self.ensure_teacher(teacher_id, ctx))
     }
 }
 
@@ -160,26 +243,296 @@ impl Handler<AdoptTeachers> for SchoolActor {
     }
 }
 
-impl Handler<ApplyAllocation> for SchoolActor {
+impl Handler<ApplySliceChange> for SchoolActor {
     type Result = Reply<(u64, Record)>;
 
-    fn handle(&mut self, msg: ApplyAllocation, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: ApplySliceChange, ctx: &mut Context<Self>) -> Self::Result {
         let now_ms = self.core.shared.clock.now_ms();
         self.guarded(ctx, |act| {
             act.roll_if_due(now_ms)?;
-            act.school
-                .check_allocation(&msg.teacher_id, &msg.service, msg.allocated_units)?;
-            let record = Record::AllocationSet {
+            if msg.managed {
+                act.school.config.check_managed()?;
+            }
+            let (school_id, cycle_start_ms) =
+                (act.school.config.id.clone(), act.school.cycle_start_ms);
+            let record = match msg.change {
+                SliceChange::Set {
+                    allocated_units,
+                    priority,
+                    auto_renew,
+                    grant,
+                } => {
+                    if let Some(grant) = grant {
+                        let request = act.school.pending_request(grant.request_id)?;
+                        if request.teacher_id != msg.teacher_id || request.service != msg.service {
+                            return Err(EngineError::Internal(format!(
+                                "request {} is not for this slice",
+                                grant.request_id
+                            )));
+                        }
+                    }
+                    act.school
+                        .check_allocation(&msg.teacher_id, &msg.service, allocated_units)?;
+                    Record::AllocationSet {
+                        school_id,
+                        teacher_id: msg.teacher_id,
+                        service: msg.service,
+                        allocated_units,
+                        priority,
+                        auto_renew,
+                        cycle_start_ms,
+                        change: msg.audit,
+                        grant,
+                    }
+                }
+                SliceChange::Status(status) => {
+                    act.slice_terms(&msg.teacher_id, &msg.service)?;
+                    Record::AllocationStatusSet {
+                        school_id,
+                        teacher_id: msg.teacher_id,
+                        service: msg.service,
+                        status,
+                        cycle_start_ms,
+                        change: msg.audit,
+                    }
+                }
+                SliceChange::Remove => {
+                    act.slice_terms(&msg.teacher_id, &msg.service)?;
+                    Record::AllocationRemoved {
+                        school_id,
+                        teacher_id: msg.teacher_id,
+                        service: msg.service,
+                        cycle_start_ms,
+                        change: msg.audit,
+                    }
+                }
+            };
+            Ok((act.write(&record)?, record))
+        })
+    }
+}
+
+impl Handler<BulkSet> for SchoolActor {
+    type Result = Reply<u64>;
+
+    fn handle(&mut self, msg: BulkSet, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.core.shared.clock.now_ms();
+        let teachers: BTreeSet<TeacherId> =
+            msg.slices.iter().map(|s| s.teacher_id.clone()).collect();
+        let (wal_seq, record) = self.guarded(ctx, |act| {
+            act.roll_if_due(now_ms)?;
+            act.school.config.check_managed()?;
+            act.school.check_allocations(&msg.slices)?;
+            let record = Record::AllocationsSet {
                 school_id: act.school.config.id.clone(),
-                teacher_id: msg.teacher_id,
-                service: msg.service,
-                allocated_units: msg.allocated_units,
-                priority: msg.priority,
-                auto_renew: msg.auto_renew,
+                slices: msg.slices,
                 cycle_start_ms: act.school.cycle_start_ms,
                 change: msg.change,
             };
             Ok((act.write(&record)?, record))
+        })?;
+        // Each teacher applies the record after whatever it is doing; its
+        // mailbox keeps order, so a later read sees the new terms.
+        for teacher_id in teachers {
+            let addr = self.ensure_teacher(teacher_id, ctx);
+            addr.do_send(ApplyRecord {
+                wal_seq,
+                record: record.clone(),
+            });
+        }
+        Ok(wal_seq)
+    }
+}
+
+impl Handler<UpdateSettings> for SchoolActor {
+    type Result = Reply<u64>;
+
+    fn handle(&mut self, msg: UpdateSettings, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |act| {
+            let record = Record::SettingsSet {
+                school_id: act.school.config.id.clone(),
+                name: msg.name,
+                borrowing_enabled: msg.borrowing_enabled,
+                self_service_requests: msg.self_service_requests,
+                change: msg.change,
+            };
+            act.write(&record)
+        })
+    }
+}
+
+impl Handler<FileRequest> for SchoolActor {
+    type Result = Reply<Durable<IncreaseRequest>>;
+
+    fn handle(&mut self, msg: FileRequest, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |act| {
+            let request_id = act.school.check_file_request(
+                &msg.teacher_id,
+                &msg.service,
+                msg.units,
+                &act.core.shared.limits,
+            )?;
+            let record = Record::RequestFiled {
+                school_id: act.school.config.id.clone(),
+                request_id,
+                teacher_id: msg.teacher_id,
+                service: msg.service,
+                units: msg.units,
+                change: msg.change,
+            };
+            let wal_seq = act.write(&record)?;
+            Ok(Durable::written(act.request(request_id)?, wal_seq))
+        })
+    }
+}
+
+impl Handler<PrepareGrant> for SchoolActor {
+    type Result = Reply<(TeacherId, ServiceType, Grant)>;
+
+    fn handle(&mut self, msg: PrepareGrant, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |act| {
+            let request = act.school.pending_request(msg.request_id)?;
+            let units = SchoolState::grant_units(request, msg.units)?;
+            Ok((
+                request.teacher_id.clone(),
+                request.service.clone(),
+                Grant {
+                    request_id: request.id,
+                    units,
+                },
+            ))
+        })
+    }
+}
+
+impl Handler<RejectRequest> for SchoolActor {
+    type Result = Reply<Durable<IncreaseRequest>>;
+
+    fn handle(&mut self, msg: RejectRequest, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |act| {
+            act.school.pending_request(msg.request_id)?;
+            let record = Record::RequestDecided {
+                school_id: act.school.config.id.clone(),
+                request_id: msg.request_id,
+                outcome: RequestOutcome::Rejected,
+                change: msg.change,
+            };
+            let wal_seq = act.write(&record)?;
+            Ok(Durable::written(act.request(msg.request_id)?, wal_seq))
+        })
+    }
+}
+
+impl Handler<ListRequests> for SchoolActor {
+    type Result = Reply<Vec<IncreaseRequest>>;
+
+    fn handle(&mut self, msg: ListRequests, _: &mut Context<Self>) -> Self::Result {
+        Ok(self
+            .school
+            .requests
+            .values()
+            .filter(|r| msg.request_id.is_none_or(|id| r.id == id))
+            .filter(|r| msg.teacher_id.as_ref().is_none_or(|t| &r.teacher_id == t))
+            .filter(|r| msg.status.is_none_or(|s| r.status.as_str() == s))
+            .cloned()
+            .collect())
+    }
+}
+
+impl Handler<ListHistory> for SchoolActor {
+    type Result = Reply<(Vec<AuditEntry>, Option<u64>)>;
+
+    fn handle(&mut self, msg: ListHistory, _: &mut Context<Self>) -> Self::Result {
+        Ok(self
+            .school
+            .history
+            .page(&msg.filter, msg.after_seq, msg.limit))
+    }
+}
+
+impl Handler<VerifyHistory> for SchoolActor {
+    type Result = Reply<Result<usize, Broken>>;
+
+    fn handle(&mut self, _: VerifyHistory, _: &mut Context<Self>) -> Self::Result {
+        Ok(self.school.history.verify().map(|()| self.school.history.len()))
+    }
+}
+
+impl Handler<ListSlices> for SchoolActor {
+    type Result = ResponseFuture<Reply<Vec<AllocationView>>>;
+
+    fn handle(&mut self, msg: ListSlices, _: &mut Context<Self>) -> Self::Result {
+        let usages = self.usages_of(msg.teacher_id.as_ref());
+        let school_id = self.school.config.id.clone();
+        Box::pin(async move {
+            let mut views = Vec::new();
+            for usage in usages.await? {
+                for s in usage.services {
+                    if msg.service.as_ref().is_some_and(|want| want != &s.service) {
+                        continue;
+                    }
+                    views.push(AllocationView {
+                        school_id: school_id.clone(),
+                        teacher_id: usage.teacher_id.clone(),
+                        service: s.service,
+                        allocated_units: s.allocated_units,
+                        used_units: s.used_units,
+                        reserved_units: s.reserved_units,
+                        priority: s.priority,
+                        auto_renew: s.auto_renew,
+                        status: s.status,
+                    });
+                }
+            }
+            views.sort_by(|a, b| (&a.teacher_id, &a.service).cmp(&(&b.teacher_id, &b.service)));
+            Ok(views)
+        })
+    }
+}
+
+impl Handler<UsageReport> for SchoolActor {
+    type Result = ResponseFuture<Reply<UsageReportView>>;
+
+    fn handle(&mut self, msg: UsageReport, _: &mut Context<Self>) -> Self::Result {
+        let cycle = match self.report_cycle(msg.previous) {
+            Ok(cycle) => cycle,
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
+        let usages = self.usages_of(msg.teacher_id.as_ref());
+        Box::pin(async move {
+            let mut rows = Vec::new();
+            for usage in usages.await? {
+                for s in usage.services {
+                    if msg.service.as_ref().is_some_and(|want| want != &s.service) {
+                        continue;
+                    }
+                    let row = if msg.previous {
+                        if s.previous.cycle_start_ms != cycle.start_ms {
+                            continue;
+                        }
+                        UsageRow {
+                            teacher_id: usage.teacher_id.clone(),
+                            service: s.service,
+                            allocated_units: s.previous.allocated_units,
+                            used_units: s.previous.used_units.saturating_add(s.previous.borrowed_units),
+                            borrowed_units: s.previous.borrowed_units,
+                            overage_units: s.previous.overage_units,
+                        }
+                    } else {
+                        UsageRow {
+                            teacher_id: usage.teacher_id.clone(),
+                            service: s.service,
+                            allocated_units: s.allocated_units,
+                            used_units: s.used_units,
+                            borrowed_units: s.borrowed_units,
+                            overage_units: s.overage_units,
+                        }
+                    };
+                    rows.push(row);
+                }
+            }
+            rows.sort_by(|a, b| (&a.teacher_id, &a.service).cmp(&(&b.teacher_id, &b.service)));
+            Ok(UsageReportView { cycle, rows })
         })
     }
 }

@@ -13,8 +13,8 @@ use super::school::SchoolActor;
 use super::views::{AllocationView, Decision, Durable, UsageView};
 use super::{EngineError, Shared};
 use crate::domain::{
-    CommitStep, DenyReason, EventEntry, Gate, HoldState, Record, Reservation, Step, TeacherAccount,
-    TimestampMs,
+    Change, CommitStep, DenyReason, EventEntry, Gate, HoldState, Record, Reservation, RuleError,
+    ServiceType, Step, TeacherAccount, TimestampMs,
 };
 use crate::telemetry;
 
@@ -447,6 +447,46 @@ impl Handler<GetUsage> for TeacherActor {
     }
 }
 
+impl TeacherActor {
+    /// Asks the school to record a change of one of this teacher's slices,
+    /// then applies the record it wrote. The mailbox waits meanwhile, so the
+    /// checks made here still hold when the school answers.
+    fn change_slice(
+        &mut self,
+        ctx: &mut Context<Self>,
+        service: ServiceType,
+        change: SliceChange,
+        audit: Change,
+        managed: bool,
+    ) -> ActorResponse<Self, Reply<Durable<AllocationView>>> {
+        let ask = ApplySliceChange {
+            teacher_id: self.account.teacher_id.clone(),
+            service: service.clone(),
+            change,
+            audit,
+            managed,
+        };
+        self.ask_school(ctx, ask, move |act, answer| {
+            let (wal_seq, record) = answer.map_err(EngineError::mailbox)??;
+            act.account.apply(wal_seq, &record);
+            Ok(Durable::written(
+                AllocationView::of(&act.account, &service),
+                wal_seq,
+            ))
+        })
+    }
+
+    /// The slice, or NOT_FOUND.
+    fn slice(&self, service: &ServiceType) -> Reply<&crate::domain::Slice> {
+        self.account.slices.get(service).ok_or_else(|| {
+            EngineError::Rule(RuleError::not_found(format!(
+                "teacher {} has no {service} slice",
+                self.account.teacher_id
+            )))
+        })
+    }
+}
+
 impl Handler<SetAllocation> for TeacherActor {
     type Result = ActorResponse<Self, Reply<Durable<AllocationView>>>;
 
@@ -458,7 +498,7 @@ impl Handler<SetAllocation> for TeacherActor {
             if let Some(slice) = current {
                 let floor_units = slice.used_units.saturating_add(slice.reserved_units);
                 if msg.allocated_units < floor_units {
-                    return Err(EngineError::Rule(crate::domain::RuleError::precondition(format!(
+                    return Err(EngineError::Rule(RuleError::precondition(format!(
                         "teacher {} has used {} and holds {} units of {} this cycle; the slice cannot shrink below {floor_units}",
                         act.account.teacher_id, slice.used_units, slice.reserved_units, msg.service
                     ))));
@@ -470,55 +510,94 @@ impl Handler<SetAllocation> for TeacherActor {
             Ok(priority) => priority,
             Err(error) => return ActorResponse::reply(Err(error)),
         };
-        let ask = ApplyAllocation {
-            teacher_id: self.account.teacher_id.clone(),
-            service: msg.service.clone(),
+        let change = SliceChange::Set {
             allocated_units: msg.allocated_units,
             priority,
             auto_renew: msg.auto_renew,
-            change: msg.change,
+            grant: None,
         };
-        let service = msg.service;
-        self.ask_school(ctx, ask, move |act, answer| {
-            let (wal_seq, record) = answer.map_err(EngineError::mailbox)??;
-            act.account.apply(wal_seq, &record);
-            Ok(Durable::written(
-                AllocationView::of(&act.account, &service),
-                wal_seq,
-            ))
-        })
+        self.change_slice(ctx, msg.service, change, msg.change, msg.managed)
+    }
+}
+
+impl Handler<GrantIncrease> for TeacherActor {
+    type Result = ActorResponse<Self, Reply<Durable<AllocationView>>>;
+
+    fn handle(&mut self, msg: GrantIncrease, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        let checked = self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let current = act.account.slices.get(&msg.service);
+            let allocated = current.map_or(0, |s| s.allocated_units);
+            let allocated_units =
+                crate::domain::error::add_units("units", allocated, msg.grant.units)?;
+            Ok(SliceChange::Set {
+                allocated_units,
+                priority: current.map(|s| s.priority).unwrap_or_default(),
+                auto_renew: current.is_some_and(|s| s.auto_renew),
+                grant: Some(msg.grant),
+            })
+        });
+        match checked {
+            Ok(change) => self.change_slice(ctx, msg.service, change, msg.change, true),
+            Err(error) => ActorResponse::reply(Err(error)),
+        }
     }
 }
 
 impl Handler<SetStatus> for TeacherActor {
-    type Result = Reply<Durable<AllocationView>>;
+    type Result = ActorResponse<Self, Reply<Durable<AllocationView>>>;
 
     fn handle(&mut self, msg: SetStatus, ctx: &mut Context<Self>) -> Self::Result {
         let now_ms = self.shared.clock.now_ms();
-        self.guarded(ctx, |act| {
+        let checked = self.guarded(ctx, |act| {
             act.housekeep(now_ms)?;
-            if !act.account.slices.contains_key(&msg.service) {
-                return Err(EngineError::Rule(crate::domain::RuleError::not_found(
-                    format!(
-                        "teacher {} has no {} slice",
-                        act.account.teacher_id, msg.service
-                    ),
-                )));
+            act.slice(&msg.service).map(|_| ())
+        });
+        match checked {
+            Ok(()) => self.change_slice(
+                ctx,
+                msg.service,
+                SliceChange::Status(msg.status),
+                msg.change,
+                true,
+            ),
+            Err(error) => ActorResponse::reply(Err(error)),
+        }
+    }
+}
+
+impl Handler<RemoveSlice> for TeacherActor {
+    type Result = ActorResponse<Self, Reply<Durable<AllocationView>>>;
+
+    fn handle(&mut self, msg: RemoveSlice, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        let checked = self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let slice = act.slice(&msg.service)?;
+            if slice.total_used_units() > 0 || slice.reserved_units > 0 {
+                return Err(EngineError::Rule(RuleError::precondition(format!(
+                    "teacher {} has used {} and holds {} units of {} this cycle; set the slice to what is used instead of removing it",
+                    act.account.teacher_id,
+                    slice.total_used_units(),
+                    slice.reserved_units,
+                    msg.service
+                ))));
             }
-            let record = Record::AllocationStatusSet {
-                school_id: act.account.school_id.clone(),
-                teacher_id: act.account.teacher_id.clone(),
-                service: msg.service.clone(),
-                status: msg.status,
-                cycle_start_ms: act.account.cycle_start_ms,
-                change: msg.change,
-            };
-            let wal_seq = act.write(&record)?;
-            Ok(Durable::written(
-                AllocationView::of(&act.account, &msg.service),
-                wal_seq,
-            ))
-        })
+            Ok(())
+        });
+        match checked {
+            Ok(()) => self.change_slice(ctx, msg.service, SliceChange::Remove, msg.change, true),
+            Err(error) => ActorResponse::reply(Err(error)),
+        }
+    }
+}
+
+impl Handler<ApplyRecord> for TeacherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ApplyRecord, _: &mut Context<Self>) {
+        self.account.apply(msg.wal_seq, &msg.record);
     }
 }
 

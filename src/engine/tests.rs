@@ -86,6 +86,7 @@ async fn school(h: &Harness, cycle_units: u64, borrowing: bool) {
         tier: Tier::K12,
         anchor: BillingAnchor::new(1).unwrap(),
         borrowing_enabled: borrowing,
+        self_service_requests: false,
     };
     h.engine
         .create_school(NewSchool {
@@ -109,6 +110,7 @@ async fn allocate(
         priority: Some(priority),
         auto_renew: false,
         change: change(),
+        managed: true,
     };
     h.engine.set_allocation(&teacher(name), msg).await
 }

@@ -96,3 +96,20 @@ impl AllocationView {
         }
     }
 }
+
+/// One row of a usage report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub teacher_id: TeacherId,
+    pub service: ServiceType,
+    pub allocated_units: u64,
+    pub used_units: u64,
+    pub borrowed_units: u64,
+    pub overage_units: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReportView {
+    pub cycle: Cycle,
+    pub rows: Vec<UsageRow>,
+}

@@ -17,6 +17,7 @@ fn school_record(name: &str) -> Record {
             tier: Tier::K12,
             anchor: Default::default(),
             borrowing_enabled: false,
+            self_service_requests: false,
         },
         cycle_start_ms: 0,
         pools: vec![(ServiceType::parse("claude_messages").unwrap(), 10)],

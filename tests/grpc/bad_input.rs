@@ -444,6 +444,7 @@ async fn admin_calls_refuse_bad_fields() {
         borrowing_enabled: false,
         pools: vec![],
         changed_by: "test".into(),
+        self_service_requests: false,
     };
     assert_status(
         admin.create_school(school("elm", "university", 1)).await,

@@ -198,6 +198,7 @@ pub async fn create_school(
                 cycle_units,
             }],
             changed_by: "test".into(),
+            self_service_requests: false,
         })
         .await
         .unwrap();
