@@ -12,8 +12,8 @@ use crate::domain::{
     SchoolId, ServiceType, SliceSet, SliceStatus, TeacherId, Tier,
 };
 use crate::engine::{
-    BulkSet, Engine, FileRequest, ListHistory, ListRequests, NewSchool, RejectRequest,
-    RemoveSlice, SetAllocation, SetPool, SetStatus, UpdateSettings,
+    BulkSet, Engine, FileRequest, ListHistory, ListRequests, NewSchool, RejectRequest, RemoveSlice,
+    SetAllocation, SetPool, SetStatus, UpdateSettings,
 };
 use crate::proto::quota_admin_server::QuotaAdmin;
 use crate::proto::*;

@@ -243,10 +243,7 @@ impl AuditTrail {
             if entry.prev_hash != prev_hash {
                 return Err(Broken {
                     seq: entry.seq,
-                    problem: format!(
-                        "entry {} does not link to the entry before it",
-                        entry.seq
-                    ),
+                    problem: format!("entry {} does not link to the entry before it", entry.seq),
                 });
             }
             if entry.compute_hash() != entry.hash {

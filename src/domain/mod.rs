@@ -14,17 +14,19 @@ pub mod slice;
 pub mod state;
 
 #[cfg(test)]
+mod admin_tests;
+#[cfg(test)]
 mod tests;
 
 pub use account::{
     CommitOutcome, CommitStep, EventEntry, Gate, HoldRequest, HoldState, Reservation,
     ServiceUsageView, Step, TeacherAccount,
 };
+pub use audit::{AuditAction, AuditEntry, AuditTrail, HistoryFilter};
 pub use cycle::{BillingAnchor, Cycle, TimestampMs};
 pub use error::{InvalidInput, RuleError};
 pub use ids::{parse_model_field, EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 pub use limits::RuleLimits;
-pub use audit::{AuditAction, AuditEntry, AuditTrail, HistoryFilter};
 pub use record::{Change, Grant, HoldEnd, Record, SliceSet, Usage, UsageSource};
 pub use requests::{IncreaseRequest, RequestOutcome, RequestStatus};
 pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};

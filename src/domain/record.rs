@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cycle::TimestampMs;
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
-use super::school::SchoolConfig;
 use super::requests::RequestOutcome;
+use super::school::SchoolConfig;
 use super::slice::{DenyReason, Priority, SliceStatus};
 
 /// Who made an administrative change, why, and when: kept for the audit trail.

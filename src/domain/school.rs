@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::audit::{AuditAction, AuditTrail, Draft};
 use super::cycle::{BillingAnchor, Cycle, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{SchoolId, ServiceType, TeacherId};
-use super::audit::{AuditAction, AuditTrail, Draft};
 use super::limits::RuleLimits;
 use super::record::{Change, Grant, Record, SliceSet};
 use super::requests::{
@@ -262,12 +262,18 @@ impl SchoolState {
                 )
                 .into());
             }
-            let sum = allocated.entry(&slice.service).or_insert(pool.allocated_units);
+            let sum = allocated
+                .entry(&slice.service)
+                .or_insert(pool.allocated_units);
             let current = self
                 .slices
                 .get(&(slice.teacher_id.clone(), slice.service.clone()))
                 .map_or(0, |t| t.allocated_units);
-            *sum = add_units("allocated_units", sum.saturating_sub(current), slice.allocated_units)?;
+            *sum = add_units(
+                "allocated_units",
+                sum.saturating_sub(current),
+                slice.allocated_units,
+            )?;
         }
         let mut short = Vec::new();
         for (service, sum) in allocated {
@@ -418,7 +424,12 @@ impl SchoolState {
             self.roll_to(cycle_start_ms);
         }
         match record {
-            Record::SchoolCreated { config, pools, change, .. } => {
+            Record::SchoolCreated {
+                config,
+                pools,
+                change,
+                ..
+            } => {
                 let mut draft = Draft::new(AuditAction::SchoolCreated, change)
                     .after("name", &config.name)
                     .after("tier", config.tier.as_str())
@@ -499,11 +510,16 @@ impl SchoolState {
             } => {
                 if let Some(old) = self.slices.remove(&(teacher_id.clone(), service.clone())) {
                     if let Some(pool) = self.pools.get_mut(service) {
-                        pool.allocated_units = pool.allocated_units.saturating_sub(old.allocated_units);
+                        pool.allocated_units =
+                            pool.allocated_units.saturating_sub(old.allocated_units);
                     }
                     self.history.append(
-                        terms_values(Draft::new(AuditAction::AllocationRemoved, change), Some(&old), true)
-                            .slice(teacher_id, service),
+                        terms_values(
+                            Draft::new(AuditAction::AllocationRemoved, change),
+                            Some(&old),
+                            true,
+                        )
+                        .slice(teacher_id, service),
                     );
                 }
             }
@@ -572,8 +588,12 @@ impl SchoolState {
                 ..
             } => {
                 let (status, action) = match outcome {
-                    RequestOutcome::Rejected => (RequestStatus::Rejected, AuditAction::RequestRejected),
-                    RequestOutcome::Expired => (RequestStatus::Expired, AuditAction::RequestExpired),
+                    RequestOutcome::Rejected => {
+                        (RequestStatus::Rejected, AuditAction::RequestRejected)
+                    }
+                    RequestOutcome::Expired => {
+                        (RequestStatus::Expired, AuditAction::RequestExpired)
+                    }
                 };
                 self.decide(*request_id, status, action, change);
             }
@@ -594,7 +614,10 @@ impl SchoolState {
                 };
                 self.history.append(
                     Draft::new(AuditAction::CycleRolledOver, &change)
-                        .before("cycle_start", crate::domain::cycle::format_ms(*from_start_ms))
+                        .before(
+                            "cycle_start",
+                            crate::domain::cycle::format_ms(*from_start_ms),
+                        )
                         .after("cycle_start", crate::domain::cycle::format_ms(*to_start_ms)),
                 );
             }
@@ -617,9 +640,14 @@ impl SchoolState {
             .allocated_units
             .saturating_sub(old.map_or(0, |t| t.allocated_units))
             .saturating_add(slice.allocated_units);
-        let draft = terms_values(Draft::new(AuditAction::AllocationSet, change), old.as_ref(), true);
+        let draft = terms_values(
+            Draft::new(AuditAction::AllocationSet, change),
+            old.as_ref(),
+            true,
+        );
         let draft = terms_values(draft, Some(&terms), false);
-        self.history.append(draft.slice(&slice.teacher_id, &slice.service));
+        self.history
+            .append(draft.slice(&slice.teacher_id, &slice.service));
     }
 
     fn approve(&mut self, grant: &Grant, change: &Change) {

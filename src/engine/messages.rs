@@ -10,9 +10,8 @@ use super::views::{
 use super::EngineError;
 use crate::domain::audit::Broken;
 use crate::domain::{
-    AuditEntry, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest,
-    IncreaseRequest, Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus,
-    TeacherId, TimestampMs,
+    AuditEntry, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest, IncreaseRequest,
+    Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus, TeacherId, TimestampMs,
 };
 
 pub type Reply<T> = Result<T, EngineError>;

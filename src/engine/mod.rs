@@ -26,8 +26,8 @@ use thiserror::Error;
 use crate::domain::audit::Broken;
 use crate::domain::{
     AuditEntry, Change, DenyReason, IncreaseRequest, InvalidInput, Priority, Record, RuleError,
-    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, TeacherAccount,
-    TeacherId, Tier, TimestampMs,
+    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, TeacherAccount, TeacherId,
+    Tier, TimestampMs,
 };
 use crate::storage::{Wal, WalError};
 use crate::telemetry;
@@ -567,7 +567,8 @@ impl Engine {
         school_id: &SchoolId,
         msg: SetPool,
     ) -> Result<PoolView, EngineError> {
-        self.limits().check_pool_units("cycle_units", msg.cycle_units)?;
+        self.limits()
+            .check_pool_units("cycle_units", msg.cycle_units)?;
         let school = self.school(school_id)?;
         let owner = (school.tier == Tier::Individual)
             .then(|| TeacherId::parse(school_id.as_str()).ok())
@@ -577,7 +578,11 @@ impl Engine {
                 teacher_id,
             });
         let Some(owner) = owner else {
-            let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+            let durable = school
+                .addr
+                .send(msg)
+                .await
+                .map_err(EngineError::mailbox)??;
             return self.settle(durable).await;
         };
         // An individual's slice follows the pool: shrink the slice before the
@@ -593,12 +598,18 @@ impl Engine {
             .map_or(0, |p| p.cycle_units);
         let (service, units, change) = (msg.service.clone(), msg.cycle_units, msg.change.clone());
         if units < current {
-            self.set_owner_slice(&owner, &service, units, &change).await?;
+            self.set_owner_slice(&owner, &service, units, &change)
+                .await?;
         }
-        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let durable = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
         let view = self.settle(durable).await?;
         if units >= current {
-            self.set_owner_slice(&owner, &service, units, &change).await?;
+            self.set_owner_slice(&owner, &service, units, &change)
+                .await?;
         }
         Ok(view)
     }
@@ -672,7 +683,11 @@ impl Engine {
         msg: UpdateSettings,
     ) -> Result<SchoolView, EngineError> {
         let school = self.school(school_id)?;
-        let wal_seq = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let wal_seq = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
         self.core.shared.wal.wait_durable(wal_seq).await?;
         self.get_school(school_id).await
     }
@@ -713,7 +728,11 @@ impl Engine {
             .iter()
             .map(|s| (s.teacher_id.clone(), s.service.clone()))
             .collect();
-        let wal_seq = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let wal_seq = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
         self.core.shared.wal.wait_durable(wal_seq).await?;
         let all = self.list_allocations(school_id, None, None).await?;
         Ok(wanted
@@ -755,9 +774,17 @@ impl Engine {
         school.addr.send(msg).await.map_err(EngineError::mailbox)?
     }
 
-    pub async fn file_request(&self, msg: FileRequest, school_id: &SchoolId) -> Result<IncreaseRequest, EngineError> {
+    pub async fn file_request(
+        &self,
+        msg: FileRequest,
+        school_id: &SchoolId,
+    ) -> Result<IncreaseRequest, EngineError> {
         let school = self.school(school_id)?;
-        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let durable = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
         self.settle(durable).await
     }
 
@@ -797,7 +824,11 @@ impl Engine {
         msg: RejectRequest,
     ) -> Result<IncreaseRequest, EngineError> {
         let school = self.school(school_id)?;
-        let durable = school.addr.send(msg).await.map_err(EngineError::mailbox)??;
+        let durable = school
+            .addr
+            .send(msg)
+            .await
+            .map_err(EngineError::mailbox)??;
         self.settle(durable).await
     }
 
@@ -893,4 +924,3 @@ fn outcome(decision: &Decision) -> &'static str {
         (false, Some(reason)) => reason.as_str(),
     }
 }
-

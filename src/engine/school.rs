@@ -115,7 +115,11 @@ impl SchoolActor {
         Ok(())
     }
 
-    fn ensure_teacher(&mut self, teacher_id: TeacherId, ctx: &mut Context<Self>) -> Addr<TeacherActor> {
+    fn ensure_teacher(
+        &mut self,
+        teacher_id: TeacherId,
+        ctx: &mut Context<Self>,
+    ) -> Addr<TeacherActor> {
         if let Some(addr) = self.teachers.get(&teacher_id) {
             return addr.clone();
         }
@@ -147,7 +151,9 @@ impl SchoolActor {
             .requests
             .get(&request_id)
             .cloned()
-            .ok_or_else(|| EngineError::Internal(format!("request {request_id} just written is missing")))
+            .ok_or_else(|| {
+                EngineError::Internal(format!("request {request_id} just written is missing"))
+            })
     }
 
     /// The usage views of one teacher, or of every teacher of the school.
@@ -454,7 +460,11 @@ impl Handler<VerifyHistory> for SchoolActor {
     type Result = Reply<Result<usize, Broken>>;
 
     fn handle(&mut self, _: VerifyHistory, _: &mut Context<Self>) -> Self::Result {
-        Ok(self.school.history.verify().map(|()| self.school.history.len()))
+        Ok(self
+            .school
+            .history
+            .verify()
+            .map(|()| self.school.history.len()))
     }
 }
 
@@ -514,7 +524,10 @@ impl Handler<UsageReport> for SchoolActor {
                             teacher_id: usage.teacher_id.clone(),
                             service: s.service,
                             allocated_units: s.previous.allocated_units,
-                            used_units: s.previous.used_units.saturating_add(s.previous.borrowed_units),
+                            used_units: s
+                                .previous
+                                .used_units
+                                .saturating_add(s.previous.borrowed_units),
                             borrowed_units: s.previous.borrowed_units,
                             overage_units: s.previous.overage_units,
                         }

@@ -453,3 +453,127 @@ async fn a_failed_flush_stops_acknowledging_and_says_unavailable() {
     )];
     assert_eq!(account.usage()[0].used_units, 1);
 }
+
+#[actix_rt::test]
+async fn a_pending_request_expires_after_seven_days_on_the_timer_and_is_audited() {
+    use crate::domain::requests::REQUEST_TTL_MS;
+    let clock = Clock::manual(START_MS);
+    let store = MemoryLog::default();
+    let h = start(store.clone(), clock.clone()).await;
+    school(&h, 100, false).await;
+    let school_id = SchoolId::parse("school").unwrap();
+    let settings = UpdateSettings {
+        name: None,
+        borrowing_enabled: None,
+        self_service_requests: Some(true),
+        change: change(),
+    };
+    h.engine
+        .update_settings(&school_id, settings)
+        .await
+        .unwrap();
+    let file = FileRequest {
+        teacher_id: TeacherId::parse("t1").unwrap(),
+        service: service(),
+        units: 5,
+        change: change(),
+    };
+    let request = h.engine.file_request(file, &school_id).await.unwrap();
+    let pending = || ListRequests {
+        teacher_id: None,
+        status: Some("pending"),
+        request_id: None,
+    };
+
+    clock.advance(REQUEST_TTL_MS - 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.engine
+            .list_requests(&school_id, pending())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    clock.advance(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(h
+        .engine
+        .list_requests(&school_id, pending())
+        .await
+        .unwrap()
+        .is_empty());
+    let approve = h
+        .engine
+        .approve_request(&school_id, request.id, 0, change())
+        .await;
+    assert!(
+        matches!(approve, Err(EngineError::Rule(RuleError::Precondition(m))) if m.contains("expired"))
+    );
+    let history = ListHistory {
+        filter: crate::domain::HistoryFilter::default(),
+        after_seq: 0,
+        limit: 100,
+    };
+    let (entries, _) = h.engine.history(&school_id, history).await.unwrap();
+    let last = entries.last().unwrap();
+    assert_eq!(last.action, crate::domain::AuditAction::RequestExpired);
+    assert_eq!(last.at_ms, START_MS + REQUEST_TTL_MS);
+
+    // The expiry is in the log: a recovered state has it too.
+    let recovered = recover(&store.crash()).unwrap();
+    let school = &recovered.state.schools[&school_id];
+    assert_eq!(
+        school.requests[&request.id].status,
+        crate::domain::RequestStatus::Expired
+    );
+    assert_eq!(school.history.entries(), entries.as_slice());
+}
+
+#[actix_rt::test]
+async fn the_previous_cycle_report_shows_what_was_used_before_the_rollover() {
+    let clock = Clock::manual(crate::domain::cycle::ms("2026-11-30T12:00:00Z"));
+    let h = start(MemoryLog::default(), clock.clone()).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    h.engine
+        .consume(&teacher("t1"), consume(4, "e1"))
+        .await
+        .unwrap();
+    clock.advance(24 * 3600 * 1000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let school_id = SchoolId::parse("school").unwrap();
+    let report = |previous| UsageReport {
+        teacher_id: None,
+        service: None,
+        previous,
+    };
+    let now = h
+        .engine
+        .usage_report(&school_id, report(false))
+        .await
+        .unwrap();
+    assert_eq!(
+        now.cycle.start_ms,
+        crate::domain::cycle::ms("2026-12-01T00:00:00Z")
+    );
+    assert_eq!(
+        (now.rows[0].allocated_units, now.rows[0].used_units),
+        (0, 0)
+    );
+    let before = h
+        .engine
+        .usage_report(&school_id, report(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        before.cycle.start_ms,
+        crate::domain::cycle::ms("2026-11-01T00:00:00Z")
+    );
+    assert_eq!(before.cycle.end_ms, now.cycle.start_ms);
+    assert_eq!(
+        (before.rows[0].allocated_units, before.rows[0].used_units),
+        (10, 4)
+    );
+}

@@ -21,6 +21,8 @@ use tonic::transport::Channel;
 
 pub const SERVICE: &str = "claude_messages";
 
+pub type AdminClient = QuotaAdminClient<Channel>;
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
@@ -256,4 +258,29 @@ pub async fn used_units(
         .iter()
         .find(|s| s.service_type == SERVICE)
         .map_or(0, |s| s.used_units)
+}
+
+/// A school of any tier with one pool of SERVICE.
+pub async fn create_school_of(
+    admin: &mut AdminClient,
+    school_id: &str,
+    tier: &str,
+    cycle_units: u64,
+) {
+    admin
+        .create_school(CreateSchoolRequest {
+            school_id: school_id.into(),
+            name: format!("School {school_id}"),
+            tier: tier.into(),
+            billing_anchor_day: 1,
+            borrowing_enabled: false,
+            pools: vec![PoolUnits {
+                service_type: SERVICE.into(),
+                cycle_units,
+            }],
+            changed_by: "test".into(),
+            self_service_requests: false,
+        })
+        .await
+        .unwrap();
 }

@@ -2,6 +2,7 @@
 //! process, or as a child process for the crash tests), real tonic clients
 //! over TCP and real sled in a temp dir.
 
+mod admin;
 mod bad_input;
 mod common;
 mod crash;
