@@ -4,6 +4,7 @@
 //! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
 //! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
 //! - [`api`]: the gRPC services and the one place where errors become statuses.
+//! - [`auth`]: bearer tokens (HS256 JWTs) and the caller they name.
 #![deny(clippy::unwrap_used)]
 
 /// Types generated from `proto/quotad/v1`.
@@ -13,6 +14,7 @@ pub mod proto {
 }
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod engine;

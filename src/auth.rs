@@ -1,0 +1,729 @@
+//! Who is calling: bearer tokens and the caller they name.
+//!
+//! Every gRPC call carries `authorization: Bearer <token>`, a JWT signed with
+//! HS256 and the key from the config. [`Authenticator::verify`] turns it into a
+//! [`Caller`]. It is pure: the time is passed in, so expiry is tested without
+//! a clock.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use tonic::Status;
+
+use crate::domain::{SchoolId, TeacherId};
+
+/// Shortest signing key, in bytes. An HMAC key shorter than its hash output
+/// (32 bytes for SHA-256) weakens it (RFC 7518, section 3.2).
+pub const KEY_BYTES_MIN: usize = 32;
+/// Longest `authorization` value read, in bytes: a bound on the work an
+/// unauthenticated caller can cause before the signature is checked.
+pub const HEADER_BYTES_MAX: usize = 16 * 1024;
+/// Longest token subject, in bytes.
+pub const SUBJECT_BYTES_MAX: usize = crate::domain::ids::ID_BYTES_MAX;
+/// Most schools one service token may name.
+pub const SCHOOLS_PER_TOKEN_MAX: usize = 256;
+
+/// Why a token was refused, or could not be made. The messages say what is
+/// wrong and never quote the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no authorization metadata: send `authorization: Bearer <token>`")]
+    Missing,
+    #[error(
+        "the authorization metadata is not a bearer token: send `authorization: Bearer <token>`"
+    )]
+    NotBearer,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("the token's signature does not match: it was signed with another key, or altered")]
+    BadSignature,
+    #[error("the token is not signed with HS256, the only algorithm accepted")]
+    WrongAlgorithm,
+    #[error("the token expired at {expired_at_s} s since the epoch (now {now_s}); get a new one")]
+    Expired { expired_at_s: u64, now_s: u64 },
+    #[error("unknown role: expected admin, principal, teacher or service")]
+    UnknownRole,
+    #[error("the signing key is {key_bytes} bytes long; at least {min} are required", min = KEY_BYTES_MIN)]
+    KeyTooShort { key_bytes: usize },
+    #[error("cannot mint the token: {0}")]
+    InvalidClaims(String),
+    #[error("cannot sign the token: {0}")]
+    Signing(String),
+}
+
+/// Every authentication failure is UNAUTHENTICATED: the caller should get a
+/// valid token. (Only [`Authenticator::verify`] runs on requests; the key and
+/// minting errors arise at startup or in tools, never from a client.)
+impl From<AuthError> for Status {
+    fn from(error: AuthError) -> Status {
+        Status::unauthenticated(error.to_string())
+    }
+}
+
+/// What a token lets its bearer be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Runs quotad: may do everything, for every school.
+    Admin,
+    /// Runs one school: its pools, allocations and requests.
+    Principal,
+    /// Reads their own usage, allocations, requests and history, and asks for more.
+    Teacher,
+    /// The AI proxy: meters usage on the gate, for the schools its token names.
+    Service,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Principal, Role::Teacher, Role::Service];
+
+    pub fn parse(value: &str) -> Result<Role, AuthError> {
+        match value {
+            "admin" => Ok(Role::Admin),
+            "principal" => Ok(Role::Principal),
+            "teacher" => Ok(Role::Teacher),
+            "service" => Ok(Role::Service),
+            _ => Err(AuthError::UnknownRole),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Principal => "principal",
+            Role::Teacher => "teacher",
+            Role::Service => "service",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Role {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Role, D::Error> {
+        deserializer.deserialize_str(ParseVisitor {
+            expecting: "a role",
+            parse: |value| Role::parse(value).map_err(|e| e.to_string()),
+        })
+    }
+}
+
+/// Reads a string through a checking parser, with no intermediate `String`.
+struct ParseVisitor<T> {
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> de::Visitor<'_> for ParseVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<T, E> {
+        (self.parse)(value).map_err(E::custom)
+    }
+}
+
+/// A school id read from a token, checked as it is read. (`SchoolId`'s own
+/// `Deserialize` trusts its input: it reads what quotad itself wrote.)
+struct CheckedSchoolId(SchoolId);
+
+impl<'de> Deserialize<'de> for CheckedSchoolId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(ParseVisitor {
+            expecting: "a school id",
+            parse: |value| {
+                SchoolId::parse(value)
+                    .map(CheckedSchoolId)
+                    .map_err(|e| e.to_string())
+            },
+        })
+    }
+}
+
+fn deserialize_school<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SchoolId>, D::Error> {
+    Ok(Option::<CheckedSchoolId>::deserialize(d)?.map(|school| school.0))
+}
+
+fn deserialize_schools<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SchoolId>, D::Error> {
+    let schools = Vec::<CheckedSchoolId>::deserialize(d)?;
+    Ok(schools.into_iter().map(|school| school.0).collect())
+}
+
+/// The claims of a quotad token. School ids are checked as they are read;
+/// whether the claims fit the role is checked by `check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Who: a user id; for a teacher, their teacher id.
+    pub sub: Arc<str>,
+    pub role: Role,
+    /// Principal and teacher: their school. Absent for the other roles.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "deserialize_school"
+    )]
+    pub school_id: Option<SchoolId>,
+    /// Service: the schools it may serve. Absent for the other roles.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "deserialize_schools"
+    )]
+    pub schools: Vec<SchoolId>,
+    /// Expiry, seconds since the Unix epoch: the token is refused from this second on.
+    pub exp: u64,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: u64,
+}
+
+impl Claims {
+    /// The rules that `mint` and `verify` share, so that a minted token always verifies.
+    fn check(&self) -> Result<(), String> {
+        check_subject(&self.sub)?;
+        if self.iat > self.exp {
+            return Err("it was issued after it expires (iat > exp)".to_owned());
+        }
+        let role = self.role;
+        match (role, &self.school_id, self.schools.len()) {
+            (Role::Admin, None, 0) => {}
+            (Role::Admin, ..) => {
+                return Err("an admin token must carry no school_id and no schools".to_owned())
+            }
+            (Role::Principal | Role::Teacher, Some(_), 0) => {}
+            (Role::Principal | Role::Teacher, ..) => {
+                return Err(format!(
+                    "a {role} token must carry a school_id and no schools"
+                ))
+            }
+            (Role::Service, None, 1..=SCHOOLS_PER_TOKEN_MAX) => {}
+            (Role::Service, ..) => {
+                return Err(format!(
+                "a service token must carry 1 to {SCHOOLS_PER_TOKEN_MAX} schools and no school_id"
+            ))
+            }
+        }
+        if role == Role::Teacher {
+            TeacherId::parse(&self.sub)
+                .map_err(|e| format!("a teacher token's sub is their teacher id, but: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_subject(subject: &str) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("the sub claim is empty".to_owned());
+    }
+    if subject.len() > SUBJECT_BYTES_MAX {
+        return Err(format!(
+            "the sub claim is {} bytes long; at most {SUBJECT_BYTES_MAX} are allowed",
+            subject.len()
+        ));
+    }
+    if subject.chars().any(char::is_control) {
+        return Err("the sub claim contains control characters".to_owned());
+    }
+    Ok(())
+}
+
+/// An authenticated caller, as its token describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's `sub`: a user id; for a teacher, their teacher id.
+    pub subject: Arc<str>,
+    pub role: Role,
+    /// Principal and teacher: exactly their school. Service: the schools it
+    /// serves. Admin: empty, meaning all.
+    pub schools: Vec<SchoolId>,
+}
+
+impl Caller {
+    /// The caller every request gets in `--insecure-dev` mode: an admin.
+    pub fn dev() -> Caller {
+        Caller {
+            subject: Arc::from("dev"),
+            role: Role::Admin,
+            schools: Vec::new(),
+        }
+    }
+
+    /// A teacher's own teacher id; `None` for the other roles.
+    pub fn teacher_id(&self) -> Option<TeacherId> {
+        if self.role != Role::Teacher {
+            return None;
+        }
+        TeacherId::parse(&self.subject).ok()
+    }
+
+    fn from_claims(claims: Claims) -> Caller {
+        let schools = match claims.school_id {
+            Some(school) => vec![school],
+            None => claims.schools,
+        };
+        Caller {
+            subject: claims.sub,
+            role: claims.role,
+            schools,
+        }
+    }
+}
+
+/// Mints and verifies tokens with one HS256 key.
+pub struct Authenticator {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+/// Never prints the key.
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Authenticator { key: <redacted> }")
+    }
+}
+
+impl Authenticator {
+    /// Refuses a key shorter than [`KEY_BYTES_MIN`].
+    pub fn new(secret: &[u8]) -> Result<Self, AuthError> {
+        if secret.len() < KEY_BYTES_MIN {
+            return Err(AuthError::KeyTooShort {
+                key_bytes: secret.len(),
+            });
+        }
+        // Only HS256: a token naming any other algorithm (or "none") is refused
+        // before its signature is looked at.
+        let mut validation = Validation::new(Algorithm::HS256);
+        // jsonwebtoken would compare `exp` with the system clock; `verify`
+        // compares it with the time it is given instead, so expiry is
+        // deterministic in tests. `exp` stays required.
+        validation.validate_exp = false;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp"]);
+        // `validate_aud` stays on: a token naming an audience was minted for
+        // someone else, as quotad's tokens name none.
+        Ok(Authenticator {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        })
+    }
+
+    /// A token for `subject`, valid from `now_s` for `ttl` (whole seconds, at
+    /// least one). `schools`: exactly one for a principal or teacher, 1 to
+    /// [`SCHOOLS_PER_TOKEN_MAX`] for a service, none for an admin.
+    pub fn mint(
+        &self,
+        subject: &str,
+        role: Role,
+        schools: &[SchoolId],
+        ttl: Duration,
+        now_s: u64,
+    ) -> Result<String, AuthError> {
+        let invalid = |problem: String| AuthError::InvalidClaims(problem);
+        if ttl.as_secs() == 0 {
+            return Err(invalid("the ttl must be at least one second".to_owned()));
+        }
+        let exp = now_s
+            .checked_add(ttl.as_secs())
+            .ok_or_else(|| invalid("now + ttl overflows 64 bits of seconds".to_owned()))?;
+        let (school_id, schools) = match (role, schools) {
+            (Role::Admin, []) => (None, Vec::new()),
+            (Role::Admin, _) => {
+                return Err(invalid(
+                    "an admin token names no schools: an admin may act on all".to_owned(),
+                ))
+            }
+            (Role::Principal | Role::Teacher, [school]) => (Some(school.clone()), Vec::new()),
+            (Role::Principal | Role::Teacher, _) => {
+                return Err(invalid(format!(
+                    "a {role} token names exactly one school; {} given",
+                    schools.len()
+                )))
+            }
+            (Role::Service, []) => {
+                return Err(invalid(
+                    "a service token names at least one school".to_owned(),
+                ))
+            }
+            (Role::Service, _) => (None, schools.to_vec()),
+        };
+        let claims = Claims {
+            sub: Arc::from(subject),
+            role,
+            school_id,
+            schools,
+            exp,
+            iat: now_s,
+        };
+        claims.check().map_err(invalid)?;
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::Signing(e.to_string()))
+    }
+
+    /// The caller a `Bearer <token>` value names, if its signature is this
+    /// key's, it has not expired at `now_s` (no leeway) and its claims fit its role.
+    pub fn verify(&self, header_value: Option<&str>, now_s: u64) -> Result<Caller, AuthError> {
+        let token = bearer_token(header_value)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(from_jwt_error)?
+            .claims;
+        claims.check().map_err(AuthError::Malformed)?;
+        // RFC 7519, section 4.1.4: the token is refused on or after `exp`.
+        if now_s >= claims.exp {
+            return Err(AuthError::Expired {
+                expired_at_s: claims.exp,
+                now_s,
+            });
+        }
+        Ok(Caller::from_claims(claims))
+    }
+}
+
+/// The token in `Bearer <token>`; the scheme is case-insensitive (RFC 7235).
+fn bearer_token(header_value: Option<&str>) -> Result<&str, AuthError> {
+    let value = header_value.ok_or(AuthError::Missing)?;
+    if value.len() > HEADER_BYTES_MAX {
+        return Err(AuthError::Malformed(format!(
+            "the authorization value is {} bytes long; at most {HEADER_BYTES_MAX} are read",
+            value.len()
+        )));
+    }
+    let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::NotBearer);
+    }
+    let token = token.trim_start();
+    if token.is_empty() {
+        return Err(AuthError::Malformed("the bearer token is empty".to_owned()));
+    }
+    Ok(token)
+}
+
+fn from_jwt_error(error: jsonwebtoken::errors::Error) -> AuthError {
+    let malformed = |problem: &str| AuthError::Malformed(problem.to_owned());
+    match error.kind() {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+        ErrorKind::InvalidToken => malformed("it is not three base64url parts joined by dots"),
+        ErrorKind::Base64(_) => malformed("a part is not valid base64url"),
+        ErrorKind::Utf8(_) => malformed("a part is not UTF-8"),
+        // Reports the claim or header field that does not parse, and why.
+        ErrorKind::Json(e) => AuthError::Malformed(format!("its header or claims: {e}")),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            AuthError::Malformed(format!("the {claim} claim is missing"))
+        }
+        ErrorKind::InvalidClaimFormat(claim) => {
+            AuthError::Malformed(format!("the {claim} claim is not a number of seconds"))
+        }
+        ErrorKind::InvalidAudience => malformed("it names an audience; quotad's tokens name none"),
+        _ => AuthError::Malformed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 32 bytes: the shortest key accepted.
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const NOW_S: u64 = 1_750_000_000;
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn school(id: &str) -> SchoolId {
+        SchoolId::parse(id).unwrap()
+    }
+
+    fn teacher(id: &str) -> TeacherId {
+        TeacherId::parse(id).unwrap()
+    }
+
+    fn authenticator() -> Authenticator {
+        Authenticator::new(KEY).unwrap()
+    }
+
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
+    }
+
+    fn verify(token: &str, now_s: u64) -> Result<Caller, AuthError> {
+        authenticator().verify(Some(&bearer(token)), now_s)
+    }
+
+    /// Signs any claims with the right key and HS256, to build tokens `mint` refuses to make.
+    fn sign_raw(claims: serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(KEY);
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    fn is_malformed_about(result: Result<Caller, AuthError>, words: &str) -> bool {
+        matches!(result, Err(AuthError::Malformed(m)) if m.contains(words))
+    }
+
+    #[test]
+    fn every_role_round_trips() {
+        let auth = authenticator();
+        let cases = [
+            ("root", Role::Admin, vec![]),
+            ("p-1", Role::Principal, vec![school("A")]),
+            ("t1", Role::Teacher, vec![school("A")]),
+            ("proxy", Role::Service, vec![school("A"), school("B")]),
+        ];
+        for (subject, role, schools) in cases {
+            let token = auth.mint(subject, role, &schools, HOUR, NOW_S).unwrap();
+            let caller = auth.verify(Some(&bearer(&token)), NOW_S).unwrap();
+            assert_eq!(
+                caller,
+                Caller {
+                    subject: Arc::from(subject),
+                    role,
+                    schools
+                }
+            );
+            let expected_teacher = (role == Role::Teacher).then(|| teacher(subject));
+            assert_eq!(caller.teacher_id(), expected_teacher);
+        }
+    }
+
+    #[test]
+    fn roles_parse_and_print() {
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.as_str()), Ok(role));
+        }
+        assert_eq!(Role::parse("Admin"), Err(AuthError::UnknownRole));
+        assert_eq!(Role::parse("root"), Err(AuthError::UnknownRole));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive() {
+        let token = authenticator()
+            .mint("root", Role::Admin, &[], HOUR, NOW_S)
+            .unwrap();
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            let value = format!("{scheme}  {token}");
+            assert!(authenticator().verify(Some(&value), NOW_S).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_token_expires_at_exp_with_no_leeway() {
+        let token = authenticator()
+            .mint("root", Role::Admin, &[], Duration::from_secs(60), NOW_S)
+            .unwrap();
+        assert!(verify(&token, NOW_S).is_ok());
+        assert!(verify(&token, NOW_S + 59).is_ok());
+        let expired = AuthError::Expired {
+            expired_at_s: NOW_S + 60,
+            now_s: NOW_S + 60,
+        };
+        assert_eq!(verify(&token, NOW_S + 60), Err(expired));
+        assert!(matches!(
+            verify(&token, NOW_S + 10_000),
+            Err(AuthError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn a_token_signed_with_another_key_is_refused() {
+        let other = Authenticator::new(b"another key that is 32 bytes lng").unwrap();
+        let token = other.mint("root", Role::Admin, &[], HOUR, NOW_S).unwrap();
+        let error = verify(&token, NOW_S).unwrap_err();
+        assert_eq!(error, AuthError::BadSignature);
+        assert!(!error.to_string().contains(&token));
+    }
+
+    #[test]
+    fn a_tampered_payload_is_refused() {
+        let auth = authenticator();
+        let teacher_token = auth
+            .mint("t1", Role::Teacher, &[school("A")], HOUR, NOW_S)
+            .unwrap();
+        let admin_token = auth.mint("t1", Role::Admin, &[], HOUR, NOW_S).unwrap();
+        // The admin claims under the teacher token's signature.
+        let teacher_parts: Vec<&str> = teacher_token.split('.').collect();
+        let admin_parts: Vec<&str> = admin_token.split('.').collect();
+        let forged = [teacher_parts[0], admin_parts[1], teacher_parts[2]].join(".");
+        assert_eq!(verify(&forged, NOW_S), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn only_hs256_is_accepted() {
+        let token = authenticator()
+            .mint("root", Role::Admin, &[], HOUR, NOW_S)
+            .unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        // base64url of {"alg":"none","typ":"JWT"}.
+        let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+        for forged in [
+            format!("{none_header}.{}.", parts[1]),
+            format!("{none_header}.{}.{}", parts[1], parts[2]),
+        ] {
+            let error = verify(&forged, NOW_S).unwrap_err();
+            assert!(matches!(error, AuthError::Malformed(_)), "{error:?}");
+            assert!(!error.to_string().contains(&forged));
+        }
+        let claims =
+            serde_json::json!({"sub": "root", "role": "admin", "exp": NOW_S + 60, "iat": NOW_S});
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &claims,
+            &EncodingKey::from_secret(KEY),
+        )
+        .unwrap();
+        assert_eq!(verify(&hs384, NOW_S), Err(AuthError::WrongAlgorithm));
+    }
+
+    #[test]
+    fn the_header_must_be_a_bearer_token() {
+        let auth = authenticator();
+        let token = auth.mint("root", Role::Admin, &[], HOUR, NOW_S).unwrap();
+        assert_eq!(auth.verify(None, NOW_S), Err(AuthError::Missing));
+        assert_eq!(auth.verify(Some(&token), NOW_S), Err(AuthError::NotBearer));
+        let basic = format!("Basic {token}");
+        assert_eq!(auth.verify(Some(&basic), NOW_S), Err(AuthError::NotBearer));
+        assert!(matches!(
+            auth.verify(Some("Bearer  "), NOW_S),
+            Err(AuthError::NotBearer | AuthError::Malformed(_))
+        ));
+        assert!(is_malformed_about(
+            auth.verify(Some("Bearer not-a-jwt"), NOW_S),
+            "three base64url parts"
+        ));
+        let huge = bearer(&"a".repeat(HEADER_BYTES_MAX));
+        assert!(is_malformed_about(
+            auth.verify(Some(&huge), NOW_S),
+            "bytes long"
+        ));
+    }
+
+    #[test]
+    fn claims_must_fit_the_role() {
+        let exp = NOW_S + 60;
+        let cases = [
+            (
+                serde_json::json!({"sub": "x", "role": "superuser", "exp": exp, "iat": NOW_S}),
+                "unknown role",
+            ),
+            (
+                serde_json::json!({"sub": "t1", "role": "teacher", "exp": exp, "iat": NOW_S}),
+                "teacher token",
+            ),
+            (
+                serde_json::json!({"sub": "p", "role": "principal", "schools": ["A"], "exp": exp, "iat": NOW_S}),
+                "principal token",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "school_id": "A", "exp": exp, "iat": NOW_S}),
+                "admin token",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "service", "exp": exp, "iat": NOW_S}),
+                "service token",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "service", "schools": [], "exp": exp, "iat": NOW_S}),
+                "service token",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "service", "schools": ["A", "b c"], "exp": exp, "iat": NOW_S}),
+                "school_id",
+            ),
+            (
+                serde_json::json!({"sub": "a teacher", "role": "teacher", "school_id": "A", "exp": exp, "iat": NOW_S}),
+                "teacher id",
+            ),
+            (
+                serde_json::json!({"sub": "", "role": "admin", "exp": exp, "iat": NOW_S}),
+                "sub claim is empty",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "iat": NOW_S}),
+                "missing field `exp`",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "exp": "soon", "iat": NOW_S}),
+                "invalid type: string \"soon\", expected u64",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "exp": exp}),
+                "missing field `iat`",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "exp": exp, "iat": exp + 1}),
+                "iat > exp",
+            ),
+            (
+                serde_json::json!({"sub": "x", "role": "admin", "aud": "other", "exp": exp, "iat": NOW_S}),
+                "audience",
+            ),
+        ];
+        for (claims, problem) in cases {
+            let result = verify(&sign_raw(claims.clone()), NOW_S);
+            assert!(
+                is_malformed_about(result.clone(), problem),
+                "{claims}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        let error = Authenticator::new(&[7; 31]).unwrap_err();
+        assert_eq!(error, AuthError::KeyTooShort { key_bytes: 31 });
+        assert!(error.to_string().contains("at least 32"));
+        assert!(Authenticator::new(&[]).is_err());
+        assert!(Authenticator::new(&[7; 32]).is_ok());
+    }
+
+    #[test]
+    fn mint_refuses_schools_that_do_not_fit_the_role() {
+        let auth = authenticator();
+        let (a, b) = (school("A"), school("B"));
+        let refused = [
+            ("root", Role::Admin, vec![a.clone()]),
+            ("p", Role::Principal, vec![]),
+            ("p", Role::Principal, vec![a.clone(), b.clone()]),
+            ("t1", Role::Teacher, vec![]),
+            ("not a teacher id", Role::Teacher, vec![a.clone()]),
+            ("proxy", Role::Service, vec![]),
+            (
+                "proxy",
+                Role::Service,
+                vec![a.clone(); SCHOOLS_PER_TOKEN_MAX + 1],
+            ),
+            ("", Role::Admin, vec![]),
+        ];
+        for (subject, role, schools) in refused {
+            let result = auth.mint(subject, role, &schools, HOUR, NOW_S);
+            assert!(
+                matches!(result, Err(AuthError::InvalidClaims(_))),
+                "{subject} {role} {schools:?}: {result:?}"
+            );
+        }
+        let no_ttl = auth.mint("root", Role::Admin, &[], Duration::from_millis(999), NOW_S);
+        assert!(matches!(no_ttl, Err(AuthError::InvalidClaims(_))));
+        let overflow = auth.mint("root", Role::Admin, &[], HOUR, u64::MAX);
+        assert!(matches!(overflow, Err(AuthError::InvalidClaims(_))));
+    }
+
+    #[test]
+    fn errors_become_statuses() {
+        let status = Status::from(AuthError::BadSignature);
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    }
+}
