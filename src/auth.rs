@@ -1,9 +1,12 @@
-//! Who is calling: bearer tokens and the caller they name.
+//! Who is calling, and may they do this?
 //!
 //! Every gRPC call carries `authorization: Bearer <token>`, a JWT signed with
 //! HS256 and the key from the config. [`Authenticator::verify`] turns it into a
-//! [`Caller`]. It is pure: the time is passed in, so expiry is tested without
-//! a clock.
+//! [`Caller`]; [`authorize`] decides, from the caller's role and schools alone,
+//! whether an [`Action`] on a school (and teacher) is allowed. Both are pure:
+//! the time is passed in, so expiry is tested without a clock, and neither
+//! looks at stored data, so a refusal never tells whether another school's or
+//! teacher's data exists.
 
 use std::fmt;
 use std::sync::Arc;
@@ -271,6 +274,15 @@ impl Caller {
         TeacherId::parse(&self.subject).ok()
     }
 
+    /// Whether the token names this school (an admin's names none).
+    fn names_school(&self, school: &SchoolId) -> bool {
+        self.schools.contains(school)
+    }
+
+    fn is_teacher(&self, teacher: Option<&TeacherId>) -> bool {
+        teacher.is_some_and(|teacher| teacher.as_str() == &*self.subject)
+    }
+
     fn from_claims(claims: Claims) -> Caller {
         let schools = match claims.school_id {
             Some(school) => vec![school],
@@ -434,6 +446,165 @@ fn from_jwt_error(error: jsonwebtoken::errors::Error) -> AuthError {
         ErrorKind::InvalidAudience => malformed("it names an audience; quotad's tokens name none"),
         _ => AuthError::Malformed(error.to_string()),
     }
+}
+
+macro_rules! actions {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Every RPC of the service, to authorize.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Action {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl Action {
+            /// Every action, in proto order (generated, so none is forgotten).
+            pub const ALL: &'static [Action] = &[$(Action::$name,)*];
+
+            /// The RPC's name, as in the proto.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Action::$name => stringify!($name),)*
+                }
+            }
+        }
+    };
+}
+
+actions! {
+    // QuotaGate
+    Consume,
+    Check,
+    Reserve,
+    Commit,
+    Release,
+    GetUsage,
+    // QuotaAdmin
+    CreateSchool,
+    GetSchool,
+    ListSchools,
+    UpdateSchoolSettings,
+    SetPool,
+    SetAllocation,
+    BulkSetAllocations,
+    RemoveAllocation,
+    SetAllocationStatus,
+    ListAllocations,
+    RequestIncrease,
+    ApproveRequest,
+    RejectRequest,
+    ListRequests,
+    ListHistory,
+    VerifyHistory,
+    GetUsageReport,
+}
+
+impl Action {
+    /// The gate calls that meter usage: the service role's job alone.
+    fn meters_usage(self) -> bool {
+        matches!(
+            self,
+            Action::Consume | Action::Check | Action::Reserve | Action::Commit | Action::Release
+        )
+    }
+
+    fn is_gate(self) -> bool {
+        self.meters_usage() || self == Action::GetUsage
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A caller may not do this. The reason says what the caller's role may do,
+/// never what exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{action} is not allowed: {reason}")]
+pub struct Denied {
+    pub action: Action,
+    pub reason: &'static str,
+}
+
+impl From<Denied> for Status {
+    fn from(denied: Denied) -> Status {
+        Status::permission_denied(denied.to_string())
+    }
+}
+
+/// Whether `caller` may do `action` on `school` (and, for calls about one
+/// teacher, `teacher`). For list calls whose teacher filter is optional, pass
+/// the filter: `None` means every teacher. For calls not about one school
+/// (`ListSchools`), `school` is not looked at: only an admin may make them.
+pub fn authorize(
+    caller: &Caller,
+    action: Action,
+    school: &SchoolId,
+    teacher: Option<&TeacherId>,
+) -> Result<(), Denied> {
+    let refusal = match caller.role {
+        Role::Admin => None,
+        Role::Principal => principal_refusal(caller, action, school),
+        Role::Teacher => teacher_refusal(caller, action, school, teacher),
+        Role::Service => service_refusal(caller, action, school),
+    };
+    match refusal {
+        None => Ok(()),
+        Some(reason) => Err(Denied { action, reason }),
+    }
+}
+
+fn principal_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Option<&'static str> {
+    if matches!(action, Action::CreateSchool | Action::ListSchools) {
+        return Some("only an admin may create or list schools");
+    }
+    if action.meters_usage() {
+        return Some(
+            "a principal may not consume, check, reserve, commit or release units; \
+             only the service role may",
+        );
+    }
+    if !caller.names_school(school) {
+        return Some("a principal may only act on their own school");
+    }
+    None
+}
+
+fn teacher_refusal(
+    caller: &Caller,
+    action: Action,
+    school: &SchoolId,
+    teacher: Option<&TeacherId>,
+) -> Option<&'static str> {
+    let reason = match action {
+        Action::GetUsage | Action::GetUsageReport => "a teacher may only read their own usage",
+        Action::ListAllocations => "a teacher may only read their own allocations",
+        Action::RequestIncrease => "a teacher may only request increases for themselves",
+        Action::ListRequests => "a teacher may only list their own requests",
+        Action::ListHistory => "a teacher may only read their own history",
+        _ => {
+            return Some(
+                "a teacher may only read their own usage, allocations, requests and history, \
+                 and request increases",
+            )
+        }
+    };
+    let own = caller.names_school(school) && caller.is_teacher(teacher);
+    (!own).then_some(reason)
+}
+
+fn service_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Option<&'static str> {
+    if !action.is_gate() {
+        return Some(
+            "the service role may only call the quota gate: \
+             Consume, Check, Reserve, Commit, Release and GetUsage",
+        );
+    }
+    if !caller.names_school(school) {
+        return Some("the service role may only act for the schools its token names");
+    }
+    None
 }
 
 #[cfg(test)]
@@ -725,5 +896,147 @@ mod tests {
     fn errors_become_statuses() {
         let status = Status::from(AuthError::BadSignature);
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        let denied = Denied {
+            action: Action::SetPool,
+            reason: "a principal may only act on their own school",
+        };
+        let status = Status::from(denied);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "SetPool is not allowed: a principal may only act on their own school"
+        );
+    }
+
+    const Y: bool = true;
+    const N: bool = false;
+
+    /// Whether each caller may do each action on school A about teacher t1.
+    /// Columns, as in `matrix_callers`: admin, principal of A, principal of B,
+    /// teacher t1 of A, teacher t2 of A, service for [A], service for [B].
+    /// (Y: allowed, N: denied.)
+    #[rustfmt::skip]
+    const MATRIX: [(Action, [bool; 7]); 23] = [
+        //                              ad pA pB t1 t2 sA sB
+        (Action::Consume,              [Y, N, N, N, N, Y, N]),
+        (Action::Check,                [Y, N, N, N, N, Y, N]),
+        (Action::Reserve,              [Y, N, N, N, N, Y, N]),
+        (Action::Commit,               [Y, N, N, N, N, Y, N]),
+        (Action::Release,              [Y, N, N, N, N, Y, N]),
+        (Action::GetUsage,             [Y, Y, N, Y, N, Y, N]),
+        (Action::CreateSchool,         [Y, N, N, N, N, N, N]),
+        (Action::GetSchool,            [Y, Y, N, N, N, N, N]),
+        (Action::ListSchools,          [Y, N, N, N, N, N, N]),
+        (Action::UpdateSchoolSettings, [Y, Y, N, N, N, N, N]),
+        (Action::SetPool,              [Y, Y, N, N, N, N, N]),
+        (Action::SetAllocation,        [Y, Y, N, N, N, N, N]),
+        (Action::BulkSetAllocations,   [Y, Y, N, N, N, N, N]),
+        (Action::RemoveAllocation,     [Y, Y, N, N, N, N, N]),
+        (Action::SetAllocationStatus,  [Y, Y, N, N, N, N, N]),
+        (Action::ListAllocations,      [Y, Y, N, Y, N, N, N]),
+        (Action::RequestIncrease,      [Y, Y, N, Y, N, N, N]),
+        (Action::ApproveRequest,       [Y, Y, N, N, N, N, N]),
+        (Action::RejectRequest,        [Y, Y, N, N, N, N, N]),
+        (Action::ListRequests,         [Y, Y, N, Y, N, N, N]),
+        (Action::ListHistory,          [Y, Y, N, Y, N, N, N]),
+        (Action::VerifyHistory,        [Y, Y, N, N, N, N, N]),
+        (Action::GetUsageReport,       [Y, Y, N, Y, N, N, N]),
+    ];
+
+    fn matrix_callers() -> [Caller; 7] {
+        let caller = |subject: &str, role, schools: &[&str]| Caller {
+            subject: Arc::from(subject),
+            role,
+            schools: schools.iter().map(|id| school(id)).collect(),
+        };
+        [
+            caller("root", Role::Admin, &[]),
+            caller("pa", Role::Principal, &["A"]),
+            caller("pb", Role::Principal, &["B"]),
+            caller("t1", Role::Teacher, &["A"]),
+            caller("t2", Role::Teacher, &["A"]),
+            caller("proxy-a", Role::Service, &["A"]),
+            caller("proxy-b", Role::Service, &["B"]),
+        ]
+    }
+
+    #[test]
+    fn the_matrix_covers_every_action_once() {
+        let actions: Vec<Action> = MATRIX.iter().map(|(action, _)| *action).collect();
+        assert_eq!(actions, Action::ALL);
+    }
+
+    #[test]
+    fn authorization_matrix() {
+        let (a, t1) = (school("A"), teacher("t1"));
+        let callers = matrix_callers();
+        for (action, expected) in MATRIX {
+            for (caller, allowed) in callers.iter().zip(expected) {
+                let result = authorize(caller, action, &a, Some(&t1));
+                assert_eq!(
+                    result.is_ok(),
+                    allowed,
+                    "{} {} on A/t1: {result:?}",
+                    caller.subject,
+                    action
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_teacher_may_not_list_every_teacher() {
+        let t1 = &matrix_callers()[3];
+        for action in [
+            Action::GetUsage,
+            Action::ListAllocations,
+            Action::RequestIncrease,
+            Action::ListRequests,
+            Action::ListHistory,
+            Action::GetUsageReport,
+        ] {
+            assert!(
+                authorize(t1, action, &school("A"), None).is_err(),
+                "{action}"
+            );
+            // Their own teacher id in another school is not theirs.
+            let elsewhere = authorize(t1, action, &school("B"), Some(&teacher("t1")));
+            assert!(elsewhere.is_err(), "{action}");
+        }
+        let denied = authorize(
+            t1,
+            Action::ListAllocations,
+            &school("A"),
+            Some(&teacher("t2")),
+        );
+        assert_eq!(
+            denied.unwrap_err().reason,
+            "a teacher may only read their own allocations"
+        );
+    }
+
+    #[test]
+    fn a_refusal_names_no_other_tenant() {
+        let principal_b = &matrix_callers()[2];
+        let denied = authorize(principal_b, Action::SetPool, &school("A"), None).unwrap_err();
+        // The same words whether or not school A exists, and without its id.
+        assert_eq!(
+            denied.to_string(),
+            "SetPool is not allowed: a principal may only act on their own school"
+        );
+    }
+
+    #[test]
+    fn a_service_may_serve_several_schools() {
+        let service = Caller {
+            subject: Arc::from("proxy"),
+            role: Role::Service,
+            schools: vec![school("A"), school("B")],
+        };
+        for id in ["A", "B"] {
+            assert!(authorize(&service, Action::Consume, &school(id), Some(&teacher("t"))).is_ok());
+        }
+        assert!(authorize(&service, Action::Consume, &school("C"), Some(&teacher("t"))).is_err());
+        assert!(authorize(&service, Action::GetSchool, &school("A"), None).is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
 //! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
 //! - [`api`]: the gRPC services and the one place where errors become statuses.
-//! - [`auth`]: bearer tokens (HS256 JWTs) and the caller they name.
+//! - [`auth`]: bearer tokens (HS256 JWTs), the caller they name, and what each role may do.
 #![deny(clippy::unwrap_used)]
 
 /// Types generated from `proto/quotad/v1`.
