@@ -281,6 +281,17 @@ impl Caller {
     }
 
     /// Whether the token names this school (an admin's names none).
+    /// Who the audit trail names for a change this caller makes: the token's
+    /// subject. In `--insecure-dev` mode nobody is authenticated, so the
+    /// client's own `changed_by` is taken (or "dev").
+    pub fn author<'a>(&'a self, claimed: &'a str) -> &'a str {
+        if *self == Caller::dev() && !claimed.is_empty() {
+            claimed
+        } else {
+            &self.subject
+        }
+    }
+
     fn names_school(&self, school: &SchoolId) -> bool {
         self.schools.contains(school)
     }
@@ -543,6 +554,18 @@ impl From<Denied> for Status {
 /// teacher, `teacher`). For list calls whose teacher filter is optional, pass
 /// the filter: `None` means every teacher. For calls not about one school
 /// (`ListSchools`), `school` is not looked at: only an admin may make them.
+/// For calls that span every school (`CreateSchool` of a new id is checked
+/// with [`authorize`]; `ListSchools` here): only an admin may make them.
+pub fn authorize_global(caller: &Caller, action: Action) -> Result<(), Denied> {
+    match caller.role {
+        Role::Admin => Ok(()),
+        _ => Err(Denied {
+            action,
+            reason: "only an admin may list every school",
+        }),
+    }
+}
+
 pub fn authorize(
     caller: &Caller,
     action: Action,

@@ -8,6 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use std::sync::Arc;
+
+use crate::auth::{AuthMode, Authenticator};
 use crate::domain::{RuleLimits, ServiceType};
 use crate::engine::EngineConfig;
 use crate::storage::{Durability, WalConfig};
@@ -57,6 +60,26 @@ pub struct Config {
     pub wal_batch_records_max: usize,
     /// Service types a new school gets when it names none.
     pub default_service_types: Vec<String>,
+    /// A file holding the key that signs bearer tokens (HS256, at least 32
+    /// bytes; surrounding whitespace is ignored). `QUOTAD_AUTH_KEY` may give
+    /// the key itself instead.
+    pub auth_key_file: Option<PathBuf>,
+    /// Accept every call without a token, as an admin. For a first run on a
+    /// laptop only; logged loudly.
+    pub insecure_dev: bool,
+    /// The signing key itself (from `QUOTAD_AUTH_KEY`; never from the file).
+    #[serde(skip)]
+    pub auth_key: Option<Secret>,
+}
+
+/// A secret that never shows in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for Config {
@@ -83,6 +106,9 @@ impl Default for Config {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            auth_key_file: None,
+            insecure_dev: false,
+            auth_key: None,
         }
     }
 }
@@ -147,6 +173,36 @@ impl Config {
         }
         self.service_types()?;
         Ok(())
+    }
+
+    /// How calls are authenticated: a signing key, or the explicit dev mode.
+    pub fn auth_mode(&self) -> Result<AuthMode, ConfigError> {
+        let key = match (&self.auth_key, &self.auth_key_file) {
+            (Some(key), _) => Some(key.0.trim().as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(text.trim().as_bytes().to_vec())
+            }
+            (None, None) => None,
+        };
+        match (key, self.insecure_dev) {
+            (Some(_), true) => Err(invalid(
+                "insecure_dev",
+                "a signing key is configured too; use one or the other",
+            )),
+            (Some(key), false) => Authenticator::new(&key)
+                .map(|a| AuthMode::Key(Arc::new(a)))
+                .map_err(|e| invalid("auth_key", e.to_string())),
+            (None, true) => Ok(AuthMode::InsecureDev),
+            (None, false) => Err(invalid(
+                "auth_key",
+                "no key to check bearer tokens with: set QUOTAD_AUTH_KEY or auth_key_file \
+                 (see README, Roles), or run `quotad serve --insecure-dev` on a laptop",
+            )),
+        }
     }
 
     pub fn service_types(&self) -> Result<Vec<ServiceType>, ConfigError> {

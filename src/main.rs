@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use quotad::auth::{AuthMode, Role};
 use quotad::config::Config;
+use quotad::domain::SchoolId;
 use quotad::server::{serve, Listeners};
 use quotad::storage::Durability;
 use tokio::net::TcpListener;
@@ -32,6 +34,29 @@ struct Cli {
 enum Command {
     /// Run the server (embedded sled storage under --data-dir).
     Serve(ServeArgs),
+    /// Print a signed bearer token, for local use and scripts.
+    Token(TokenArgs),
+}
+
+/// The key comes from the same places as the server's.
+#[derive(Args)]
+struct TokenArgs {
+    /// admin, principal, teacher or service.
+    #[arg(long)]
+    role: String,
+    /// Who the token names: a teacher's id for a teacher, a person or a system otherwise.
+    #[arg(long)]
+    subject: String,
+    /// The school (principal, teacher) or schools (service; repeat the flag).
+    #[arg(long = "school")]
+    schools: Vec<String>,
+    /// How long the token is valid, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl_s: u64,
+    #[arg(long, env = "QUOTAD_AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    #[arg(long, env = "QUOTAD_AUTH_KEY_FILE")]
+    auth_key_file: Option<PathBuf>,
 }
 
 /// Each flag overrides its environment variable, which overrides the config file.
@@ -59,6 +84,15 @@ struct ServeArgs {
     /// Threads that run the actors and the gRPC server (0: one per core).
     #[arg(long, env = "QUOTAD_ACTOR_THREADS")]
     actor_threads: Option<usize>,
+    /// The key that signs bearer tokens (at least 32 bytes).
+    #[arg(long, env = "QUOTAD_AUTH_KEY", hide_env_values = true)]
+    auth_key: Option<String>,
+    /// A file holding the key that signs bearer tokens.
+    #[arg(long, env = "QUOTAD_AUTH_KEY_FILE")]
+    auth_key_file: Option<PathBuf>,
+    /// Accept every call without a token, as an admin: for a first run on a laptop only.
+    #[arg(long)]
+    insecure_dev: bool,
 }
 
 fn parse_durability(value: &str) -> Result<Durability, String> {
@@ -87,6 +121,13 @@ impl ServeArgs {
             snapshot_interval_s,
             actor_threads
         );
+        if let Some(path) = &self.auth_key_file {
+            config.auth_key_file = Some(path.clone());
+        }
+        if let Some(key) = &self.auth_key {
+            config.auth_key = Some(quotad::config::Secret(key.clone()));
+        }
+        config.insecure_dev |= self.insecure_dev;
         config.validate()?;
         Ok(config)
     }
@@ -101,8 +142,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let Command::Serve(args) = Cli::parse().command;
-    match run(args) {
+    let result = match Cli::parse().command {
+        Command::Serve(args) => run(args),
+        Command::Token(args) => token(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("quotad: {error}");
@@ -111,8 +155,39 @@ fn main() -> ExitCode {
     }
 }
 
+fn token(args: TokenArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config {
+        auth_key: args.auth_key.map(quotad::config::Secret),
+        auth_key_file: args.auth_key_file,
+        ..Config::default()
+    };
+    let AuthMode::Key(authenticator) = config.auth_mode()? else {
+        return Err("no signing key".into());
+    };
+    let role = Role::parse(&args.role)?;
+    let schools = args
+        .schools
+        .iter()
+        .map(|s| SchoolId::parse(s).map_err(|e| format!("--school: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = authenticator.mint(
+        &args.subject,
+        role,
+        &schools,
+        std::time::Duration::from_secs(args.ttl_s),
+        now_s,
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
 fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = args.config()?;
+    // Refuse before listening, so nothing waits on a server that will not run.
+    config.auth_mode()?;
     // gRPC runs on the actor threads; this runtime only starts and stops
     // things, serves /metrics and waits for signals.
     let runtime = tokio::runtime::Builder::new_multi_thread()

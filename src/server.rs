@@ -12,7 +12,10 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use tonic::service::interceptor::InterceptedService;
+
 use crate::api::{AdminService, GateService};
+use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::{Config, ConfigError};
 use crate::engine::{system_now_ms, Clock, Engine, EngineError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
@@ -59,6 +62,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let auth = config.auth_mode()?;
+    if matches!(auth, AuthMode::InsecureDev) {
+        tracing::warn!(
+            "INSECURE DEV MODE: every call is accepted without a token, as an admin. \
+             Never run this where anyone else can reach the port."
+        );
+    }
     let metrics = prometheus()?;
     let store: Arc<dyn LogStore> =
         Arc::new(
@@ -90,7 +100,7 @@ pub async fn serve(
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(serve_metrics(listener, metrics)));
-    let served = serve_grpc(listeners.grpc, engine, &config, shutdown).await;
+    let served = serve_grpc(listeners.grpc, engine, &config, auth, shutdown).await;
     if let Some(task) = metrics_task {
         task.abort();
     }
@@ -115,6 +125,7 @@ async fn serve_grpc(
     listener: TcpListener,
     engine: Engine,
     config: &Config,
+    auth: AuthMode,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -126,6 +137,11 @@ async fn serve_grpc(
     let admin = QuotaAdminServer::new(AdminService::new(engine.clone()))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
+    // Every gate and admin call carries a bearer token; the health check does
+    // not, so that load balancers can probe.
+    let interceptor = AuthInterceptor::new(auth);
+    let gate = InterceptedService::new(gate, interceptor.clone());
+    let admin = InterceptedService::new(admin, interceptor);
     let listener = listener.into_std().map_err(ServeError::Listener)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();

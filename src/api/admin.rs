@@ -2,8 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
 use super::status::{invalid, to_status};
+use super::{caller_and, convert};
+use crate::auth::{authorize, authorize_global, Action};
 use std::sync::Arc;
 
 use crate::domain::requests::check_reason;
@@ -41,7 +42,7 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<CreateSchoolRequest>,
     ) -> Result<Response<School>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let config = SchoolConfig {
             id: SchoolId::parse(&r.school_id).map_err(invalid)?,
             name: SchoolConfig::check_name(&r.name).map_err(invalid)?,
@@ -50,6 +51,7 @@ impl QuotaAdmin for AdminService {
             borrowing_enabled: r.borrowing_enabled,
             self_service_requests: r.self_service_requests,
         };
+        authorize(&caller, Action::CreateSchool, &config.id, None)?;
         let mut pools = Vec::with_capacity(r.pools.len());
         for pool in &r.pools {
             let service = convert::service(&pool.service_type).map_err(invalid)?;
@@ -60,8 +62,12 @@ impl QuotaAdmin for AdminService {
             }
             pools.push((service, pool.cycle_units));
         }
-        let change =
-            convert::change(&r.changed_by, "school created", self.now_ms()).map_err(invalid)?;
+        let change = convert::change(
+            caller.author(&r.changed_by),
+            "school created",
+            self.now_ms(),
+        )
+        .map_err(invalid)?;
         let view = self
             .engine
             .create_school(NewSchool {
@@ -78,7 +84,9 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<GetSchoolRequest>,
     ) -> Result<Response<School>, Status> {
-        let school_id = SchoolId::parse(&request.into_inner().school_id).map_err(invalid)?;
+        let (caller, r) = caller_and(request)?;
+        let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::GetSchool, &school_id, None)?;
         let view = self
             .engine
             .get_school(&school_id)
@@ -88,12 +96,14 @@ impl QuotaAdmin for AdminService {
     }
 
     async fn set_pool(&self, request: Request<SetPoolRequest>) -> Result<Response<Pool>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::SetPool, &school_id, None)?;
         let msg = SetPool {
             service: convert::service(&r.service_type).map_err(invalid)?,
             cycle_units: r.cycle_units,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
         };
         let view = self
             .engine
@@ -107,8 +117,14 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<SetAllocationRequest>,
     ) -> Result<Response<Allocation>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::SetAllocation,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let priority = match r.priority.as_str() {
             "" => None,
             other => Some(Priority::parse(other).map_err(invalid)?),
@@ -118,7 +134,8 @@ impl QuotaAdmin for AdminService {
             allocated_units: r.allocated_units,
             priority,
             auto_renew: r.auto_renew,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
             managed: true,
         };
         let view = self
@@ -133,12 +150,19 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<SetAllocationStatusRequest>,
     ) -> Result<Response<Allocation>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::SetAllocationStatus,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = SetStatus {
             service: convert::service(&r.service_type).map_err(invalid)?,
             status: SliceStatus::parse(&r.status).map_err(invalid)?,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
         };
         let view = self
             .engine
@@ -152,7 +176,8 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<ListSchoolsRequest>,
     ) -> Result<Response<ListSchoolsResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
+        authorize_global(&caller, Action::ListSchools)?;
         let tier = match r.tier.as_str() {
             "" => None,
             tier => Some(Tier::parse(tier).map_err(invalid)?),
@@ -179,8 +204,9 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<UpdateSchoolSettingsRequest>,
     ) -> Result<Response<School>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::UpdateSchoolSettings, &school_id, None)?;
         let name = match &r.name {
             Some(name) => Some(SchoolConfig::check_name(name).map_err(invalid)?),
             None => None,
@@ -194,7 +220,8 @@ impl QuotaAdmin for AdminService {
             name,
             borrowing_enabled: r.borrowing_enabled,
             self_service_requests: r.self_service_requests,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
         };
         let view = self
             .engine
@@ -208,8 +235,9 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<BulkSetAllocationsRequest>,
     ) -> Result<Response<BulkSetAllocationsResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::BulkSetAllocations, &school_id, None)?;
         if r.allocations.is_empty() {
             return Err(Status::invalid_argument("allocations: must not be empty"));
         }
@@ -242,7 +270,8 @@ impl QuotaAdmin for AdminService {
         }
         let msg = BulkSet {
             slices,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
         };
         let views = self
             .engine
@@ -258,11 +287,18 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<RemoveAllocationRequest>,
     ) -> Result<Response<Allocation>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::RemoveAllocation,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = RemoveSlice {
             service: convert::service(&r.service_type).map_err(invalid)?,
-            change: convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?,
+            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+                .map_err(invalid)?,
         };
         let view = self
             .engine
@@ -276,9 +312,15 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<ListAllocationsRequest>,
     ) -> Result<Response<ListAllocationsResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
         let teacher_id = convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::ListAllocations,
+            &school_id,
+            teacher_id.as_ref(),
+        )?;
         let service = convert::optional(&r.service_type, ServiceType::parse).map_err(invalid)?;
         let views = self
             .engine
@@ -294,15 +336,21 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<RequestIncreaseRequest>,
     ) -> Result<Response<IncreaseRequest>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::RequestIncrease,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let reason = check_reason("reason", &r.reason).map_err(invalid)?;
         let msg = FileRequest {
             teacher_id: teacher.teacher_id.clone(),
             service: convert::service(&r.service_type).map_err(invalid)?,
             units: r.units,
             change: Change {
-                by: Arc::from(teacher.teacher_id.as_str()),
+                by: Arc::from(caller.author(teacher.teacher_id.as_str())),
                 reason,
                 at_ms: self.now_ms(),
             },
@@ -319,9 +367,11 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<ApproveRequestRequest>,
     ) -> Result<Response<IncreaseRequest>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
-        let change = convert::change(&r.changed_by, &r.reason, self.now_ms()).map_err(invalid)?;
+        authorize(&caller, Action::ApproveRequest, &school_id, None)?;
+        let change = convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+            .map_err(invalid)?;
         let view = self
             .engine
             .approve_request(&school_id, r.request_id, r.units, change)
@@ -334,10 +384,12 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<RejectRequestRequest>,
     ) -> Result<Response<IncreaseRequest>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::RejectRequest, &school_id, None)?;
         let reason = check_reason("reason", &r.reason).map_err(invalid)?;
-        let mut change = convert::change(&r.changed_by, "", self.now_ms()).map_err(invalid)?;
+        let mut change =
+            convert::change(caller.author(&r.changed_by), "", self.now_ms()).map_err(invalid)?;
         change.reason = reason;
         let msg = RejectRequest {
             request_id: r.request_id,
@@ -355,10 +407,17 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<ListRequestsRequest>,
     ) -> Result<Response<ListRequestsResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        let teacher_filter = convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::ListRequests,
+            &school_id,
+            teacher_filter.as_ref(),
+        )?;
         let msg = ListRequests {
-            teacher_id: convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?,
+            teacher_id: teacher_filter,
             status: convert::optional(&r.status, RequestStatus::parse_filter).map_err(invalid)?,
             request_id: None,
         };
@@ -379,8 +438,15 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<ListHistoryRequest>,
     ) -> Result<Response<ListHistoryResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        let teacher_filter = convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::ListHistory,
+            &school_id,
+            teacher_filter.as_ref(),
+        )?;
         let after_seq = match r.page_token.as_str() {
             "" => 0,
             token => token.parse::<u64>().map_err(|_| {
@@ -388,7 +454,7 @@ impl QuotaAdmin for AdminService {
             })?,
         };
         let filter = HistoryFilter {
-            teacher_id: convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?,
+            teacher_id: teacher_filter,
             service: convert::optional(&r.service_type, ServiceType::parse).map_err(invalid)?,
             from_ms: (r.from_ms != 0).then_some(r.from_ms),
             to_ms: (r.to_ms != 0).then_some(r.to_ms),
@@ -416,7 +482,9 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<VerifyHistoryRequest>,
     ) -> Result<Response<VerifyHistoryResponse>, Status> {
-        let school_id = SchoolId::parse(&request.into_inner().school_id).map_err(invalid)?;
+        let (caller, r) = caller_and(request)?;
+        let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        authorize(&caller, Action::VerifyHistory, &school_id, None)?;
         let verified = self
             .engine
             .verify_history(&school_id)
@@ -445,8 +513,15 @@ impl QuotaAdmin for AdminService {
         &self,
         request: Request<UsageReportRequest>,
     ) -> Result<Response<UsageReport>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
+        let teacher_filter = convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::GetUsageReport,
+            &school_id,
+            teacher_filter.as_ref(),
+        )?;
         let previous = match CycleChoice::try_from(r.cycle) {
             Ok(CycleChoice::Current) => false,
             Ok(CycleChoice::Previous) => true,
@@ -458,7 +533,7 @@ impl QuotaAdmin for AdminService {
             }
         };
         let msg = crate::engine::UsageReport {
-            teacher_id: convert::optional(&r.teacher_id, TeacherId::parse).map_err(invalid)?,
+            teacher_id: teacher_filter,
             service: convert::optional(&r.service_type, ServiceType::parse).map_err(invalid)?,
             previous,
         };

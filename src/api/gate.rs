@@ -4,8 +4,9 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use super::convert;
 use super::status::{invalid, to_status};
+use super::{caller_and, convert};
+use crate::auth::{authorize, Action};
 use crate::domain::HoldRequest;
 use crate::engine::{Check, Commit, Consume, Engine, Release, Reserve};
 use crate::proto::quota_gate_server::QuotaGate;
@@ -29,8 +30,14 @@ impl QuotaGate for GateService {
         request: Request<ConsumeRequest>,
     ) -> Result<Response<ConsumeResponse>, Status> {
         let started = Instant::now();
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::Consume,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = Consume {
             service: convert::service(&r.service_type).map_err(invalid)?,
             units: r.units,
@@ -53,8 +60,14 @@ impl QuotaGate for GateService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::Check,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = Check {
             service: convert::service(&r.service_type).map_err(invalid)?,
             units: r.units,
@@ -69,8 +82,14 @@ impl QuotaGate for GateService {
         &self,
         request: Request<ReserveRequest>,
     ) -> Result<Response<ReserveResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::Reserve,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let hold = HoldRequest {
             service: convert::service(&r.service_type).map_err(invalid)?,
             units: r.estimate_units,
@@ -93,8 +112,14 @@ impl QuotaGate for GateService {
         &self,
         request: Request<CommitRequest>,
     ) -> Result<Response<CommitResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::Commit,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = Commit {
             reservation_id: convert::reservation_id(&r.reservation_id).map_err(invalid)?,
             actual_units: r.actual_units,
@@ -113,8 +138,14 @@ impl QuotaGate for GateService {
         &self,
         request: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::Release,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let msg = Release {
             reservation_id: convert::reservation_id(&r.reservation_id).map_err(invalid)?,
         };
@@ -133,8 +164,14 @@ impl QuotaGate for GateService {
         &self,
         request: Request<GetUsageRequest>,
     ) -> Result<Response<GetUsageResponse>, Status> {
-        let r = request.into_inner();
+        let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
+        authorize(
+            &caller,
+            Action::GetUsage,
+            &teacher.school_id,
+            Some(&teacher.teacher_id),
+        )?;
         let view = self.engine.usage(&teacher).await.map_err(to_status)?;
         Ok(Response::new(convert::usage(view)))
     }

@@ -107,7 +107,30 @@ struct Args {
     /// School created for the run (default: bench-<pid>-<unix millis>, fresh each run).
     #[arg(long)]
     school_id: Option<String>,
+    /// A bearer token (an admin's: the run creates its own school); `quotad token` mints one.
+    #[arg(long, env = "QUOTAD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
+
+/// Sends the bearer token, if there is one, with every call.
+#[derive(Clone)]
+struct Token(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, Token>;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -157,6 +180,8 @@ enum BenchError {
     Task(#[from] tokio::task::JoinError),
     #[error("the pacing thread: {0}")]
     Pacer(String),
+    #[error("--token holds characters a header cannot carry")]
+    Token,
 }
 
 /// The settings every phase runs with, resolved from the command line.
@@ -175,6 +200,9 @@ struct RunConfig {
     units: u64,
     timeout_ms: u64,
     school_id: String,
+    /// Never printed.
+    #[serde(skip)]
+    token: Option<String>,
 }
 
 impl RunConfig {
@@ -203,6 +231,7 @@ impl RunConfig {
             units: args.units,
             timeout_ms: args.timeout_ms,
             school_id,
+            token: args.token.clone(),
         })
     }
 }
@@ -559,7 +588,7 @@ fn health_outcome(serving_status: i32) -> Outcome {
 
 /// `QuotaGate/Consume` of `units` for teachers "t0".."t{T-1}" in turn, each with a fresh event id.
 struct ConsumeLoad {
-    clients: Vec<QuotaGateClient<Channel>>,
+    clients: Vec<QuotaGateClient<Authed>>,
     school_id: String,
     teacher_ids: Vec<String>,
     units: u64,
@@ -627,7 +656,15 @@ async fn prepare_consume(
     channels: &[Channel],
     config: &RunConfig,
 ) -> Result<ConsumeLoad, BenchError> {
-    let mut admin = QuotaAdminClient::new(channels[0].clone());
+    let token = Token(match &config.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| BenchError::Token)?,
+        ),
+        None => None,
+    });
+    let mut admin = QuotaAdminClient::with_interceptor(channels[0].clone(), token.clone());
     let teacher_count = config.teachers as u64;
     let cycle_units = teacher_count
         .saturating_mul(TEACHER_ALLOCATION_UNITS)
@@ -659,7 +696,11 @@ async fn prepare_consume(
         .try_collect::<()>()
         .await?;
     Ok(ConsumeLoad {
-        clients: channels.iter().cloned().map(QuotaGateClient::new).collect(),
+        clients: channels
+            .iter()
+            .cloned()
+            .map(|c| QuotaGateClient::with_interceptor(c, token.clone()))
+            .collect(),
         school_id: config.school_id.clone(),
         teacher_ids,
         units: config.units,
@@ -667,7 +708,7 @@ async fn prepare_consume(
 }
 
 async fn allocate(
-    mut admin: QuotaAdminClient<Channel>,
+    mut admin: QuotaAdminClient<Authed>,
     school_id: String,
     teacher_id: String,
 ) -> Result<(), BenchError> {

@@ -502,9 +502,10 @@ async fn the_audit_trail_pages_filters_and_verifies() {
         token = page.next_page_token;
     }
     assert_eq!(lee.len(), 25);
+    // Who: the token's subject, not the `changed_by` the client claimed.
     assert!(lee
         .iter()
-        .all(|e| e.teacher_id == "ms-lee" && e.actor == "principal"));
+        .all(|e| e.teacher_id == "ms-lee" && e.actor == "test-admin"));
     assert!(lee.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(lee[24].before["allocated_units"], "24");
     assert_eq!(lee[24].after["allocated_units"], "25");

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use quotad::config::Config;
+use quotad::auth::{Authenticator, BearerToken, Role};
+use quotad::config::{Config, Secret};
+use quotad::domain::SchoolId;
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::*;
@@ -17,11 +19,51 @@ use quotad::storage::Durability;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 pub const SERVICE: &str = "claude_messages";
 
-pub type AdminClient = QuotaAdminClient<Channel>;
+/// The key test servers sign tokens with.
+pub const KEY: &str = "a test key of at least thirty-two bytes";
+
+pub type Authed = InterceptedService<Channel, BearerToken>;
+pub type AdminClient = QuotaAdminClient<Authed>;
+pub type GateClient = QuotaGateClient<Authed>;
+
+/// A token for `role` signed with KEY.
+pub fn token(subject: &str, role: Role, schools: &[&str]) -> String {
+    let schools: Vec<SchoolId> = schools
+        .iter()
+        .map(|s| SchoolId::parse(s).unwrap())
+        .collect();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Authenticator::new(KEY.as_bytes())
+        .unwrap()
+        .mint(subject, role, &schools, Duration::from_secs(3600), now_s)
+        .unwrap()
+}
+
+pub fn admin_token() -> String {
+    token("test-admin", Role::Admin, &[])
+}
+
+/// Clients that send `token` with every call.
+pub async fn clients_as(addr: SocketAddr, token: &str) -> (AdminClient, GateClient) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = BearerToken::new(token).unwrap();
+    (
+        QuotaAdminClient::with_interceptor(channel.clone(), bearer.clone()),
+        QuotaGateClient::with_interceptor(channel, bearer),
+    )
+}
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -34,6 +76,7 @@ impl TestServer {
     pub async fn start(data_dir: &Path) -> Self {
         Self::start_with(Config {
             data_dir: data_dir.to_path_buf(),
+            auth_key: Some(Secret(KEY.into())),
             ..Config::default()
         })
         .await
@@ -63,8 +106,10 @@ impl TestServer {
 
     async fn wait_ready(&self) {
         for _ in 0..200 {
-            if let Ok(mut admin) = QuotaAdminClient::connect(format!("http://{}", self.addr)).await
-            {
+            let channel = Channel::from_shared(format!("http://{}", self.addr)).unwrap();
+            if let Ok(channel) = channel.connect().await {
+                let bearer = BearerToken::new(&admin_token()).unwrap();
+                let mut admin = QuotaAdminClient::with_interceptor(channel, bearer);
                 let probe = admin
                     .get_school(GetSchoolRequest {
                         school_id: "probe".into(),
@@ -79,16 +124,12 @@ impl TestServer {
         panic!("quotad did not start on {}", self.addr);
     }
 
-    pub async fn gate(&self) -> QuotaGateClient<Channel> {
-        QuotaGateClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn gate(&self) -> GateClient {
+        clients_as(self.addr, &admin_token()).await.1
     }
 
-    pub async fn admin(&self) -> QuotaAdminClient<Channel> {
-        QuotaAdminClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn admin(&self) -> AdminClient {
+        clients_as(self.addr, &admin_token()).await.0
     }
 
     /// Graceful stop, as on SIGTERM.
@@ -134,6 +175,7 @@ impl ProcessServer {
             .arg("--data-dir")
             .arg(data_dir)
             .env("QUOTAD_LOG", "warn")
+            .env("QUOTAD_AUTH_KEY", KEY)
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the quotad binary");
@@ -150,16 +192,12 @@ impl ProcessServer {
         Self { child, addr }
     }
 
-    pub async fn gate(&self) -> QuotaGateClient<Channel> {
-        QuotaGateClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn gate(&self) -> GateClient {
+        clients_as(self.addr, &admin_token()).await.1
     }
 
-    pub async fn admin(&self) -> QuotaAdminClient<Channel> {
-        QuotaAdminClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn admin(&self) -> AdminClient {
+        clients_as(self.addr, &admin_token()).await.0
     }
 
     pub fn kill(mut self) {
@@ -183,7 +221,7 @@ pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
 
 /// A school with one pool of `cycle_units` units of SERVICE.
 pub async fn create_school(
-    admin: &mut QuotaAdminClient<Channel>,
+    admin: &mut AdminClient,
     school_id: &str,
     cycle_units: u64,
     borrowing: bool,
@@ -207,7 +245,7 @@ pub async fn create_school(
 }
 
 pub async fn allocate(
-    admin: &mut QuotaAdminClient<Channel>,
+    admin: &mut AdminClient,
     school_id: &str,
     teacher_id: &str,
     units: u64,
@@ -240,11 +278,7 @@ pub fn consume(school_id: &str, teacher_id: &str, units: u64, event_id: &str) ->
     }
 }
 
-pub async fn used_units(
-    gate: &mut QuotaGateClient<Channel>,
-    school_id: &str,
-    teacher_id: &str,
-) -> u64 {
+pub async fn used_units(gate: &mut GateClient, school_id: &str, teacher_id: &str) -> u64 {
     let usage = gate
         .get_usage(GetUsageRequest {
             school_id: school_id.into(),

@@ -9,3 +9,4 @@ mod crash;
 mod gate;
 mod idempotency;
 mod stress;
+mod tenants;
