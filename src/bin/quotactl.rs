@@ -1,49 +1,75 @@
 //! quotactl: the command-line client of quotad.
 //!
 //! Layout, so that the admin API can grow without the file losing its shape:
-//! - the command line: one clap subcommand group per resource (`school`, `pool`, `alloc`) and one
-//!   subcommand per hot-path call, with shared argument groups ([`SliceRef`], [`Audit`]);
+//! - the command line: one clap subcommand group per resource (`school`, `pool`, `alloc`,
+//!   `request`, `history`) and one subcommand per hot-path call or report, with shared argument
+//!   groups ([`SliceRef`], [`Audit`]);
 //! - [`run`] dispatches each subcommand to one small function that builds the request, makes the
 //!   call and returns the response message;
-//! - every response message knows how to show itself ([`ToJson`] for scripts, [`Render`] for people).
+//! - every response message knows how to show itself ([`ToJson`] for scripts, [`Render`] for
+//!   people);
 //!
 //! Adding a call means: a variant and its argument struct, one function, and `ToJson`/`Render`
 //! for a new response type.
 //!
-//! Exit codes: 0 on success (a denied consume is a success: the server answered), 2 when the
-//! request was refused as wrong (invalid argument, not found, failed precondition, or a bad
-//! command line), 3 when the server could not be reached, 1 for anything else.
+//! Exit codes: [`EXIT_CODES_HELP`], which `--help` prints.
 #![deny(clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::{
-    Allocation, CheckRequest, CheckResponse, CommitRequest, CommitResponse, ConsumeRequest,
-    ConsumeResponse, CreateSchoolRequest, Decision, DenyReason, GetSchoolRequest, GetUsageRequest,
-    GetUsageResponse, Pool, PoolUnits, ReleaseRequest, ReleaseResponse, ReserveRequest,
-    ReserveResponse, School, ServiceUsage, SetAllocationRequest, SetAllocationStatusRequest,
-    SetPoolRequest,
+    Allocation, ApproveRequestRequest, CheckRequest, CheckResponse, CommitRequest, CommitResponse,
+    ConsumeRequest, ConsumeResponse, CreateSchoolRequest, CycleChoice, Decision, DenyReason,
+    GetSchoolRequest, GetUsageRequest, GetUsageResponse, HistoryEntry, IncreaseRequest,
+    ListAllocationsRequest, ListAllocationsResponse, ListHistoryRequest, ListRequestsRequest,
+    ListRequestsResponse, ListSchoolsRequest, ListSchoolsResponse, Pool, PoolUnits,
+    RejectRequestRequest, ReleaseRequest, ReleaseResponse, RemoveAllocationRequest,
+    RequestIncreaseRequest, ReserveRequest, ReserveResponse, School, ServiceUsage,
+    SetAllocationRequest, SetAllocationStatusRequest, SetPoolRequest, UpdateSchoolSettingsRequest,
+    UsageReport, UsageReportRequest, UsageRow, VerifyHistoryRequest, VerifyHistoryResponse,
 };
 use serde_json::{json, Value};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// How long to wait for the connection before calling the server unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Items asked for per page when listing schools or history: the most the server gives.
+const PAGE_SIZE: u32 = 1000;
+
+/// Most pages read by one listing (ten million items at [`PAGE_SIZE`]): a bound, so that a server
+/// that never says "last page" cannot keep the client looping.
+const PAGES_MAX: usize = 10_000;
+
+/// Printed at the end of `quotactl --help`.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (a denied consume is a success: the server answered)
+  1  any other failure (e.g. the server's Internal, DeadlineExceeded or Unimplemented)
+  2  refused as wrong: a bad command line or token (nothing is sent), or the
+     server's InvalidArgument, NotFound, FailedPrecondition, PermissionDenied or
+     Unauthenticated
+  3  the server could not be reached (no connection, or Unavailable)
+  4  history verify: the school's audit trail is broken";
+
 // ---------------------------------------------------------------------------------------------
 // Command line.
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Command-line client for quotad")]
+#[command(version, about = "Command-line client for quotad", after_help = EXIT_CODES_HELP)]
 struct Cli {
     /// The quotad server.
     #[arg(
@@ -53,10 +79,13 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     addr: String,
+    /// Sent with every call as `authorization: Bearer <TOKEN>`.
+    #[arg(long, global = true, env = "QUOTAD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print the response as JSON (for scripts) instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// Timeout of the call, in milliseconds.
+    /// Timeout of each call, in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     timeout_ms: u64,
@@ -66,15 +95,23 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create and inspect schools.
+    /// Create, list, inspect and configure schools.
     #[command(subcommand)]
     School(SchoolCommand),
     /// Set a school's pools (units bought per cycle).
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// Set, suspend and reactivate teachers' slices.
+    /// Set, list, remove, suspend and reactivate teachers' slices.
     #[command(subcommand)]
     Alloc(AllocCommand),
+    /// File, approve, reject and list teachers' requests for more units.
+    #[command(subcommand)]
+    Request(RequestCommand),
+    /// List and verify a school's audit trail.
+    #[command(subcommand)]
+    History(HistoryCommand),
+    /// Usage per teacher and service type, with per-service totals.
+    Report(ReportArgs),
     /// Check and charge units in one step (a denial is printed, not an error).
     Consume(ConsumeArgs),
     /// The answer consume would give now, charging nothing.
@@ -95,6 +132,10 @@ enum SchoolCommand {
     Create(SchoolCreateArgs),
     /// Show a school, its pools and its current cycle.
     Get(SchoolGetArgs),
+    /// List schools in id order, every page.
+    List(SchoolListArgs),
+    /// Change a school's settings; the ones not given keep their values.
+    Settings(SchoolSettingsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,9 +149,33 @@ enum AllocCommand {
     /// Create or change a teacher's slice of one service type.
     Set(AllocSetArgs),
     /// Suspend a slice: its units stay allocated but nothing can be consumed.
-    Suspend(AllocStatusArgs),
+    Suspend(AllocSliceArgs),
     /// Reactivate a suspended slice.
-    Reactivate(AllocStatusArgs),
+    Reactivate(AllocSliceArgs),
+    /// Return a slice's units to the pool (nothing may be used or held on it this cycle).
+    Remove(AllocSliceArgs),
+    /// List a school's slices.
+    List(AllocListArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum RequestCommand {
+    /// File a teacher's request for more units (the school must allow self-service).
+    File(RequestFileArgs),
+    /// Grant all or part of a pending request, as an allocation change.
+    Approve(RequestApproveArgs),
+    /// Refuse a pending request; the teacher sees the reason.
+    Reject(RequestRejectArgs),
+    /// List a school's requests.
+    List(RequestListArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum HistoryCommand {
+    /// List a school's audit trail, oldest first, every page.
+    List(HistoryListArgs),
+    /// Recompute the hash chain of a school's audit trail (exit code 4 when it is broken).
+    Verify(HistoryVerifyArgs),
 }
 
 /// Who changes something and why, kept in the server's audit trail.
@@ -119,7 +184,7 @@ struct Audit {
     /// Why the change is made.
     #[arg(long)]
     reason: Option<String>,
-    /// Who makes the change (default: $USER).
+    /// Who makes the change (default: $USER; the server records a token's subject instead).
     #[arg(long = "by", value_name = "WHO", env = "USER", hide_env_values = true)]
     changed_by: Option<String>,
 }
@@ -178,6 +243,38 @@ impl Priority {
     }
 }
 
+/// `--borrowing on|off` and the like.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    fn is_on(self) -> bool {
+        matches!(self, OnOff::On)
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum RequestStatus {
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+}
+
+impl RequestStatus {
+    fn wire_name(self) -> &'static str {
+        match self {
+            RequestStatus::Pending => "pending",
+            RequestStatus::Approved => "approved",
+            RequestStatus::Rejected => "rejected",
+            RequestStatus::Expired => "expired",
+        }
+    }
+}
+
 /// `--pool service=units`.
 #[derive(Clone, Debug)]
 struct PoolArg {
@@ -201,6 +298,25 @@ fn parse_pool_arg(text: &str) -> Result<PoolArg, String> {
     })
 }
 
+/// `--from`/`--to`: RFC 3339 ("2025-09-01T00:00:00Z") or milliseconds since the Unix epoch.
+fn parse_time_ms(text: &str) -> Result<i64, String> {
+    let ms = match text.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => DateTime::parse_from_rfc3339(text)
+            .map_err(|error| {
+                format!(
+                    "expected RFC 3339 (e.g. 2025-09-01T00:00:00Z) or milliseconds since the \
+                     Unix epoch, got {text:?}: {error}"
+                )
+            })?
+            .timestamp_millis(),
+    };
+    if ms < 0 {
+        return Err(format!("{text:?} is before 1970-01-01T00:00:00Z"));
+    }
+    Ok(ms)
+}
+
 #[derive(Args, Debug)]
 struct SchoolCreateArgs {
     /// The new school's id.
@@ -217,6 +333,9 @@ struct SchoolCreateArgs {
     /// Let high priority teachers borrow unallocated units when their slice is exhausted.
     #[arg(long)]
     borrowing: bool,
+    /// Let teachers file requests for more units (`request file`).
+    #[arg(long)]
+    self_service: bool,
     /// A pool to create, as SERVICE=UNITS; repeat for several (none: the server's default types
     /// with 0 units).
     #[arg(long = "pool", value_name = "SERVICE=UNITS", value_parser = parse_pool_arg)]
@@ -230,6 +349,34 @@ struct SchoolCreateArgs {
 struct SchoolGetArgs {
     /// The school.
     school_id: String,
+}
+
+#[derive(Args, Debug)]
+struct SchoolListArgs {
+    /// Only the schools of this plan.
+    #[arg(long, value_enum)]
+    tier: Option<Tier>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("setting").required(true).multiple(true)))]
+struct SchoolSettingsArgs {
+    /// The school.
+    school_id: String,
+    /// Let high priority teachers borrow unallocated units when their slice is exhausted.
+    #[arg(long, value_enum, group = "setting")]
+    borrowing: Option<OnOff>,
+    /// Let teachers file requests for more units.
+    #[arg(long, value_enum, group = "setting")]
+    self_service: Option<OnOff>,
+    /// Day of month (1-28, UTC) billing cycles start on; takes effect at the next rollover.
+    #[arg(long, group = "setting", value_parser = clap::value_parser!(u32).range(1..=28))]
+    anchor_day: Option<u32>,
+    /// The school's new name.
+    #[arg(long, group = "setting")]
+    name: Option<String>,
+    #[command(flatten)]
+    audit: Audit,
 }
 
 #[derive(Args, Debug)]
@@ -261,11 +408,117 @@ struct AllocSetArgs {
 }
 
 #[derive(Args, Debug)]
-struct AllocStatusArgs {
+struct AllocSliceArgs {
     #[command(flatten)]
     slice: SliceRef,
     #[command(flatten)]
     audit: Audit,
+}
+
+#[derive(Args, Debug)]
+struct AllocListArgs {
+    /// The school.
+    school_id: String,
+    /// Only this teacher's slices.
+    #[arg(long = "teacher", value_name = "TEACHER")]
+    teacher_id: Option<String>,
+    /// Only slices of this service type.
+    #[arg(long = "service", value_name = "SERVICE")]
+    service_type: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RequestFileArgs {
+    #[command(flatten)]
+    slice: SliceRef,
+    /// Units asked for, on top of the slice.
+    units: u64,
+    /// Why the teacher needs them (the approver sees it).
+    #[arg(long)]
+    reason: String,
+}
+
+#[derive(Args, Debug)]
+struct RequestApproveArgs {
+    /// The school.
+    school_id: String,
+    /// The request's id.
+    #[arg(value_name = "ID")]
+    request_id: u64,
+    /// Units to grant, fewer than asked to grant part (default: all that was asked).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    units: Option<u64>,
+    #[command(flatten)]
+    audit: Audit,
+}
+
+#[derive(Args, Debug)]
+struct RequestRejectArgs {
+    /// The school.
+    school_id: String,
+    /// The request's id.
+    #[arg(value_name = "ID")]
+    request_id: u64,
+    /// Why the request is refused (the teacher sees it).
+    #[arg(long)]
+    reason: String,
+    /// Who refuses (default: $USER; the server records a token's subject instead).
+    #[arg(long = "by", value_name = "WHO", env = "USER", hide_env_values = true)]
+    changed_by: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RequestListArgs {
+    /// The school.
+    school_id: String,
+    /// Only this teacher's requests.
+    #[arg(long = "teacher", value_name = "TEACHER")]
+    teacher_id: Option<String>,
+    /// Only requests in this state.
+    #[arg(long, value_enum)]
+    status: Option<RequestStatus>,
+}
+
+#[derive(Args, Debug)]
+struct HistoryListArgs {
+    /// The school.
+    school_id: String,
+    /// Only changes to this teacher.
+    #[arg(long = "teacher", value_name = "TEACHER")]
+    teacher_id: Option<String>,
+    /// Only changes to this service type.
+    #[arg(long = "service", value_name = "SERVICE")]
+    service_type: Option<String>,
+    /// Only changes at or after this time: RFC 3339 or milliseconds since the Unix epoch.
+    #[arg(long = "from", value_name = "TIME", value_parser = parse_time_ms)]
+    from_ms: Option<i64>,
+    /// Only changes up to this time: RFC 3339 or milliseconds since the Unix epoch.
+    #[arg(long = "to", value_name = "TIME", value_parser = parse_time_ms)]
+    to_ms: Option<i64>,
+    /// Stop after this many entries (default: all).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct HistoryVerifyArgs {
+    /// The school.
+    school_id: String,
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    /// The school.
+    school_id: String,
+    /// Only this teacher.
+    #[arg(long = "teacher", value_name = "TEACHER")]
+    teacher_id: Option<String>,
+    /// Only this service type.
+    #[arg(long = "service", value_name = "SERVICE")]
+    service_type: Option<String>,
+    /// The previous billing cycle instead of the current one.
+    #[arg(long)]
+    previous: bool,
 }
 
 #[derive(Args, Debug)]
@@ -336,15 +589,26 @@ struct UsageArgs {
 // Errors and exit codes.
 // ---------------------------------------------------------------------------------------------
 
-/// Why a command failed; each kind maps to one exit code.
+/// Why a command failed; each kind maps to one exit code ([`EXIT_CODES_HELP`]).
 #[derive(Debug)]
 enum CliError {
     /// `--addr` is not a URI.
     Address { addr: String, message: String },
+    /// `--token` cannot be sent as a bearer token.
+    Token(String),
+    /// The command line asks for something impossible, found before any call.
+    Usage(String),
     /// No connection to the server.
     Connect { addr: String, message: String },
     /// The server answered with a non-OK status.
     Status(Status),
+    /// The server broke the paging contract.
+    Paging(String),
+    /// The school's audit trail does not verify: the answer is itself the bad news.
+    HistoryBroken {
+        school_id: String,
+        verdict: VerifyHistoryResponse,
+    },
     /// The response could not be written (e.g. stdout closed).
     Output(io::Error),
 }
@@ -352,14 +616,19 @@ enum CliError {
 impl CliError {
     fn exit_code(&self) -> u8 {
         match self {
-            CliError::Address { .. } => 2,
+            CliError::Address { .. } | CliError::Token(_) | CliError::Usage(_) => 2,
             CliError::Connect { .. } => 3,
             CliError::Status(status) => match status.code() {
-                Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition => 2,
+                Code::InvalidArgument
+                | Code::NotFound
+                | Code::FailedPrecondition
+                | Code::PermissionDenied
+                | Code::Unauthenticated => 2,
                 Code::Unavailable => 3,
                 _ => 1,
             },
-            CliError::Output(_) => 1,
+            CliError::HistoryBroken { .. } => 4,
+            CliError::Paging(_) | CliError::Output(_) => 1,
         }
     }
 }
@@ -371,10 +640,20 @@ impl fmt::Display for CliError {
             CliError::Address { addr, message } => {
                 write!(f, "InvalidArgument: invalid --addr {addr:?}: {message}")
             }
+            // The token itself is never printed: it is a secret.
+            CliError::Token(message) => write!(f, "InvalidArgument: invalid --token: {message}"),
+            CliError::Usage(message) => write!(f, "InvalidArgument: {message}"),
             CliError::Connect { addr, message } => {
                 write!(f, "Unavailable: cannot connect to {addr}: {message}")
             }
             CliError::Status(status) => write!(f, "{:?}: {}", status.code(), status.message()),
+            CliError::Paging(message) => write!(f, "Internal: {message}"),
+            CliError::HistoryBroken { school_id, verdict } => write!(
+                f,
+                "DataLoss: the audit trail of {school_id} is broken: first bad entry {} \
+                 (of {}): {}",
+                verdict.first_bad_seq, verdict.entries, verdict.problem
+            ),
             CliError::Output(error) => write!(f, "Internal: cannot write output: {error}"),
         }
     }
@@ -402,58 +681,242 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Calls: one function per subcommand, each returning the response message.
+// Connection and authentication.
 // ---------------------------------------------------------------------------------------------
 
-async fn connect(cli: &Cli) -> Result<Channel, CliError> {
-    let endpoint = Endpoint::from_shared(cli.addr.clone()).map_err(|error| CliError::Address {
-        addr: cli.addr.clone(),
-        message: error_chain(&error),
-    })?;
-    endpoint
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(Duration::from_millis(cli.timeout_ms))
-        .connect()
-        .await
-        .map_err(|error| CliError::Connect {
-            addr: cli.addr.clone(),
-            message: error_chain(&error),
+/// Adds `authorization: Bearer <token>` to every call when a token was given.
+#[derive(Clone, Debug)]
+struct BearerAuth {
+    header: Option<MetadataValue<Ascii>>,
+}
+
+impl BearerAuth {
+    /// Checks the token once, before connecting, so that a bad one is a clear local error
+    /// rather than a failure inside the first call.
+    fn new(token: Option<&str>) -> Result<Self, CliError> {
+        let Some(token) = token else {
+            return Ok(Self { header: None });
+        };
+        if token.is_empty() {
+            return Err(CliError::Token(
+                "it is empty; give a token or unset QUOTAD_TOKEN".to_string(),
+            ));
+        }
+        // A bearer token is printable ASCII without spaces (RFC 6750); anything else is a
+        // pasting mistake (a line break, quotes from a document) better caught here.
+        if !token.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(CliError::Token(
+                "it must be printable ASCII without spaces or line breaks".to_string(),
+            ));
+        }
+        let mut header = MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+            CliError::Token("it cannot be sent as an HTTP header value".to_string())
+        })?;
+        // Keeps the token out of HPACK's table and out of debug output.
+        header.set_sensitive(true);
+        Ok(Self {
+            header: Some(header),
         })
+    }
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+type AdminClient = QuotaAdminClient<InterceptedService<Channel, BearerAuth>>;
+type GateClient = QuotaGateClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Connects when a command first needs the server, so that local input (the token, a CSV file)
+/// is checked and reported without dialling anything.
+struct Server {
+    addr: String,
+    timeout: Duration,
+    auth: BearerAuth,
+}
+
+impl Server {
+    fn new(cli: &Cli) -> Result<Self, CliError> {
+        Ok(Self {
+            addr: cli.addr.clone(),
+            timeout: Duration::from_millis(cli.timeout_ms),
+            auth: BearerAuth::new(cli.token.as_deref())?,
+        })
+    }
+
+    async fn channel(&self) -> Result<Channel, CliError> {
+        let endpoint =
+            Endpoint::from_shared(self.addr.clone()).map_err(|error| CliError::Address {
+                addr: self.addr.clone(),
+                message: error_chain(&error),
+            })?;
+        endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(self.timeout)
+            .connect()
+            .await
+            .map_err(|error| CliError::Connect {
+                addr: self.addr.clone(),
+                message: error_chain(&error),
+            })
+    }
+
+    async fn admin(&self) -> Result<AdminClient, CliError> {
+        let channel = self.channel().await?;
+        Ok(QuotaAdminClient::with_interceptor(
+            channel,
+            self.auth.clone(),
+        ))
+    }
+
+    async fn gate(&self) -> Result<GateClient, CliError> {
+        let channel = self.channel().await?;
+        Ok(QuotaGateClient::with_interceptor(
+            channel,
+            self.auth.clone(),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch: one arm per subcommand.
+// ---------------------------------------------------------------------------------------------
+
+/// What a run prints on stdout, and the failure to report after it when the answer is itself
+/// bad news (a broken audit trail).
+struct Output {
+    stdout: Vec<u8>,
+    failure: Option<CliError>,
+}
+
+impl Output {
+    /// A rendered response, printed with a final line break.
+    fn text(text: String) -> Self {
+        let mut stdout = text.into_bytes();
+        stdout.push(b'\n');
+        Self {
+            stdout,
+            failure: None,
+        }
+    }
 }
 
 /// Runs the command and renders its response, as JSON or for a person.
-async fn run(cli: Cli) -> Result<String, CliError> {
-    let channel = connect(&cli).await?;
-    let admin = QuotaAdminClient::new(channel.clone());
-    let gate = QuotaGateClient::new(channel);
+async fn run(cli: Cli) -> Result<Output, CliError> {
+    let server = Server::new(&cli)?;
     let json = cli.json;
     let rendered = match cli.command {
-        Command::School(SchoolCommand::Create(args)) => {
-            show(create_school(admin, args).await?, json)
+        Command::School(command) => run_school(&server, command, json).await?,
+        Command::Pool(PoolCommand::Set(args)) => {
+            show(set_pool(server.admin().await?, args).await?, json)
         }
-        Command::School(SchoolCommand::Get(args)) => show(get_school(admin, args).await?, json),
-        Command::Pool(PoolCommand::Set(args)) => show(set_pool(admin, args).await?, json),
-        Command::Alloc(AllocCommand::Set(args)) => show(set_allocation(admin, args).await?, json),
-        Command::Alloc(AllocCommand::Suspend(args)) => {
-            show(set_allocation_status(admin, args, "suspended").await?, json)
-        }
-        Command::Alloc(AllocCommand::Reactivate(args)) => {
-            show(set_allocation_status(admin, args, "active").await?, json)
-        }
-        Command::Consume(args) => show(consume(gate, args).await?, json),
-        Command::Check(args) => show(check(gate, args).await?, json),
-        Command::Reserve(args) => show(reserve(gate, args).await?, json),
-        Command::Commit(args) => show(commit(gate, args).await?, json),
-        Command::Release(args) => show(release(gate, args).await?, json),
-        Command::Usage(args) => show(usage(gate, args).await?, json),
+        Command::Alloc(command) => return run_alloc(&server, command, json).await,
+        Command::Request(command) => run_request(&server, command, json).await?,
+        Command::History(command) => return run_history(&server, command, json).await,
+        Command::Report(args) => show(usage_report(server.admin().await?, args).await?, json),
+        Command::Consume(args) => show(consume(server.gate().await?, args).await?, json),
+        Command::Check(args) => show(check(server.gate().await?, args).await?, json),
+        Command::Reserve(args) => show(reserve(server.gate().await?, args).await?, json),
+        Command::Commit(args) => show(commit(server.gate().await?, args).await?, json),
+        Command::Release(args) => show(release(server.gate().await?, args).await?, json),
+        Command::Usage(args) => show(usage(server.gate().await?, args).await?, json),
     };
-    Ok(rendered)
+    Ok(Output::text(rendered))
 }
 
-async fn create_school(
-    mut admin: QuotaAdminClient<Channel>,
-    args: SchoolCreateArgs,
-) -> Result<School, Status> {
+async fn run_school(
+    server: &Server,
+    command: SchoolCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    let admin = server.admin().await?;
+    Ok(match command {
+        SchoolCommand::Create(args) => show(create_school(admin, args).await?, json),
+        SchoolCommand::Get(args) => show(get_school(admin, args).await?, json),
+        SchoolCommand::List(args) => show(list_schools(admin, args).await?, json),
+        SchoolCommand::Settings(args) => show(update_school_settings(admin, args).await?, json),
+    })
+}
+
+async fn run_alloc(server: &Server, command: AllocCommand, json: bool) -> Result<Output, CliError> {
+    let rendered = match command {
+        AllocCommand::Set(args) => show(set_allocation(server.admin().await?, args).await?, json),
+        AllocCommand::Suspend(args) => {
+            let admin = server.admin().await?;
+            show(set_allocation_status(admin, args, "suspended").await?, json)
+        }
+        AllocCommand::Reactivate(args) => {
+            let admin = server.admin().await?;
+            show(set_allocation_status(admin, args, "active").await?, json)
+        }
+        AllocCommand::Remove(args) => {
+            show(remove_allocation(server.admin().await?, args).await?, json)
+        }
+        AllocCommand::List(args) => {
+            show(list_allocations(server.admin().await?, args).await?, json)
+        }
+    };
+    Ok(Output::text(rendered))
+}
+
+async fn run_request(
+    server: &Server,
+    command: RequestCommand,
+    json: bool,
+) -> Result<String, CliError> {
+    let admin = server.admin().await?;
+    Ok(match command {
+        RequestCommand::File(args) => show(request_increase(admin, args).await?, json),
+        RequestCommand::Approve(args) => show(approve_request(admin, args).await?, json),
+        RequestCommand::Reject(args) => show(reject_request(admin, args).await?, json),
+        RequestCommand::List(args) => show(list_requests(admin, args).await?, json),
+    })
+}
+
+async fn run_history(
+    server: &Server,
+    command: HistoryCommand,
+    json: bool,
+) -> Result<Output, CliError> {
+    match command {
+        HistoryCommand::List(args) => {
+            let listing = list_history(server.admin().await?, args).await?;
+            Ok(Output::text(show(listing, json)))
+        }
+        HistoryCommand::Verify(args) => {
+            let school_id = args.school_id.clone();
+            let verdict = verify_history(server.admin().await?, args).await?;
+            if verdict.intact {
+                return Ok(Output::text(show(verdict, json)));
+            }
+            // A broken chain is reported as an error (exit code 4); scripts asking for JSON
+            // still get the answer on stdout, people get the one line on stderr.
+            let mut output = if json {
+                Output::text(verdict.to_json().to_string())
+            } else {
+                Output {
+                    stdout: Vec::new(),
+                    failure: None,
+                }
+            };
+            output.failure = Some(CliError::HistoryBroken { school_id, verdict });
+            Ok(output)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calls: one function per subcommand, each returning the response message.
+// ---------------------------------------------------------------------------------------------
+
+async fn create_school(mut admin: AdminClient, args: SchoolCreateArgs) -> Result<School, Status> {
     let pools = args
         .pools
         .into_iter()
@@ -470,22 +933,19 @@ async fn create_school(
         borrowing_enabled: args.borrowing,
         pools,
         changed_by: args.changed_by.unwrap_or_default(),
-        self_service_requests: false,
+        self_service_requests: args.self_service,
     };
     Ok(admin.create_school(request).await?.into_inner())
 }
 
-async fn get_school(
-    mut admin: QuotaAdminClient<Channel>,
-    args: SchoolGetArgs,
-) -> Result<School, Status> {
+async fn get_school(mut admin: AdminClient, args: SchoolGetArgs) -> Result<School, Status> {
     let request = GetSchoolRequest {
         school_id: args.school_id,
     };
     Ok(admin.get_school(request).await?.into_inner())
 }
 
-async fn set_pool(mut admin: QuotaAdminClient<Channel>, args: PoolSetArgs) -> Result<Pool, Status> {
+async fn set_pool(mut admin: AdminClient, args: PoolSetArgs) -> Result<Pool, Status> {
     let request = SetPoolRequest {
         school_id: args.school_id,
         service_type: args.service_type,
@@ -496,10 +956,7 @@ async fn set_pool(mut admin: QuotaAdminClient<Channel>, args: PoolSetArgs) -> Re
     Ok(admin.set_pool(request).await?.into_inner())
 }
 
-async fn set_allocation(
-    mut admin: QuotaAdminClient<Channel>,
-    args: AllocSetArgs,
-) -> Result<Allocation, Status> {
+async fn set_allocation(mut admin: AdminClient, args: AllocSetArgs) -> Result<Allocation, Status> {
     let request = SetAllocationRequest {
         school_id: args.slice.school_id,
         teacher_id: args.slice.teacher_id,
@@ -517,8 +974,8 @@ async fn set_allocation(
 }
 
 async fn set_allocation_status(
-    mut admin: QuotaAdminClient<Channel>,
-    args: AllocStatusArgs,
+    mut admin: AdminClient,
+    args: AllocSliceArgs,
     status: &str,
 ) -> Result<Allocation, Status> {
     let request = SetAllocationStatusRequest {
@@ -532,10 +989,7 @@ async fn set_allocation_status(
     Ok(admin.set_allocation_status(request).await?.into_inner())
 }
 
-async fn consume(
-    mut gate: QuotaGateClient<Channel>,
-    args: ConsumeArgs,
-) -> Result<ConsumeResponse, Status> {
+async fn consume(mut gate: GateClient, args: ConsumeArgs) -> Result<ConsumeResponse, Status> {
     let request = ConsumeRequest {
         school_id: args.slice.school_id,
         teacher_id: args.slice.teacher_id,
@@ -556,10 +1010,7 @@ fn fresh_event_id() -> String {
     format!("quotactl-{}-{nanos}", std::process::id())
 }
 
-async fn check(
-    mut gate: QuotaGateClient<Channel>,
-    args: CheckArgs,
-) -> Result<CheckResponse, Status> {
+async fn check(mut gate: GateClient, args: CheckArgs) -> Result<CheckResponse, Status> {
     let request = CheckRequest {
         school_id: args.slice.school_id,
         teacher_id: args.slice.teacher_id,
@@ -569,10 +1020,7 @@ async fn check(
     Ok(gate.check(request).await?.into_inner())
 }
 
-async fn reserve(
-    mut gate: QuotaGateClient<Channel>,
-    args: ReserveArgs,
-) -> Result<ReserveResponse, Status> {
+async fn reserve(mut gate: GateClient, args: ReserveArgs) -> Result<ReserveResponse, Status> {
     let request = ReserveRequest {
         school_id: args.slice.school_id,
         teacher_id: args.slice.teacher_id,
@@ -585,10 +1033,7 @@ async fn reserve(
     Ok(gate.reserve(request).await?.into_inner())
 }
 
-async fn commit(
-    mut gate: QuotaGateClient<Channel>,
-    args: CommitArgs,
-) -> Result<CommitResponse, Status> {
+async fn commit(mut gate: GateClient, args: CommitArgs) -> Result<CommitResponse, Status> {
     let request = CommitRequest {
         school_id: args.teacher.school_id,
         teacher_id: args.teacher.teacher_id,
@@ -598,10 +1043,7 @@ async fn commit(
     Ok(gate.commit(request).await?.into_inner())
 }
 
-async fn release(
-    mut gate: QuotaGateClient<Channel>,
-    args: ReleaseArgs,
-) -> Result<ReleaseResponse, Status> {
+async fn release(mut gate: GateClient, args: ReleaseArgs) -> Result<ReleaseResponse, Status> {
     let request = ReleaseRequest {
         school_id: args.teacher.school_id,
         teacher_id: args.teacher.teacher_id,
@@ -610,15 +1052,237 @@ async fn release(
     Ok(gate.release(request).await?.into_inner())
 }
 
-async fn usage(
-    mut gate: QuotaGateClient<Channel>,
-    args: UsageArgs,
-) -> Result<GetUsageResponse, Status> {
+async fn usage(mut gate: GateClient, args: UsageArgs) -> Result<GetUsageResponse, Status> {
     let request = GetUsageRequest {
         school_id: args.teacher.school_id,
         teacher_id: args.teacher.teacher_id,
     };
     Ok(gate.get_usage(request).await?.into_inner())
+}
+
+/// The token of the next page, refusing one that would list the same page again forever.
+fn next_page_token(current: &str, next: String) -> Result<String, CliError> {
+    if next == current {
+        return Err(CliError::Paging(format!(
+            "the server gave page token {next:?} twice; stopped instead of looping"
+        )));
+    }
+    Ok(next)
+}
+
+fn too_many_pages() -> CliError {
+    CliError::Paging(format!(
+        "the listing did not end after {PAGES_MAX} pages; stopped"
+    ))
+}
+
+/// Every page of the listing, as one response.
+async fn list_schools(
+    mut admin: AdminClient,
+    args: SchoolListArgs,
+) -> Result<ListSchoolsResponse, CliError> {
+    let tier = args
+        .tier
+        .map_or_else(String::new, |tier| tier.wire_name().to_string());
+    let mut schools = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..PAGES_MAX {
+        let request = ListSchoolsRequest {
+            tier: tier.clone(),
+            page_size: PAGE_SIZE,
+            page_token: page_token.clone(),
+        };
+        let page = admin.list_schools(request).await?.into_inner();
+        schools.extend(page.schools);
+        if page.next_page_token.is_empty() {
+            return Ok(ListSchoolsResponse {
+                schools,
+                next_page_token: String::new(),
+            });
+        }
+        page_token = next_page_token(&page_token, page.next_page_token)?;
+    }
+    Err(too_many_pages())
+}
+
+async fn update_school_settings(
+    mut admin: AdminClient,
+    args: SchoolSettingsArgs,
+) -> Result<School, Status> {
+    let request = UpdateSchoolSettingsRequest {
+        school_id: args.school_id,
+        borrowing_enabled: args.borrowing.map(OnOff::is_on),
+        self_service_requests: args.self_service.map(OnOff::is_on),
+        billing_anchor_day: args.anchor_day,
+        name: args.name,
+        changed_by: args.audit.changed_by.unwrap_or_default(),
+        reason: args.audit.reason.unwrap_or_default(),
+    };
+    Ok(admin.update_school_settings(request).await?.into_inner())
+}
+
+/// A slice just removed; shown as a removal rather than as a live slice.
+struct RemovedAllocation(Allocation);
+
+async fn remove_allocation(
+    mut admin: AdminClient,
+    args: AllocSliceArgs,
+) -> Result<RemovedAllocation, Status> {
+    let request = RemoveAllocationRequest {
+        school_id: args.slice.school_id,
+        teacher_id: args.slice.teacher_id,
+        service_type: args.slice.service_type,
+        changed_by: args.audit.changed_by.unwrap_or_default(),
+        reason: args.audit.reason.unwrap_or_default(),
+    };
+    let removed = admin.remove_allocation(request).await?.into_inner();
+    Ok(RemovedAllocation(removed))
+}
+
+async fn list_allocations(
+    mut admin: AdminClient,
+    args: AllocListArgs,
+) -> Result<ListAllocationsResponse, Status> {
+    let request = ListAllocationsRequest {
+        school_id: args.school_id,
+        teacher_id: args.teacher_id.unwrap_or_default(),
+        service_type: args.service_type.unwrap_or_default(),
+    };
+    Ok(admin.list_allocations(request).await?.into_inner())
+}
+
+async fn request_increase(
+    mut admin: AdminClient,
+    args: RequestFileArgs,
+) -> Result<IncreaseRequest, Status> {
+    let request = RequestIncreaseRequest {
+        school_id: args.slice.school_id,
+        teacher_id: args.slice.teacher_id,
+        service_type: args.slice.service_type,
+        units: args.units,
+        reason: args.reason,
+    };
+    Ok(admin.request_increase(request).await?.into_inner())
+}
+
+async fn approve_request(
+    mut admin: AdminClient,
+    args: RequestApproveArgs,
+) -> Result<IncreaseRequest, Status> {
+    let request = ApproveRequestRequest {
+        school_id: args.school_id,
+        request_id: args.request_id,
+        // 0 grants all that was asked.
+        units: args.units.unwrap_or(0),
+        changed_by: args.audit.changed_by.unwrap_or_default(),
+        reason: args.audit.reason.unwrap_or_default(),
+    };
+    Ok(admin.approve_request(request).await?.into_inner())
+}
+
+async fn reject_request(
+    mut admin: AdminClient,
+    args: RequestRejectArgs,
+) -> Result<IncreaseRequest, Status> {
+    let request = RejectRequestRequest {
+        school_id: args.school_id,
+        request_id: args.request_id,
+        changed_by: args.changed_by.unwrap_or_default(),
+        reason: args.reason,
+    };
+    Ok(admin.reject_request(request).await?.into_inner())
+}
+
+async fn list_requests(
+    mut admin: AdminClient,
+    args: RequestListArgs,
+) -> Result<ListRequestsResponse, Status> {
+    let request = ListRequestsRequest {
+        school_id: args.school_id,
+        teacher_id: args.teacher_id.unwrap_or_default(),
+        status: args
+            .status
+            .map_or_else(String::new, |status| status.wire_name().to_string()),
+    };
+    Ok(admin.list_requests(request).await?.into_inner())
+}
+
+/// The entries of `history list`, and whether `--limit` left some unread.
+struct HistoryListing {
+    entries: Vec<HistoryEntry>,
+    more: bool,
+}
+
+/// Every page of the listing (or the first `--limit` entries), as one answer.
+async fn list_history(
+    mut admin: AdminClient,
+    args: HistoryListArgs,
+) -> Result<HistoryListing, CliError> {
+    let from_ms = args.from_ms.unwrap_or(0);
+    let to_ms = args.to_ms.unwrap_or(0);
+    if from_ms > 0 && to_ms > 0 && from_ms > to_ms {
+        return Err(CliError::Usage(format!(
+            "--from {} is after --to {}",
+            timestamp_text(from_ms),
+            timestamp_text(to_ms)
+        )));
+    }
+    let entries_max = args.limit.map_or(usize::MAX, |limit| limit as usize);
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..PAGES_MAX {
+        let left = entries_max - entries.len();
+        let request = ListHistoryRequest {
+            school_id: args.school_id.clone(),
+            teacher_id: args.teacher_id.clone().unwrap_or_default(),
+            service_type: args.service_type.clone().unwrap_or_default(),
+            from_ms,
+            to_ms,
+            page_size: u32::try_from(left).map_or(PAGE_SIZE, |left| left.min(PAGE_SIZE)),
+            page_token: page_token.clone(),
+        };
+        let page = admin.list_history(request).await?.into_inner();
+        let last_page = page.next_page_token.is_empty();
+        entries.extend(page.entries);
+        if entries.len() >= entries_max {
+            let more = !last_page || entries.len() > entries_max;
+            entries.truncate(entries_max);
+            return Ok(HistoryListing { entries, more });
+        }
+        if last_page {
+            return Ok(HistoryListing {
+                entries,
+                more: false,
+            });
+        }
+        page_token = next_page_token(&page_token, page.next_page_token)?;
+    }
+    Err(too_many_pages())
+}
+
+async fn verify_history(
+    mut admin: AdminClient,
+    args: HistoryVerifyArgs,
+) -> Result<VerifyHistoryResponse, Status> {
+    let request = VerifyHistoryRequest {
+        school_id: args.school_id,
+    };
+    Ok(admin.verify_history(request).await?.into_inner())
+}
+
+async fn usage_report(mut admin: AdminClient, args: ReportArgs) -> Result<UsageReport, Status> {
+    let cycle = if args.previous {
+        CycleChoice::Previous
+    } else {
+        CycleChoice::Current
+    };
+    let request = UsageReportRequest {
+        school_id: args.school_id,
+        teacher_id: args.teacher_id.unwrap_or_default(),
+        service_type: args.service_type.unwrap_or_default(),
+        cycle: cycle.into(),
+    };
+    Ok(admin.get_usage_report(request).await?.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,6 +1319,8 @@ impl ToJson for School {
             "cycle_start_ms": self.cycle_start_ms,
             "cycle_end_ms": self.cycle_end_ms,
             "teacher_count": self.teacher_count,
+            "self_service_requests": self.self_service_requests,
+            "next_billing_anchor_day": self.next_billing_anchor_day,
         })
     }
 }
@@ -769,6 +1435,131 @@ impl ToJson for GetUsageResponse {
     }
 }
 
+fn list_json<T: ToJson>(items: &[T]) -> Value {
+    Value::Array(items.iter().map(ToJson::to_json).collect())
+}
+
+impl ToJson for ListSchoolsResponse {
+    /// Every page at once, so there is no page token to show.
+    fn to_json(&self) -> Value {
+        json!({ "schools": list_json(&self.schools) })
+    }
+}
+
+impl ToJson for RemovedAllocation {
+    fn to_json(&self) -> Value {
+        self.0.to_json()
+    }
+}
+
+impl ToJson for ListAllocationsResponse {
+    fn to_json(&self) -> Value {
+        json!({ "allocations": list_json(&self.allocations) })
+    }
+}
+
+impl ToJson for IncreaseRequest {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "request_id": self.request_id,
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "requested_units": self.requested_units,
+            "reason": self.reason,
+            "status": self.status,
+            "approved_units": self.approved_units,
+            "decision_reason": self.decision_reason,
+            "decided_by": self.decided_by,
+            "created_at_ms": self.created_at_ms,
+            "decided_at_ms": self.decided_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+        })
+    }
+}
+
+impl ToJson for ListRequestsResponse {
+    fn to_json(&self) -> Value {
+        json!({ "requests": list_json(&self.requests) })
+    }
+}
+
+/// A proto map as a JSON object with its keys sorted (the map itself has no order).
+fn string_map_json(map: &HashMap<String, String>) -> Value {
+    let sorted: BTreeMap<&String, &String> = map.iter().collect();
+    Value::Object(
+        sorted
+            .into_iter()
+            .map(|(key, value)| (key.clone(), Value::String(value.clone())))
+            .collect(),
+    )
+}
+
+impl ToJson for HistoryEntry {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "seq": self.seq,
+            "at_ms": self.at_ms,
+            "actor": self.actor,
+            "action": self.action,
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "reason": self.reason,
+            "before": string_map_json(&self.before),
+            "after": string_map_json(&self.after),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        })
+    }
+}
+
+impl ToJson for HistoryListing {
+    /// `more` is true when `--limit` stopped the listing before its end.
+    fn to_json(&self) -> Value {
+        json!({
+            "entries": list_json(&self.entries),
+            "more": self.more,
+        })
+    }
+}
+
+impl ToJson for VerifyHistoryResponse {
+    fn to_json(&self) -> Value {
+        json!({
+            "intact": self.intact,
+            "entries": self.entries,
+            "first_bad_seq": self.first_bad_seq,
+            "problem": self.problem,
+        })
+    }
+}
+
+impl ToJson for UsageRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "allocated_units": self.allocated_units,
+            "used_units": self.used_units,
+            "borrowed_units": self.borrowed_units,
+            "overage_units": self.overage_units,
+        })
+    }
+}
+
+impl ToJson for UsageReport {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "cycle_start_ms": self.cycle_start_ms,
+            "cycle_end_ms": self.cycle_end_ms,
+            "rows": list_json(&self.rows),
+            "totals": list_json(&self.totals),
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Text for people.
 // ---------------------------------------------------------------------------------------------
@@ -831,63 +1622,51 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 impl Render for School {
     fn render(&self) -> String {
-        let rows: Vec<Vec<String>> = self
-            .pools
-            .iter()
-            .map(|pool| {
-                vec![
-                    pool.service_type.clone(),
-                    pool.cycle_units.to_string(),
-                    pool.allocated_units.to_string(),
-                    pool.borrowed_units.to_string(),
-                    pool.available_units.to_string(),
-                    pool.used_units.to_string(),
-                ]
-            })
-            .collect();
-        let headers = [
-            "SERVICE",
-            "CYCLE",
-            "ALLOCATED",
-            "BORROWED",
-            "AVAILABLE",
-            "USED",
-        ];
+        let rows: Vec<Vec<String>> = self.pools.iter().map(pool_row).collect();
+        let mut anchor_day = self.billing_anchor_day.to_string();
+        if self.next_billing_anchor_day != 0 {
+            anchor_day += &format!(" ({} from the next cycle)", self.next_billing_anchor_day);
+        }
         format!(
-            "school     {} ({})\ntier       {}\nanchor day {}\nborrowing  {}\nteachers   {}\n\
-             cycle      {} .. {}\n\n{}",
+            "school        {} ({})\ntier          {}\nanchor day    {}\nborrowing     {}\n\
+             self-service  {}\nteachers      {}\ncycle         {} .. {}\n\n{}",
             self.school_id,
             self.name,
             self.tier,
-            self.billing_anchor_day,
+            anchor_day,
             on_off(self.borrowing_enabled),
+            on_off(self.self_service_requests),
             self.teacher_count,
             timestamp_text(self.cycle_start_ms),
             timestamp_text(self.cycle_end_ms),
-            table(&headers, &rows)
+            table(&POOL_HEADERS, &rows)
         )
     }
 }
 
+const POOL_HEADERS: [&str; 6] = [
+    "SERVICE",
+    "CYCLE",
+    "ALLOCATED",
+    "BORROWED",
+    "AVAILABLE",
+    "USED",
+];
+
+fn pool_row(pool: &Pool) -> Vec<String> {
+    vec![
+        pool.service_type.clone(),
+        pool.cycle_units.to_string(),
+        pool.allocated_units.to_string(),
+        pool.borrowed_units.to_string(),
+        pool.available_units.to_string(),
+        pool.used_units.to_string(),
+    ]
+}
+
 impl Render for Pool {
     fn render(&self) -> String {
-        let headers = [
-            "SERVICE",
-            "CYCLE",
-            "ALLOCATED",
-            "BORROWED",
-            "AVAILABLE",
-            "USED",
-        ];
-        let row = vec![
-            self.service_type.clone(),
-            self.cycle_units.to_string(),
-            self.allocated_units.to_string(),
-            self.borrowed_units.to_string(),
-            self.available_units.to_string(),
-            self.used_units.to_string(),
-        ];
-        table(&headers, &[row])
+        table(&POOL_HEADERS, &[pool_row(self)])
     }
 }
 
@@ -1037,28 +1816,403 @@ fn service_usage_row(service: &ServiceUsage) -> Vec<String> {
     ]
 }
 
+/// "-" for an empty cell, so that columns stay readable.
+fn cell(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+impl Render for ListSchoolsResponse {
+    fn render(&self) -> String {
+        let headers = [
+            "SCHOOL",
+            "NAME",
+            "TIER",
+            "ANCHOR",
+            "BORROWING",
+            "SELF-SERVICE",
+            "TEACHERS",
+            "CYCLE END",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .schools
+            .iter()
+            .map(|school| {
+                vec![
+                    school.school_id.clone(),
+                    school.name.clone(),
+                    school.tier.clone(),
+                    school.billing_anchor_day.to_string(),
+                    on_off(school.borrowing_enabled).to_string(),
+                    on_off(school.self_service_requests).to_string(),
+                    school.teacher_count.to_string(),
+                    timestamp_text(school.cycle_end_ms),
+                ]
+            })
+            .collect();
+        format!(
+            "{}\n\n{} school{}",
+            table(&headers, &rows),
+            rows.len(),
+            plural(rows.len())
+        )
+    }
+}
+
+fn plural(count: usize) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+impl Render for RemovedAllocation {
+    fn render(&self) -> String {
+        let removed = &self.0;
+        format!(
+            "removed {}/{} {}: its units are back in the pool",
+            removed.school_id, removed.teacher_id, removed.service_type
+        )
+    }
+}
+
+/// One slice per row; the school is the one the command named.
+fn allocation_table(allocations: &[Allocation]) -> String {
+    let headers = [
+        "TEACHER",
+        "SERVICE",
+        "ALLOCATED",
+        "USED",
+        "RESERVED",
+        "PRIORITY",
+        "AUTO-RENEW",
+        "STATUS",
+    ];
+    let rows: Vec<Vec<String>> = allocations
+        .iter()
+        .map(|allocation| {
+            vec![
+                allocation.teacher_id.clone(),
+                allocation.service_type.clone(),
+                allocation.allocated_units.to_string(),
+                allocation.used_units.to_string(),
+                allocation.reserved_units.to_string(),
+                allocation.priority.clone(),
+                on_off(allocation.auto_renew).to_string(),
+                allocation.status.clone(),
+            ]
+        })
+        .collect();
+    table(&headers, &rows)
+}
+
+impl Render for ListAllocationsResponse {
+    fn render(&self) -> String {
+        let count = self.allocations.len();
+        format!(
+            "{}\n\n{count} slice{}",
+            allocation_table(&self.allocations),
+            plural(count)
+        )
+    }
+}
+
+impl Render for IncreaseRequest {
+    fn render(&self) -> String {
+        let mut lines = vec![
+            format!("request   {} ({})", self.request_id, self.school_id),
+            format!("teacher   {}", self.teacher_id),
+            format!("service   {}", self.service_type),
+            format!("asked     {} units: {}", self.requested_units, self.reason),
+            format!("filed     {}", timestamp_text(self.created_at_ms)),
+            format!("status    {}", self.status),
+        ];
+        if self.status == "pending" {
+            lines.push(format!("expires   {}", timestamp_text(self.expires_at_ms)));
+        }
+        if self.status == "approved" {
+            lines.push(format!("granted   {} units", self.approved_units));
+        }
+        if self.decided_at_ms != 0 {
+            lines.push(format!(
+                "decided   {} by {}",
+                timestamp_text(self.decided_at_ms),
+                cell(&self.decided_by)
+            ));
+        }
+        if !self.decision_reason.is_empty() {
+            lines.push(format!("note      {}", self.decision_reason));
+        }
+        lines.join("\n")
+    }
+}
+
+impl Render for ListRequestsResponse {
+    fn render(&self) -> String {
+        let headers = [
+            "ID", "TEACHER", "SERVICE", "ASKED", "STATUS", "GRANTED", "FILED", "DECIDED", "BY",
+            "REASON", "NOTE",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .requests
+            .iter()
+            .map(|request| {
+                vec![
+                    request.request_id.to_string(),
+                    request.teacher_id.clone(),
+                    request.service_type.clone(),
+                    request.requested_units.to_string(),
+                    request.status.clone(),
+                    request.approved_units.to_string(),
+                    timestamp_text(request.created_at_ms),
+                    timestamp_text(request.decided_at_ms),
+                    cell(&request.decided_by),
+                    cell(&request.reason),
+                    cell(&request.decision_reason),
+                ]
+            })
+            .collect();
+        let count = rows.len();
+        format!(
+            "{}\n\n{count} request{}",
+            table(&headers, &rows),
+            plural(count)
+        )
+    }
+}
+
+/// "allocated_units 10 -> 20, priority normal -> high": what an entry changed, keys sorted.
+fn change_text(entry: &HistoryEntry) -> String {
+    let keys: BTreeSet<&String> = entry.before.keys().chain(entry.after.keys()).collect();
+    let changes: Vec<String> = keys
+        .into_iter()
+        .map(|key| {
+            let before = entry.before.get(key).map_or("-", String::as_str);
+            let after = entry.after.get(key).map_or("-", String::as_str);
+            format!("{key} {before} -> {after}")
+        })
+        .collect();
+    cell(&changes.join(", "))
+}
+
+impl Render for HistoryListing {
+    fn render(&self) -> String {
+        let headers = [
+            "SEQ", "TIME", "ACTOR", "ACTION", "TEACHER", "SERVICE", "CHANGE", "REASON",
+        ];
+        let rows: Vec<Vec<String>> = self
+            .entries
+            .iter()
+            .map(|entry| {
+                vec![
+                    entry.seq.to_string(),
+                    timestamp_text(entry.at_ms),
+                    cell(&entry.actor),
+                    entry.action.clone(),
+                    cell(&entry.teacher_id),
+                    cell(&entry.service_type),
+                    change_text(entry),
+                    cell(&entry.reason),
+                ]
+            })
+            .collect();
+        let count = rows.len();
+        let mut text = format!(
+            "{}\n\n{count} entr{}",
+            table(&headers, &rows),
+            if count == 1 { "y" } else { "ies" }
+        );
+        if self.more {
+            text += " (--limit reached; more entries follow)";
+        }
+        text
+    }
+}
+
+impl Render for VerifyHistoryResponse {
+    fn render(&self) -> String {
+        if self.intact {
+            format!(
+                "intact: {} entries, every hash and link matches",
+                self.entries
+            )
+        } else {
+            format!(
+                "BROKEN: first bad entry {} (of {}): {}",
+                self.first_bad_seq, self.entries, self.problem
+            )
+        }
+    }
+}
+
+const USAGE_ROW_HEADERS: [&str; 6] = [
+    "TEACHER",
+    "SERVICE",
+    "ALLOCATED",
+    "USED",
+    "BORROWED",
+    "OVERAGE",
+];
+
+fn usage_row(row: &UsageRow) -> Vec<String> {
+    vec![
+        row.teacher_id.clone(),
+        row.service_type.clone(),
+        row.allocated_units.to_string(),
+        row.used_units.to_string(),
+        row.borrowed_units.to_string(),
+        row.overage_units.to_string(),
+    ]
+}
+
+impl Render for UsageReport {
+    fn render(&self) -> String {
+        let rows: Vec<Vec<String>> = self.rows.iter().map(usage_row).collect();
+        // A total has no teacher: its rows drop the first column.
+        let totals: Vec<Vec<String>> = self
+            .totals
+            .iter()
+            .map(|total| usage_row(total).split_off(1))
+            .collect();
+        format!(
+            "{}  cycle {} .. {}\n\n{}\n\nTOTALS\n{}",
+            self.school_id,
+            timestamp_text(self.cycle_start_ms),
+            timestamp_text(self.cycle_end_ms),
+            table(&USAGE_ROW_HEADERS, &rows),
+            table(&USAGE_ROW_HEADERS[1..], &totals)
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry point.
 // ---------------------------------------------------------------------------------------------
 
-fn print_line(text: &str) -> Result<(), CliError> {
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
     let mut stdout = io::stdout().lock();
-    writeln!(stdout, "{text}").map_err(CliError::Output)
+    stdout
+        .write_all(bytes)
+        .and_then(|()| stdout.flush())
+        .map_err(CliError::Output)
 }
 
-// One call per run: a single-threaded runtime is all it needs.
+/// One line per error on stderr.
+fn report_error(error: &CliError) {
+    eprintln!("quotactl: {error}");
+}
+
+// One call per run (or a few, for listings): a single-threaded runtime is all it needs.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version, printed on stdout.
+        Err(error) if !error.use_stderr() => error.exit(),
+        Err(error) => {
+            // clap's "error: ..." with its usage hint, under this tool's prefix like every error.
+            let message = error.render().to_string();
+            eprint!(
+                "quotactl: {}",
+                message.strip_prefix("error: ").unwrap_or(&message)
+            );
+            return ExitCode::from(2);
+        }
+    };
     let result = match run(cli).await {
-        Ok(rendered) => print_line(&rendered),
+        Ok(output) => write_stdout(&output.stdout).and_then(|()| match output.failure {
+            Some(failure) => Err(failure),
+            None => Ok(()),
+        }),
         Err(error) => Err(error),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            report_error(&error);
             ExitCode::from(error.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn settings_needs_at_least_one_setting() {
+        assert!(Cli::try_parse_from(["quotactl", "school", "settings", "s1"]).is_err());
+        assert!(
+            Cli::try_parse_from(["quotactl", "school", "settings", "s1", "--borrowing", "on"])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_token_becomes_a_bearer_header() {
+        let mut auth = BearerAuth::new(Some("abc.def-ghi")).unwrap();
+        let request = auth.call(tonic::Request::new(())).unwrap();
+        let header = request.metadata().get("authorization").unwrap();
+        assert_eq!(header.to_str().unwrap(), "Bearer abc.def-ghi");
+
+        let mut no_auth = BearerAuth::new(None).unwrap();
+        let request = no_auth.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_exit_code_2() {
+        for token in ["", "two words", "line\nbreak", "caf\u{e9}"] {
+            let error = BearerAuth::new(Some(token)).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{token:?}");
+            assert!(!error.to_string().contains(token) || token.is_empty());
+        }
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_milliseconds() {
+        assert_eq!(parse_time_ms("1756684800000"), Ok(1_756_684_800_000));
+        assert_eq!(parse_time_ms("2025-09-01T00:00:00Z"), Ok(1_756_684_800_000));
+        assert_eq!(
+            parse_time_ms("2025-09-01T02:00:00+02:00"),
+            Ok(1_756_684_800_000)
+        );
+        assert!(parse_time_ms("yesterday").is_err());
+        assert!(parse_time_ms("-5").is_err());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_scheme() {
+        assert_eq!(CliError::Status(Status::not_found("x")).exit_code(), 2);
+        assert_eq!(
+            CliError::Status(Status::unauthenticated("x")).exit_code(),
+            2
+        );
+        assert_eq!(CliError::Status(Status::unavailable("x")).exit_code(), 3);
+        assert_eq!(CliError::Status(Status::unimplemented("x")).exit_code(), 1);
+        let broken = CliError::HistoryBroken {
+            school_id: "s1".to_string(),
+            verdict: VerifyHistoryResponse {
+                intact: false,
+                entries: 9,
+                first_bad_seq: 4,
+                problem: "hash mismatch".to_string(),
+            },
+        };
+        assert_eq!(broken.exit_code(), 4);
+        assert_eq!(
+            broken.to_string(),
+            "DataLoss: the audit trail of s1 is broken: first bad entry 4 (of 9): hash mismatch"
+        );
     }
 }
