@@ -393,9 +393,6 @@ struct SchoolSettingsArgs {
     /// Let teachers file requests for more units.
     #[arg(long, value_enum, group = "setting")]
     self_service: Option<OnOff>,
-    /// Day of month (1-28, UTC) billing cycles start on; takes effect at the next rollover.
-    #[arg(long, group = "setting", value_parser = clap::value_parser!(u32).range(1..=28))]
-    anchor_day: Option<u32>,
     /// The school's new name.
     #[arg(long, group = "setting")]
     name: Option<String>,
@@ -1225,7 +1222,6 @@ async fn update_school_settings(
         school_id: args.school_id,
         borrowing_enabled: args.borrowing.map(OnOff::is_on),
         self_service_requests: args.self_service.map(OnOff::is_on),
-        billing_anchor_day: args.anchor_day,
         name: args.name,
         changed_by: args.audit.changed_by.unwrap_or_default(),
         reason: args.audit.reason.unwrap_or_default(),
@@ -1514,7 +1510,6 @@ impl ToJson for School {
             "cycle_end_ms": self.cycle_end_ms,
             "teacher_count": self.teacher_count,
             "self_service_requests": self.self_service_requests,
-            "next_billing_anchor_day": self.next_billing_anchor_day,
         })
     }
 }
@@ -1832,10 +1827,7 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 impl Render for School {
     fn render(&self) -> String {
         let rows: Vec<Vec<String>> = self.pools.iter().map(pool_row).collect();
-        let mut anchor_day = self.billing_anchor_day.to_string();
-        if self.next_billing_anchor_day != 0 {
-            anchor_day += &format!(" ({} from the next cycle)", self.next_billing_anchor_day);
-        }
+        let anchor_day = self.billing_anchor_day.to_string();
         format!(
             "school        {} ({})\ntier          {}\nanchor day    {}\nborrowing     {}\n\
              self-service  {}\nteachers      {}\ncycle         {} .. {}\n\n{}",

@@ -8,5 +8,6 @@ mod common;
 mod crash;
 mod gate;
 mod idempotency;
+mod quotactl;
 mod stress;
 mod tenants;
