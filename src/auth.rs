@@ -16,6 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dashmap::DashMap;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
@@ -408,6 +409,16 @@ impl Authenticator {
     /// The caller a `Bearer <token>` value names, if its signature is this
     /// key's, it has not expired at `now_s` (no leeway) and its claims fit its role.
     pub fn verify(&self, header_value: Option<&str>, now_s: u64) -> Result<Caller, AuthError> {
+        self.verify_until(header_value, now_s)
+            .map(|(caller, _)| caller)
+    }
+
+    /// [`Authenticator::verify`], and until when (`exp`) the answer holds.
+    fn verify_until(
+        &self,
+        header_value: Option<&str>,
+        now_s: u64,
+    ) -> Result<(Caller, u64), AuthError> {
         let token = bearer_token(header_value)?;
         let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(from_jwt_error)?
@@ -420,7 +431,8 @@ impl Authenticator {
                 now_s,
             });
         }
-        Ok(Caller::from_claims(claims))
+        let exp = claims.exp;
+        Ok((Caller::from_claims(claims), exp))
     }
 }
 
@@ -648,14 +660,50 @@ pub enum AuthMode {
 /// Authenticates every call before its handler runs and leaves the
 /// [`Caller`] in the request's extensions. A refused token ends the call with
 /// UNAUTHENTICATED. On the hot path: one HS256 check, no I/O.
+///
+/// A proxy sends the same token with every call, so tokens that verified are
+/// remembered (by their exact text, until they expire): checking a signature
+/// and parsing JSON on every call cost more than the quota decision itself.
 #[derive(Debug, Clone)]
 pub struct AuthInterceptor {
     mode: AuthMode,
+    verified: Arc<DashMap<Box<str>, (Caller, u64)>>,
 }
+
+/// Verified tokens remembered at most; beyond it the memory starts over.
+const VERIFIED_TOKENS_MAX: usize = 4096;
 
 impl AuthInterceptor {
     pub fn new(mode: AuthMode) -> Self {
-        AuthInterceptor { mode }
+        AuthInterceptor {
+            mode,
+            verified: Arc::default(),
+        }
+    }
+
+    fn verify(
+        &self,
+        authenticator: &Authenticator,
+        header_value: Option<&str>,
+        now_s: u64,
+    ) -> Result<Caller, AuthError> {
+        if let Some(value) = header_value {
+            if let Some(hit) = self.verified.get(value) {
+                let (caller, exp) = hit.value();
+                if now_s < *exp {
+                    return Ok(caller.clone());
+                }
+            }
+        }
+        let (caller, exp) = authenticator.verify_until(header_value, now_s)?;
+        if let Some(value) = header_value {
+            if self.verified.len() >= VERIFIED_TOKENS_MAX {
+                self.verified.clear();
+            }
+            self.verified
+                .insert(Box::from(value), (caller.clone(), exp));
+        }
+        Ok(caller)
     }
 }
 
@@ -672,7 +720,7 @@ impl Interceptor for AuthInterceptor {
                         )
                     })?),
                 };
-                authenticator.verify(header_value, unix_now_s()?)?
+                self.verify(authenticator, header_value, unix_now_s()?)?
             }
         };
         request.extensions_mut().insert(caller);
@@ -1215,4 +1263,39 @@ mod tests {
         assert!(token.0.is_sensitive());
         assert_eq!(format!("{token:?}"), "BearerToken(<redacted>)");
     }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let authenticator = Arc::new(Authenticator::new(KEY_FOR_CACHE_TEST).unwrap());
+        let interceptor = AuthInterceptor::new(AuthMode::Key(authenticator.clone()));
+        let now_s = 1_800_000_000;
+        let token = authenticator
+            .mint(
+                "pa",
+                Role::Principal,
+                &[SchoolId::parse("a").unwrap()],
+                Duration::from_secs(60),
+                now_s,
+            )
+            .unwrap();
+        let header = format!("Bearer {token}");
+        let first = interceptor
+            .verify(&authenticator, Some(&header), now_s)
+            .unwrap();
+        assert_eq!(interceptor.verified.len(), 1);
+        let again = interceptor
+            .verify(&authenticator, Some(&header), now_s + 59)
+            .unwrap();
+        assert_eq!(first, again);
+        let late = interceptor.verify(&authenticator, Some(&header), now_s + 60);
+        assert!(matches!(late, Err(AuthError::Expired { .. })), "{late:?}");
+        // A token that differs by one character is not the remembered one.
+        let mut forged = header.clone();
+        forged.push('x');
+        assert!(interceptor
+            .verify(&authenticator, Some(&forged), now_s)
+            .is_err());
+    }
+
+    const KEY_FOR_CACHE_TEST: &[u8] = b"a key of thirty-two bytes or more, for tests";
 }

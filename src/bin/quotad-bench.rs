@@ -145,6 +145,8 @@ enum Target {
     Consume,
     Health,
     Both,
+    /// `QuotaAdmin/SetAllocation` (an admin call: p50/p99 of allocation changes).
+    Allocation,
 }
 
 impl Target {
@@ -154,6 +156,10 @@ impl Target {
 
     fn runs_consume(self) -> bool {
         matches!(self, Target::Consume | Target::Both)
+    }
+
+    fn needs_school(self) -> bool {
+        matches!(self, Target::Consume | Target::Both | Target::Allocation)
     }
 }
 
@@ -589,6 +595,8 @@ fn health_outcome(serving_status: i32) -> Outcome {
 /// `QuotaGate/Consume` of `units` for teachers "t0".."t{T-1}" in turn, each with a fresh event id.
 struct ConsumeLoad {
     clients: Vec<QuotaGateClient<Authed>>,
+    /// Admin clients on the same connections, for the allocation target.
+    admins: Vec<QuotaAdminClient<Authed>>,
     school_id: String,
     teacher_ids: Vec<String>,
     units: u64,
@@ -615,6 +623,38 @@ impl Workload for ConsumeLoad {
                     Some(_) => Outcome::Denied,
                     None => Outcome::Failed("MissingDecision".to_string()),
                 },
+                Err(status) => Outcome::Failed(status_label(&status)),
+            }
+        }
+    }
+}
+
+/// `QuotaAdmin/SetAllocation` for teachers "t0".."t{T-1}" in turn, alternating each slice
+/// between two sizes that both fit the pool, so every call is a real change.
+struct AllocationLoad {
+    clients: Vec<QuotaAdminClient<Authed>>,
+    school_id: String,
+    teacher_ids: Vec<String>,
+}
+
+impl Workload for AllocationLoad {
+    fn call(&self, call: u64, lane: usize) -> impl Future<Output = Outcome> + Send + 'static {
+        let mut client = client_for_lane(&self.clients, lane);
+        let teachers = self.teacher_ids.len() as u64;
+        let teacher = usize::try_from(call % teachers).unwrap_or(0);
+        let request = SetAllocationRequest {
+            school_id: self.school_id.clone(),
+            teacher_id: self.teacher_ids[teacher].clone(),
+            service_type: SERVICE_TYPE.to_string(),
+            allocated_units: TEACHER_ALLOCATION_UNITS - (call / teachers) % 2,
+            priority: String::new(),
+            auto_renew: false,
+            changed_by: "quotad-bench".to_string(),
+            reason: "allocation latency".to_string(),
+        };
+        async move {
+            match client.set_allocation(request).await {
+                Ok(_) => Outcome::Ok,
                 Err(status) => Outcome::Failed(status_label(&status)),
             }
         }
@@ -701,6 +741,11 @@ async fn prepare_consume(
             .cloned()
             .map(|c| QuotaGateClient::with_interceptor(c, token.clone()))
             .collect(),
+        admins: channels
+            .iter()
+            .cloned()
+            .map(|c| QuotaAdminClient::with_interceptor(c, token.clone()))
+            .collect(),
         school_id: config.school_id.clone(),
         teacher_ids,
         units: config.units,
@@ -738,6 +783,7 @@ async fn allocate(
 struct Reports {
     health: Option<PhaseReport>,
     consume: Option<PhaseReport>,
+    allocation: Option<PhaseReport>,
 }
 
 /// consume / health: how much the quota engine adds to the bare gRPC round trip.
@@ -761,7 +807,10 @@ impl Reports {
     }
 
     fn phases(&self) -> impl Iterator<Item = &PhaseReport> {
-        self.health.iter().chain(self.consume.iter())
+        self.health
+            .iter()
+            .chain(self.consume.iter())
+            .chain(self.allocation.iter())
     }
 }
 
@@ -770,6 +819,7 @@ fn render_json(config: &RunConfig, reports: &Reports) -> String {
         "config": config,
         "health": reports.health,
         "consume": reports.consume,
+        "set_allocation": reports.allocation,
         "consume_over_health": reports.consume_over_health(),
     });
     document.to_string()
@@ -858,7 +908,7 @@ async fn run(args: &Args) -> Result<String, BenchError> {
     let config = RunConfig::from_args(args)?;
     let channels = connect_all(&config).await?;
     // Set up before any phase, so a setup failure costs no measuring time.
-    let consume_load = if config.target.runs_consume() {
+    let consume_load = if config.target.needs_school() {
         eprintln!(
             "setting up school {} with {} teacher(s)",
             config.school_id, config.teachers
@@ -880,7 +930,23 @@ async fn run(args: &Args) -> Result<String, BenchError> {
             .await?,
         );
     }
-    if let Some(load) = consume_load {
+    if let (Some(load), Target::Allocation) = (&consume_load, config.target) {
+        announce("set_allocation", &config);
+        let workload = Arc::new(AllocationLoad {
+            clients: load.admins.clone(),
+            school_id: load.school_id.clone(),
+            teacher_ids: load.teacher_ids.clone(),
+        });
+        reports.allocation = Some(
+            Phase {
+                name: "set_allocation",
+                workload,
+            }
+            .run(&config)
+            .await?,
+        );
+    }
+    if let Some(load) = consume_load.filter(|_| config.target.runs_consume()) {
         announce("consume", &config);
         let workload = Arc::new(load);
         reports.consume = Some(
