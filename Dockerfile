@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t quotad .
-# Run:   docker run -p 50051:50051 -p 9464:9464 -v quotad-data:/var/lib/quotad quotad
+# Run:   docker run -p 50051:50051 -p 9464:9464 -v quotad-data:/var/lib/quotad -e QUOTAD_AUTH_KEY=... quotad
 
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -669,7 +669,7 @@ impl SchoolState {
         request.decided_at_ms = Some(change.at_ms);
         let mut draft = Draft::new(action, change)
             .slice(&request.teacher_id, &request.service)
-            .before("request_id", id)
+            .after("request_id", id)
             .before("status", "pending")
             .after("status", status.as_str());
         if let RequestStatus::Approved { units } = status {
