@@ -351,6 +351,37 @@ impl Engine {
             })
     }
 
+    /// Sends a change to the teacher's actor (NOT_FOUND when the teacher has
+    /// no slice) and answers once the change is durable.
+    async fn change_teacher<M, T>(
+        &self,
+        teacher: &TeacherRef,
+        service: &ServiceType,
+        msg: M,
+    ) -> Result<T, EngineError>
+    where
+        M: Message<Result = Reply<Durable<T>>> + Send + 'static,
+        TeacherActor: Handler<M>,
+        T: Send + 'static,
+    {
+        let addr = self
+            .route(teacher, Some(service))?
+            .ok_or_else(|| Self::teacher_not_found(teacher))?;
+        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        self.settle(durable).await
+    }
+
+    /// Asks the school's actor (NOT_FOUND when there is no such school).
+    async fn ask_school<M, T>(&self, school_id: &SchoolId, msg: M) -> Result<T, EngineError>
+    where
+        M: Message<Result = Reply<T>> + Send + 'static,
+        SchoolActor: Handler<M>,
+        T: Send + 'static,
+    {
+        let school = self.school(school_id)?;
+        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+    }
+
     /// The teacher's actor, or None when the teacher has no slice in the school.
     fn route(
         &self,
@@ -554,12 +585,7 @@ impl Engine {
     }
 
     pub async fn get_school(&self, school_id: &SchoolId) -> Result<SchoolView, EngineError> {
-        let school = self.school(school_id)?;
-        school
-            .addr
-            .send(GetSchool)
-            .await
-            .map_err(EngineError::mailbox)?
+        self.ask_school(school_id, GetSchool).await
     }
 
     pub async fn set_pool(
@@ -643,11 +669,8 @@ impl Engine {
         teacher: &TeacherRef,
         msg: SetStatus,
     ) -> Result<AllocationView, EngineError> {
-        let addr = self
-            .route(teacher, Some(&msg.service))?
-            .ok_or_else(|| Self::teacher_not_found(teacher))?;
-        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
-        self.settle(durable).await
+        let service = msg.service.clone();
+        self.change_teacher(teacher, &service, msg).await
     }
 
     /// Schools in id order, optionally of one tier: a page after `after`.
@@ -750,11 +773,8 @@ impl Engine {
         teacher: &TeacherRef,
         msg: RemoveSlice,
     ) -> Result<AllocationView, EngineError> {
-        let addr = self
-            .route(teacher, Some(&msg.service))?
-            .ok_or_else(|| Self::teacher_not_found(teacher))?;
-        let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
-        self.settle(durable).await
+        let service = msg.service.clone();
+        self.change_teacher(teacher, &service, msg).await
     }
 
     pub async fn list_allocations(
@@ -779,12 +799,7 @@ impl Engine {
         msg: FileRequest,
         school_id: &SchoolId,
     ) -> Result<IncreaseRequest, EngineError> {
-        let school = self.school(school_id)?;
-        let durable = school
-            .addr
-            .send(msg)
-            .await
-            .map_err(EngineError::mailbox)??;
+        let durable = self.ask_school(school_id, msg).await?;
         self.settle(durable).await
     }
 
@@ -823,12 +838,7 @@ impl Engine {
         school_id: &SchoolId,
         msg: RejectRequest,
     ) -> Result<IncreaseRequest, EngineError> {
-        let school = self.school(school_id)?;
-        let durable = school
-            .addr
-            .send(msg)
-            .await
-            .map_err(EngineError::mailbox)??;
+        let durable = self.ask_school(school_id, msg).await?;
         self.settle(durable).await
     }
 
@@ -856,8 +866,7 @@ impl Engine {
         school_id: &SchoolId,
         msg: ListRequests,
     ) -> Result<Vec<IncreaseRequest>, EngineError> {
-        let school = self.school(school_id)?;
-        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+        self.ask_school(school_id, msg).await
     }
 
     pub async fn history(
@@ -865,20 +874,14 @@ impl Engine {
         school_id: &SchoolId,
         msg: ListHistory,
     ) -> Result<(Vec<AuditEntry>, Option<u64>), EngineError> {
-        let school = self.school(school_id)?;
-        school.addr.send(msg).await.map_err(EngineError::mailbox)?
+        self.ask_school(school_id, msg).await
     }
 
     pub async fn verify_history(
         &self,
         school_id: &SchoolId,
     ) -> Result<Result<usize, Broken>, EngineError> {
-        let school = self.school(school_id)?;
-        school
-            .addr
-            .send(VerifyHistory)
-            .await
-            .map_err(EngineError::mailbox)?
+        self.ask_school(school_id, VerifyHistory).await
     }
 
     pub async fn usage_report(

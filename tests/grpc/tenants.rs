@@ -10,58 +10,8 @@ use tonic::Code;
 
 use crate::common::*;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rpc {
-    Consume,
-    Check,
-    Reserve,
-    Commit,
-    Release,
-    GetUsage,
-    CreateSchool,
-    GetSchool,
-    ListSchools,
-    UpdateSchoolSettings,
-    SetPool,
-    SetAllocation,
-    BulkSetAllocations,
-    RemoveAllocation,
-    SetAllocationStatus,
-    ListAllocations,
-    RequestIncrease,
-    ApproveRequest,
-    RejectRequest,
-    ListRequests,
-    ListHistory,
-    VerifyHistory,
-    GetUsageReport,
-}
-
-const ALL: [Rpc; 23] = [
-    Rpc::Consume,
-    Rpc::Check,
-    Rpc::Reserve,
-    Rpc::Commit,
-    Rpc::Release,
-    Rpc::GetUsage,
-    Rpc::CreateSchool,
-    Rpc::GetSchool,
-    Rpc::ListSchools,
-    Rpc::UpdateSchoolSettings,
-    Rpc::SetPool,
-    Rpc::SetAllocation,
-    Rpc::BulkSetAllocations,
-    Rpc::RemoveAllocation,
-    Rpc::SetAllocationStatus,
-    Rpc::ListAllocations,
-    Rpc::RequestIncrease,
-    Rpc::ApproveRequest,
-    Rpc::RejectRequest,
-    Rpc::ListRequests,
-    Rpc::ListHistory,
-    Rpc::VerifyHistory,
-    Rpc::GetUsageReport,
-];
+/// Every RPC, by the names the authorization rules use.
+use quotad::auth::Action as Rpc;
 
 /// Each call aims at school "a" and its teacher "t1".
 async fn call(
@@ -450,7 +400,7 @@ async fn every_role_gets_exactly_its_rights_on_every_rpc() {
             // Without a token: a client that sends no authorization header at all.
             let mut admin = QuotaAdminClient::new(channel.clone());
             let mut gate = QuotaGateClient::new(channel);
-            for rpc in ALL {
+            for &rpc in Rpc::ALL {
                 let got = outcome(&call_plain(rpc, &mut admin, &mut gate).await);
                 if got != expect(rpc) {
                     mismatches.push(format!(
@@ -463,7 +413,7 @@ async fn every_role_gets_exactly_its_rights_on_every_rpc() {
         } else {
             clients_as(server.addr, token).await
         };
-        for rpc in ALL {
+        for &rpc in Rpc::ALL {
             let got = outcome(&call(rpc, "a", &mut admin, &mut gate).await);
             if got != expect(rpc) {
                 mismatches.push(format!(
