@@ -211,15 +211,29 @@ impl QuotaAdmin for AdminService {
             Some(name) => Some(SchoolConfig::check_name(name).map_err(invalid)?),
             None => None,
         };
-        if name.is_none() && r.borrowing_enabled.is_none() && r.self_service_requests.is_none() {
+        let next_anchor = match r.billing_anchor_day {
+            Some(day) if day != 0 => Some(BillingAnchor::new(day).map_err(invalid)?),
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "billing_anchor_day: must be between 1 and 28",
+                ))
+            }
+            None => None,
+        };
+        if name.is_none()
+            && r.borrowing_enabled.is_none()
+            && r.self_service_requests.is_none()
+            && next_anchor.is_none()
+        {
             return Err(Status::invalid_argument(
-                "settings: nothing to change (set name, borrowing_enabled or self_service_requests)",
+                "settings: nothing to change (set name, borrowing_enabled, self_service_requests or billing_anchor_day)",
             ));
         }
         let msg = UpdateSettings {
             name,
             borrowing_enabled: r.borrowing_enabled,
             self_service_requests: r.self_service_requests,
+            next_anchor,
             change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
                 .map_err(invalid)?,
         };

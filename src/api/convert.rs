@@ -130,6 +130,7 @@ pub fn school(view: SchoolView) -> proto::School {
         cycle_end_ms: view.cycle.end_ms,
         teacher_count: u32::try_from(view.teacher_count).unwrap_or(u32::MAX),
         self_service_requests: view.config.self_service_requests,
+        next_billing_anchor_day: view.next_anchor.map_or(0, |a| a.day()),
     }
 }
 

@@ -393,6 +393,9 @@ struct SchoolSettingsArgs {
     /// Let teachers file requests for more units.
     #[arg(long, value_enum, group = "setting")]
     self_service: Option<OnOff>,
+    /// Day of month (1-28, UTC) billing cycles start on; takes effect at the next rollover.
+    #[arg(long, group = "setting", value_parser = clap::value_parser!(u32).range(1..=28))]
+    anchor_day: Option<u32>,
     /// The school's new name.
     #[arg(long, group = "setting")]
     name: Option<String>,
@@ -1222,6 +1225,7 @@ async fn update_school_settings(
         school_id: args.school_id,
         borrowing_enabled: args.borrowing.map(OnOff::is_on),
         self_service_requests: args.self_service.map(OnOff::is_on),
+        billing_anchor_day: args.anchor_day,
         name: args.name,
         changed_by: args.audit.changed_by.unwrap_or_default(),
         reason: args.audit.reason.unwrap_or_default(),
@@ -1504,6 +1508,7 @@ impl ToJson for School {
             "name": self.name,
             "tier": self.tier,
             "billing_anchor_day": self.billing_anchor_day,
+            "next_billing_anchor_day": self.next_billing_anchor_day,
             "borrowing_enabled": self.borrowing_enabled,
             "pools": self.pools.iter().map(ToJson::to_json).collect::<Vec<_>>(),
             "cycle_start_ms": self.cycle_start_ms,
@@ -1827,7 +1832,10 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 impl Render for School {
     fn render(&self) -> String {
         let rows: Vec<Vec<String>> = self.pools.iter().map(pool_row).collect();
-        let anchor_day = self.billing_anchor_day.to_string();
+        let mut anchor_day = self.billing_anchor_day.to_string();
+        if self.next_billing_anchor_day != 0 {
+            anchor_day += &format!(" ({} from the next cycle)", self.next_billing_anchor_day);
+        }
         format!(
             "school        {} ({})\ntier          {}\nanchor day    {}\nborrowing     {}\n\
              self-service  {}\nteachers      {}\ncycle         {} .. {}\n\n{}",

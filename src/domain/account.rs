@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::cycle::{BillingAnchor, Cycle, TimestampMs};
+use super::cycle::{next_cycle, BillingAnchor, Cycle, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -119,6 +119,8 @@ pub struct TeacherAccount {
     pub school_id: SchoolId,
     pub teacher_id: TeacherId,
     pub anchor: BillingAnchor,
+    /// An anchor that takes effect when the next cycle starts.
+    pub next_anchor: Option<BillingAnchor>,
     pub cycle_start_ms: TimestampMs,
     pub slices: BTreeMap<ServiceType, Slice>,
     pub reservations: HashMap<ReservationId, Reservation>,
@@ -143,6 +145,7 @@ impl TeacherAccount {
             school_id,
             teacher_id,
             anchor,
+            next_anchor: None,
             cycle_start_ms,
             slices: BTreeMap::new(),
             reservations: HashMap::new(),
@@ -152,17 +155,29 @@ impl TeacherAccount {
     }
 
     pub fn cycle(&self) -> Result<Cycle, InvalidInput> {
-        self.anchor.cycle_at(self.cycle_start_ms)
+        self.anchor.cycle_from(self.cycle_start_ms)
+    }
+
+    /// The cycle that holds `now_ms`, when it is newer than the current one.
+    pub fn due_cycle(&self, now_ms: TimestampMs) -> Result<Option<Cycle>, InvalidInput> {
+        next_cycle(
+            self.cycle()?,
+            self.next_anchor.unwrap_or(self.anchor),
+            now_ms,
+        )
     }
 
     /// Moves the account to the cycle that holds `now_ms` if that cycle is
     /// newer. Deterministic, so the log's replay reaches the same state.
     pub fn roll_if_due(&mut self, now_ms: TimestampMs) -> Result<(), InvalidInput> {
-        let cycle = self.anchor.cycle_at(now_ms)?;
-        self.roll_to(cycle.start_ms);
+        if let Some(cycle) = self.due_cycle(now_ms)? {
+            self.roll_to(cycle.start_ms);
+        }
         Ok(())
     }
 
+    /// Starts the cycle that begins at `cycle_start_ms` (if it is newer); a
+    /// pending anchor takes effect with it.
     pub fn roll_to(&mut self, cycle_start_ms: TimestampMs) {
         if cycle_start_ms <= self.cycle_start_ms {
             return;
@@ -171,6 +186,9 @@ impl TeacherAccount {
             slice.roll(self.cycle_start_ms);
         }
         self.cycle_start_ms = cycle_start_ms;
+        if let Some(anchor) = self.next_anchor.take() {
+            self.anchor = anchor;
+        }
     }
 
     /// The quota check: may `units` more be used now?

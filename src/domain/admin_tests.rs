@@ -518,3 +518,95 @@ fn a_removed_slice_returns_its_units_to_the_pool() {
     assert_eq!(last.before["allocated_units"], "60");
     assert!(last.after.is_empty());
 }
+
+#[test]
+fn a_new_anchor_takes_effect_when_the_current_cycle_ends() {
+    use super::cycle::next_cycle;
+    let anchor_1 = BillingAnchor::new(1).unwrap();
+    let anchor_15 = BillingAnchor::new(15).unwrap();
+    let november = anchor_1.cycle_at(ms("2026-11-20T00:00:00Z")).unwrap();
+    // No change: the same cycles as the anchor alone gives.
+    assert_eq!(
+        next_cycle(november, anchor_1, ms("2026-11-30T23:59:59Z")).unwrap(),
+        None
+    );
+    assert_eq!(
+        next_cycle(november, anchor_1, ms("2026-12-01T00:00:00Z")).unwrap(),
+        Some(anchor_1.cycle_at(ms("2026-12-01T00:00:00Z")).unwrap())
+    );
+    // From the 1st to the 15th: November runs out whole, then a short cycle to the 15th.
+    let switch = next_cycle(november, anchor_15, ms("2026-12-01T00:00:00Z"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (switch.start_ms, switch.end_ms),
+        (ms("2026-12-01T00:00:00Z"), ms("2026-12-15T00:00:00Z"))
+    );
+    let after = next_cycle(switch, anchor_15, ms("2026-12-15T00:00:00Z"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (after.start_ms, after.end_ms),
+        (ms("2026-12-15T00:00:00Z"), ms("2027-01-15T00:00:00Z"))
+    );
+    // Nobody called for weeks: the cycle that holds now, never one that starts before November ended.
+    let late = next_cycle(november, anchor_15, ms("2026-12-20T00:00:00Z"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.start_ms, ms("2026-12-15T00:00:00Z"));
+
+    // Through the records: the school and its accounts switch together, and it is audited.
+    let mut log = Log::new(Tier::K12, false);
+    log.allocate(
+        "ms-lee",
+        "claude_messages",
+        10,
+        ms("2026-11-02T00:00:00Z"),
+        None,
+    );
+    log.apply(Record::SettingsSet {
+        school_id: school_id(),
+        name: None,
+        borrowing_enabled: None,
+        self_service_requests: None,
+        next_anchor: Some(anchor_15),
+        change: change(
+            "principal",
+            "align with the fiscal month",
+            ms("2026-11-20T00:00:00Z"),
+        ),
+    });
+    assert_eq!(log.school().next_anchor, Some(anchor_15));
+    assert_eq!(
+        log.school().cycle().unwrap(),
+        november,
+        "the current cycle is not cut short"
+    );
+    let account = &log.state.accounts[&(school_id(), teacher("ms-lee"))];
+    assert_eq!(account.next_anchor, Some(anchor_15));
+    let last = log.school().history.entries().last().unwrap();
+    assert_eq!(
+        (
+            last.before["billing_anchor_day"].as_str(),
+            last.after["next_billing_anchor_day"].as_str()
+        ),
+        ("1", "15")
+    );
+    log.apply(Record::CycleRolledOver {
+        school_id: school_id(),
+        from_start_ms: november.start_ms,
+        to_start_ms: switch.start_ms,
+        at_ms: switch.start_ms,
+    });
+    assert_eq!(
+        (log.school().config.anchor, log.school().next_anchor),
+        (anchor_15, None)
+    );
+    assert_eq!(log.school().cycle().unwrap(), switch);
+    assert_eq!(log.school().previous_cycle_start_ms, november.start_ms);
+    let account = &log.state.accounts[&(school_id(), teacher("ms-lee"))];
+    assert_eq!(
+        (account.anchor, account.cycle().unwrap()),
+        (anchor_15, switch)
+    );
+}

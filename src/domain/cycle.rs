@@ -28,6 +28,25 @@ impl Cycle {
     }
 }
 
+/// The cycle after `current` that holds `now_ms`, under `anchor` (the one in
+/// effect from the next cycle on); None while `now_ms` is still in `current`.
+/// The new cycle never starts before `current` ends, so a change of anchor
+/// neither cuts a cycle short nor resets usage early.
+pub fn next_cycle(
+    current: Cycle,
+    anchor: BillingAnchor,
+    now_ms: TimestampMs,
+) -> Result<Option<Cycle>, InvalidInput> {
+    if now_ms < current.end_ms {
+        return Ok(None);
+    }
+    let holding = anchor.cycle_at(now_ms)?;
+    Ok(Some(Cycle {
+        start_ms: holding.start_ms.max(current.end_ms),
+        end_ms: holding.end_ms,
+    }))
+}
+
 impl Default for BillingAnchor {
     fn default() -> Self {
         Self(1)
@@ -49,6 +68,14 @@ impl BillingAnchor {
 
     pub fn day(self) -> u32 {
         u32::from(self.0)
+    }
+
+    /// The cycle that starts at `start_ms` and ends at this anchor's next
+    /// boundary. `start_ms` is this anchor's day, except for the first cycle
+    /// after a change of anchor, which starts on the old anchor's day.
+    pub fn cycle_from(self, start_ms: TimestampMs) -> Result<Cycle, InvalidInput> {
+        let end_ms = self.cycle_at(start_ms)?.end_ms;
+        Ok(Cycle { start_ms, end_ms })
     }
 
     /// The cycle that contains `at_ms`.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::cycle::TimestampMs;
+use super::cycle::{BillingAnchor, TimestampMs};
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::requests::RequestOutcome;
 use super::school::SchoolConfig;
@@ -149,6 +149,8 @@ pub enum Record {
         name: Option<Arc<str>>,
         borrowing_enabled: Option<bool>,
         self_service_requests: Option<bool>,
+        /// The billing anchor from the next cycle on.
+        next_anchor: Option<BillingAnchor>,
         change: Change,
     },
     /// A slice returned its units to the pool and is gone.

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::account::TeacherAccount;
 use super::audit::{AuditAction, AuditTrail, Draft};
-use super::cycle::{BillingAnchor, Cycle, TimestampMs};
+use super::cycle::{next_cycle, BillingAnchor, Cycle, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -131,7 +132,11 @@ pub struct SliceTerms {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SchoolState {
     pub config: SchoolConfig,
+    /// A billing anchor that takes effect when the next cycle starts.
+    pub next_anchor: Option<BillingAnchor>,
     pub cycle_start_ms: TimestampMs,
+    /// When the cycle before the current one started (0 before the first rollover).
+    pub previous_cycle_start_ms: TimestampMs,
     pub pools: BTreeMap<ServiceType, Pool>,
     pub slices: BTreeMap<(TeacherId, ServiceType), SliceTerms>,
     pub requests: BTreeMap<u64, IncreaseRequest>,
@@ -158,7 +163,9 @@ impl SchoolState {
             .collect();
         Self {
             config,
+            next_anchor: None,
             cycle_start_ms,
+            previous_cycle_start_ms: 0,
             pools,
             slices: BTreeMap::new(),
             requests: BTreeMap::new(),
@@ -167,7 +174,19 @@ impl SchoolState {
     }
 
     pub fn cycle(&self) -> Result<Cycle, InvalidInput> {
-        self.config.anchor.cycle_at(self.cycle_start_ms)
+        self.config.anchor.cycle_from(self.cycle_start_ms)
+    }
+
+    /// A new account for a teacher of this school, in the school's cycle.
+    pub fn new_account(&self, teacher_id: TeacherId) -> TeacherAccount {
+        let mut account = TeacherAccount::new(
+            self.config.id.clone(),
+            teacher_id,
+            self.config.anchor,
+            self.cycle_start_ms,
+        );
+        account.next_anchor = self.next_anchor;
+        account
     }
 
     pub fn pool(&self, service: &ServiceType) -> Result<&Pool, RuleError> {
@@ -181,8 +200,11 @@ impl SchoolState {
 
     /// The cycle that holds `now_ms`, when it is newer than the current one.
     pub fn due_cycle(&self, now_ms: TimestampMs) -> Result<Option<Cycle>, InvalidInput> {
-        let cycle = self.config.anchor.cycle_at(now_ms)?;
-        Ok((cycle.start_ms > self.cycle_start_ms).then_some(cycle))
+        next_cycle(
+            self.cycle()?,
+            self.next_anchor.unwrap_or(self.config.anchor),
+            now_ms,
+        )
     }
 
     /// Checks a new cycle size for a pool: more types than allowed, or fewer
@@ -394,7 +416,11 @@ impl SchoolState {
         if cycle_start_ms <= self.cycle_start_ms {
             return;
         }
+        self.previous_cycle_start_ms = self.cycle_start_ms;
         self.cycle_start_ms = cycle_start_ms;
+        if let Some(anchor) = self.next_anchor.take() {
+            self.config.anchor = anchor;
+        }
         for terms in self.slices.values_mut() {
             if !terms.auto_renew {
                 terms.allocated_units = 0;
@@ -527,10 +553,17 @@ impl SchoolState {
                 name,
                 borrowing_enabled,
                 self_service_requests,
+                next_anchor,
                 change,
                 ..
             } => {
                 let mut draft = Draft::new(AuditAction::SettingsSet, change);
+                if let Some(anchor) = next_anchor {
+                    draft = draft
+                        .before("billing_anchor_day", self.config.anchor.day())
+                        .after("next_billing_anchor_day", anchor.day());
+                    self.next_anchor = Some(*anchor);
+                }
                 if let Some(name) = name {
                     draft = draft.before("name", &self.config.name).after("name", name);
                     self.config.name = name.clone();

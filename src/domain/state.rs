@@ -62,39 +62,33 @@ impl State {
         match record.teacher_id() {
             Some(teacher_id) => {
                 let key = (school.config.id.clone(), teacher_id.clone());
-                let (anchor, cycle_start_ms) = (school.config.anchor, school.cycle_start_ms);
                 self.accounts
                     .entry(key)
-                    .or_insert_with(|| {
-                        TeacherAccount::new(
-                            school.config.id.clone(),
-                            teacher_id.clone(),
-                            anchor,
-                            cycle_start_ms,
-                        )
-                    })
+                    .or_insert_with(|| school.new_account(teacher_id.clone()))
                     .apply(wal_seq, record);
             }
             None => {
                 if let Record::AllocationsSet { slices, .. } = record {
-                    let (anchor, cycle_start_ms) = (school.config.anchor, school.cycle_start_ms);
                     for slice in slices {
                         let key = (school.config.id.clone(), slice.teacher_id.clone());
                         self.accounts
                             .entry(key)
-                            .or_insert_with(|| {
-                                TeacherAccount::new(
-                                    school.config.id.clone(),
-                                    slice.teacher_id.clone(),
-                                    anchor,
-                                    cycle_start_ms,
-                                )
-                            })
+                            .or_insert_with(|| school.new_account(slice.teacher_id.clone()))
                             .apply(wal_seq, record);
                     }
                 }
+                if let Record::SettingsSet {
+                    next_anchor: Some(anchor),
+                    ..
+                } = record
+                {
+                    let id = record.school_id().clone();
+                    for account in self.accounts_of_mut(&id) {
+                        account.next_anchor = Some(*anchor);
+                    }
+                }
                 if let Record::CycleRolledOver { to_start_ms, .. } = record {
-                    let id = school.config.id.clone();
+                    let id = record.school_id().clone();
                     for account in self.accounts_of_mut(&id) {
                         account.roll_to(*to_start_ms);
                     }

@@ -10,8 +10,9 @@ use super::views::{
 use super::EngineError;
 use crate::domain::audit::Broken;
 use crate::domain::{
-    AuditEntry, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest, IncreaseRequest,
-    Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus, TeacherId, TimestampMs,
+    AuditEntry, BillingAnchor, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest,
+    IncreaseRequest, Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus,
+    TeacherId, TimestampMs,
 };
 
 pub type Reply<T> = Result<T, EngineError>;
@@ -158,8 +159,15 @@ pub struct UpdateSettings {
     pub name: Option<Arc<str>>,
     pub borrowing_enabled: Option<bool>,
     pub self_service_requests: Option<bool>,
+    /// From the next cycle on.
+    pub next_anchor: Option<BillingAnchor>,
     pub change: Change,
 }
+
+/// From the school to a teacher: the billing anchor from the next cycle on.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct SetNextAnchor(pub BillingAnchor);
 
 /// A teacher asks for more units.
 #[derive(Message, Debug, Clone)]

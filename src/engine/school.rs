@@ -22,7 +22,7 @@ use crate::domain::audit::Broken;
 use crate::domain::school::SYSTEM_ACTOR;
 use crate::domain::{
     AuditEntry, Change, Cycle, Grant, IncreaseRequest, Pool, Record, RequestOutcome, RuleError,
-    SchoolState, ServiceType, SliceTerms, TeacherAccount, TeacherId, TimestampMs,
+    SchoolState, ServiceType, SliceTerms, TeacherId, TimestampMs,
 };
 use crate::telemetry;
 
@@ -123,12 +123,7 @@ impl SchoolActor {
         if let Some(addr) = self.teachers.get(&teacher_id) {
             return addr.clone();
         }
-        let account = TeacherAccount::new(
-            self.school.config.id.clone(),
-            teacher_id.clone(),
-            self.school.config.anchor,
-            self.school.cycle_start_ms,
-        );
+        let account = self.school.new_account(teacher_id.clone());
         let addr = self.core.spawn_teacher(account, ctx.address());
         self.teachers.insert(teacher_id, addr.clone());
         addr
@@ -182,9 +177,18 @@ impl SchoolActor {
         if !previous {
             return Ok(current);
         }
-        let before = self.school.config.anchor.cycle_at(current.start_ms - 1)?;
+        let start_ms = match self.school.previous_cycle_start_ms {
+            0 => {
+                self.school
+                    .config
+                    .anchor
+                    .cycle_at(current.start_ms - 1)?
+                    .start_ms
+            }
+            start_ms => start_ms,
+        };
         Ok(Cycle {
-            start_ms: before.start_ms,
+            start_ms,
             end_ms: current.start_ms,
         })
     }
@@ -354,16 +358,25 @@ impl Handler<UpdateSettings> for SchoolActor {
     type Result = Reply<u64>;
 
     fn handle(&mut self, msg: UpdateSettings, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |act| {
+        let next_anchor = msg.next_anchor;
+        let wal_seq = self.guarded(ctx, |act| {
             let record = Record::SettingsSet {
                 school_id: act.school.config.id.clone(),
                 name: msg.name,
                 borrowing_enabled: msg.borrowing_enabled,
                 self_service_requests: msg.self_service_requests,
+                next_anchor: msg.next_anchor,
                 change: msg.change,
             };
             act.write(&record)
-        })
+        })?;
+        // Teachers roll by themselves too: they must know where the next cycle ends.
+        if let Some(anchor) = next_anchor {
+            for teacher in self.teachers.values() {
+                teacher.do_send(SetNextAnchor(anchor));
+            }
+        }
+        Ok(wal_seq)
     }
 }
 
@@ -627,10 +640,12 @@ impl Handler<GetSchool> for SchoolActor {
         };
         let used = self.used_units();
         let pools = self.school.pools.clone();
+        let next_anchor = self.school.next_anchor;
         Box::pin(async move {
             let pools = pool_views(&pools, &used.await?);
             Ok(SchoolView {
                 config,
+                next_anchor,
                 cycle,
                 pools,
                 teacher_count,

@@ -142,8 +142,7 @@ impl TeacherActor {
 
     /// What is due before any call: a new cycle, expired holds.
     fn housekeep(&mut self, now_ms: TimestampMs) -> Reply<()> {
-        let cycle = self.account.anchor.cycle_at(now_ms)?;
-        if cycle.start_ms > self.account.cycle_start_ms {
+        if let Some(cycle) = self.account.due_cycle(now_ms)? {
             self.account.roll_to(cycle.start_ms);
             // The school rolls on its own timer too; a full mailbox only delays it.
             let _ = self.school.try_send(RollIfDue);
@@ -590,6 +589,14 @@ impl Handler<RemoveSlice> for TeacherActor {
             Ok(()) => self.change_slice(ctx, msg.service, SliceChange::Remove, msg.change, true),
             Err(error) => ActorResponse::reply(Err(error)),
         }
+    }
+}
+
+impl Handler<SetNextAnchor> for TeacherActor {
+    type Result = ();
+
+    fn handle(&mut self, SetNextAnchor(anchor): SetNextAnchor, _: &mut Context<Self>) {
+        self.account.next_anchor = Some(anchor);
     }
 }
 

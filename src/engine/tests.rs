@@ -466,6 +466,7 @@ async fn a_pending_request_expires_after_seven_days_on_the_timer_and_is_audited(
         name: None,
         borrowing_enabled: None,
         self_service_requests: Some(true),
+        next_anchor: None,
         change: change(),
     };
     h.engine
@@ -575,5 +576,73 @@ async fn the_previous_cycle_report_shows_what_was_used_before_the_rollover() {
     assert_eq!(
         (before.rows[0].allocated_units, before.rows[0].used_units),
         (10, 4)
+    );
+}
+
+#[actix_rt::test]
+async fn a_changed_anchor_moves_the_next_rollover_and_teachers_follow() {
+    use crate::domain::cycle::ms;
+    let clock = Clock::manual(ms("2026-11-20T12:00:00Z"));
+    let h = start(MemoryLog::default(), clock.clone()).await;
+    school(&h, 100, false).await;
+    let msg = SetAllocation {
+        service: service(),
+        allocated_units: 10,
+        priority: Some(Priority::Normal),
+        auto_renew: true,
+        change: change(),
+        managed: true,
+    };
+    h.engine.set_allocation(&teacher("t1"), msg).await.unwrap();
+    h.engine
+        .consume(&teacher("t1"), consume(4, "e1"))
+        .await
+        .unwrap();
+    let school_id = SchoolId::parse("school").unwrap();
+    let settings = UpdateSettings {
+        name: None,
+        borrowing_enabled: None,
+        self_service_requests: None,
+        next_anchor: Some(BillingAnchor::new(15).unwrap()),
+        change: change(),
+    };
+    let view = h
+        .engine
+        .update_settings(&school_id, settings)
+        .await
+        .unwrap();
+    assert_eq!(
+        view.cycle.end_ms,
+        ms("2026-12-01T00:00:00Z"),
+        "November is not cut short"
+    );
+    assert_eq!(view.next_anchor.map(BillingAnchor::day), Some(15));
+
+    clock.advance(ms("2026-12-01T01:00:00Z") - ms("2026-11-20T12:00:00Z"));
+    let usage = h.engine.usage(&teacher("t1")).await.unwrap();
+    assert_eq!(
+        (usage.cycle.start_ms, usage.cycle.end_ms),
+        (ms("2026-12-01T00:00:00Z"), ms("2026-12-15T00:00:00Z"))
+    );
+    assert_eq!(usage.services[0].used_units, 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let view = h.engine.get_school(&school_id).await.unwrap();
+    assert_eq!((view.config.anchor.day(), view.next_anchor), (15, None));
+    assert_eq!(view.cycle.end_ms, ms("2026-12-15T00:00:00Z"));
+
+    h.engine
+        .consume(&teacher("t1"), consume(2, "e2"))
+        .await
+        .unwrap();
+    clock.advance(ms("2026-12-15T00:00:01Z") - ms("2026-12-01T01:00:00Z"));
+    let usage = h.engine.usage(&teacher("t1")).await.unwrap();
+    assert_eq!(usage.cycle.start_ms, ms("2026-12-15T00:00:00Z"));
+    assert_eq!(usage.cycle.end_ms, ms("2027-01-15T00:00:00Z"));
+    assert_eq!(
+        (
+            usage.services[0].used_units,
+            usage.services[0].previous.used_units
+        ),
+        (0, 2)
     );
 }

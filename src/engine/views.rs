@@ -62,6 +62,7 @@ pub struct PoolView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchoolView {
     pub config: SchoolConfig,
+    pub next_anchor: Option<crate::domain::BillingAnchor>,
     pub cycle: Cycle,
     pub pools: Vec<PoolView>,
     pub teacher_count: usize,

@@ -9,6 +9,7 @@ use crate::common::*;
 fn settings(school_id: &str) -> UpdateSchoolSettingsRequest {
     UpdateSchoolSettingsRequest {
         school_id: school_id.into(),
+        billing_anchor_day: None,
         borrowing_enabled: None,
         self_service_requests: None,
         name: None,

@@ -101,6 +101,7 @@ async fn call(
         Rpc::UpdateSchoolSettings => admin
             .update_school_settings(UpdateSchoolSettingsRequest {
                 school_id: s(),
+                billing_anchor_day: None,
                 borrowing_enabled: Some(false),
                 self_service_requests: None,
                 name: None,
@@ -295,6 +296,7 @@ async fn every_role_gets_exactly_its_rights_on_every_rpc() {
             .unwrap();
         root.update_school_settings(UpdateSchoolSettingsRequest {
             school_id: school.into(),
+            billing_anchor_day: None,
             borrowing_enabled: None,
             self_service_requests: Some(true),
             name: None,
