@@ -27,7 +27,20 @@ pub const SERVICE: &str = "claude_messages";
 /// The key test servers sign tokens with.
 pub const KEY: &str = "a test key of at least thirty-two bytes";
 
-pub type Authed = InterceptedService<Channel, BearerToken>;
+pub type Authed = InterceptedService<Channel, MaybeToken>;
+
+/// Sends a bearer token with every call, or no authorization at all.
+#[derive(Clone)]
+pub struct MaybeToken(Option<BearerToken>);
+
+impl tonic::service::Interceptor for MaybeToken {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        match &mut self.0 {
+            Some(token) => token.call(request),
+            None => Ok(request),
+        }
+    }
+}
 pub type AdminClient = QuotaAdminClient<Authed>;
 pub type GateClient = QuotaGateClient<Authed>;
 
@@ -51,14 +64,14 @@ pub fn admin_token() -> String {
     token("test-admin", Role::Admin, &[])
 }
 
-/// Clients that send `token` with every call.
+/// Clients that send `token` with every call ("": no authorization header).
 pub async fn clients_as(addr: SocketAddr, token: &str) -> (AdminClient, GateClient) {
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let bearer = BearerToken::new(token).unwrap();
+    let bearer = MaybeToken((!token.is_empty()).then(|| BearerToken::new(token).unwrap()));
     (
         QuotaAdminClient::with_interceptor(channel.clone(), bearer.clone()),
         QuotaGateClient::with_interceptor(channel, bearer),
