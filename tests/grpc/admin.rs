@@ -4,7 +4,7 @@
 use quotad::proto::*;
 use tonic::Code;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 fn settings(school_id: &str) -> UpdateSchoolSettingsRequest {
     UpdateSchoolSettingsRequest {
@@ -262,13 +262,7 @@ async fn bulk_allocation_is_all_or_nothing() {
             ("c".to_string(), 40)
         ]
     );
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     assert_eq!(school.pools[0].allocated_units, 100);
     // The teachers' actors have the new terms: c can spend its 40.
     let mut gate = server.gate().await;
@@ -306,13 +300,7 @@ async fn a_removed_slice_returns_its_units_unless_it_was_used() {
     let used = admin.remove_allocation(remove("b")).await.unwrap_err();
     assert_eq!(used.code(), Code::FailedPrecondition, "{used:?}");
     admin.remove_allocation(remove("a")).await.unwrap();
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     assert_eq!(
         (
             school.pools[0].allocated_units,
@@ -580,14 +568,7 @@ async fn an_individual_account_has_the_whole_pool_and_no_allocation_management()
     let server = TestServer::start(&data).await;
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
     create_school_of(&mut admin, "sam", "individual", 50).await;
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "sam".into(),
-            teacher_id: "sam".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "sam", "sam").await;
     assert_eq!(
         (
             usage.services[0].allocated_units,
@@ -750,13 +731,7 @@ async fn concurrent_admin_changes_and_consumes_never_over_allocate_the_pool() {
     for task in tasks {
         task.await.unwrap();
     }
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     let listed: u64 = allocations(&mut admin, "oak")
         .await
         .iter()

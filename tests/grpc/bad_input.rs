@@ -3,7 +3,7 @@
 use quotad::proto::*;
 use tonic::Code;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 /// A school "oak" with ms-lee holding 10 units, and one charged unit to compare against.
 async fn setup(server: &TestServer) {
@@ -29,14 +29,7 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
 
 async fn assert_unchanged(server: &TestServer) {
     let mut gate = server.gate().await;
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     let s = &usage.services[0];
     assert_eq!(
         (s.allocated_units, s.used_units, s.reserved_units),

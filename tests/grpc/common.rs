@@ -331,3 +331,25 @@ pub async fn create_school_of(
         .await
         .unwrap();
 }
+
+/// A teacher's usage view (the call must succeed).
+pub async fn usage(gate: &mut GateClient, school_id: &str, teacher_id: &str) -> GetUsageResponse {
+    gate.get_usage(GetUsageRequest {
+        school_id: school_id.into(),
+        teacher_id: teacher_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A school with its pools (the call must succeed).
+pub async fn school(admin: &mut AdminClient, school_id: &str) -> School {
+    admin
+        .get_school(GetSchoolRequest {
+            school_id: school_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}

@@ -3,7 +3,7 @@
 use quotad::proto::*;
 use tonic::Code;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 fn decision_of(r: tonic::Response<ConsumeResponse>) -> Decision {
     r.into_inner()
@@ -67,14 +67,7 @@ async fn consume_until_denied_and_every_view_agrees() {
         .allowed
     );
 
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     let s = &usage.services[0];
     assert_eq!(
         (
@@ -87,13 +80,7 @@ async fn consume_until_denied_and_every_view_agrees() {
     );
     assert!(usage.cycle_end_ms > usage.cycle_start_ms);
 
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     let pool = school
         .pools
         .iter()
@@ -231,14 +218,7 @@ async fn reserve_holds_units_commit_charges_the_actual_and_release_frees() {
         .unwrap()
         .into_inner();
     assert_eq!((freed.released, freed.released_units), (true, 30));
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     assert_eq!(
         (
             usage.services[0].used_units,
@@ -258,14 +238,7 @@ async fn reserve_holds_units_commit_charges_the_actual_and_release_frees() {
         (over.charged_units, over.overage_units, over.remaining_units),
         (70, 20, 0)
     );
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     assert_eq!(
         (
             usage.services[0].used_units,
@@ -318,13 +291,7 @@ async fn high_priority_teachers_borrow_unallocated_units_when_the_school_allows_
     let d = decision_of(gate.consume(consume("oak", "high", 5, "h3")).await.unwrap());
     assert!(d.allowed && d.borrowed_units == 5, "{d:?}");
 
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     let pool = &school.pools[0];
     assert_eq!(
         (pool.allocated_units, pool.borrowed_units, pool.used_units),
@@ -386,13 +353,7 @@ async fn a_suspended_slice_denies_and_keeps_its_units_until_reactivated() {
             .unwrap(),
     );
     assert_eq!((d.allowed, d.reason()), (false, DenyReason::Suspended));
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     assert_eq!(
         school.pools[0].allocated_units, 10,
         "a suspended slice keeps its units"
@@ -454,13 +415,7 @@ async fn slices_never_add_up_to_more_than_the_pool() {
         .unwrap_err();
     assert_eq!(shrink.code(), Code::FailedPrecondition);
     assert!(shrink.message().contains("10"), "{}", shrink.message());
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     assert_eq!(
         (school.pools[0].cycle_units, school.pools[0].allocated_units),
         (100, 100)

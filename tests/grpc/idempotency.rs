@@ -2,7 +2,7 @@
 
 use quotad::proto::*;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 #[tokio::test]
 async fn a_retried_event_returns_the_first_decision_and_charges_nothing() {
@@ -113,14 +113,7 @@ async fn ids_survive_a_graceful_restart() {
             .unwrap();
         assert!(d.allowed && d.duplicate, "evt-{i} after restart: {d:?}");
     }
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     assert_eq!(
         (
             usage.services[0].used_units,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use quotad::proto::*;
 
-use crate::common::*;
+use crate::common::{self, *};
 
 const CLIENTS: usize = 64;
 const TEACHERS: usize = 8;
@@ -89,13 +89,7 @@ async fn sixty_four_clients_get_exactly_the_allocated_units() {
         high_total,
         SLICE * (TEACHERS as u64 / 2) + (POOL - SLICE * TEACHERS as u64)
     );
-    let school = admin
-        .get_school(GetSchoolRequest {
-            school_id: "oak".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let school = common::school(&mut admin, "oak").await;
     let pool = &school.pools[0];
     assert_eq!(
         (pool.used_units, pool.borrowed_units, pool.available_units),
@@ -155,14 +149,7 @@ async fn concurrent_reservations_never_hold_more_than_the_slice() {
         task.await.unwrap();
     }
     let mut gate = server.gate().await;
-    let usage = gate
-        .get_usage(GetUsageRequest {
-            school_id: "oak".into(),
-            teacher_id: "ms-lee".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
     let reserved = usage.services[0].reserved_units;
     assert_eq!(reserved, held.load(Ordering::Relaxed));
     assert!(
