@@ -35,11 +35,29 @@ pub struct SledLog {
 
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
 
+/// How long [`SledLog::open`] waits for another holder of the lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledLog {
+    /// Opens (or creates) the database. sled holds an exclusive file lock;
+    /// a quotad that has just stopped may take a moment to let go of it (its
+    /// last I/O finishes on sled's own threads), so a held lock is waited for
+    /// up to [`LOCK_WAIT`] before the open fails.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        // sled flushes on its own every 500 ms by default; quotad flushes
-        // itself (group commit), so that a flush means "these are durable".
-        let db = sled::Config::new().path(path).flush_every_ms(None).open()?;
+        let started = std::time::Instant::now();
+        let db = loop {
+            // sled flushes on its own every 500 ms by default; quotad flushes
+            // itself (group commit), so that a flush means "these are durable".
+            match sled::Config::new().path(path).flush_every_ms(None).open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => break opened?,
+            }
+        };
         let wal = db.open_tree("wal")?;
         let meta = db.open_tree("meta")?;
         Ok(Self { db, wal, meta })
