@@ -3,6 +3,7 @@
 //! - [`domain`]: the quota rules (pools, slices, cycles, reservations, idempotency), free of I/O.
 //! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
 //! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
+//! - [`postgres`]: the long-term store's schema and migrations.
 //! - [`api`]: the gRPC services and the one place where errors become statuses.
 //! - [`auth`]: bearer tokens (HS256 JWTs), the caller they name, and what each role may do.
 #![deny(clippy::unwrap_used)]
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod postgres;
 pub mod server;
 pub mod storage;
 pub mod telemetry;

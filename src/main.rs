@@ -36,6 +36,15 @@ enum Command {
     Serve(ServeArgs),
     /// Print a signed bearer token, for local use and scripts.
     Token(TokenArgs),
+    /// Create or update quotad's tables and views in Postgres.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// e.g. postgres://quotad@127.0.0.1:5432/quotad
+    #[arg(long, env = "QUOTAD_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
 }
 
 /// The key comes from the same places as the server's.
@@ -145,6 +154,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => run(args),
         Command::Token(args) => token(args),
+        Command::Migrate(args) => migrate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -153,6 +163,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut client = quotad::postgres::connect(&args.database_url).await?;
+        let applied = quotad::postgres::migrate(&mut client).await?;
+        match applied.as_slice() {
+            [] => println!("the schema is up to date"),
+            versions => println!("applied migrations {versions:?}"),
+        }
+        Ok(())
+    })
 }
 
 fn token(args: TokenArgs) -> Result<(), Box<dyn std::error::Error>> {

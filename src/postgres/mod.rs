@@ -1,0 +1,94 @@
+//! Postgres, quotad's long-term store: the schema (with the original system's
+//! table names) and its migrations. Applied in order, each in a transaction,
+//! each once; a lock keeps two quotads from migrating at the same time.
+
+use thiserror::Error;
+use tokio_postgres::{Client, NoTls};
+
+/// Every migration, in order. Append only: a shipped migration never changes.
+pub const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "schema", include_str!("migrations/0001_schema.sql"))];
+
+/// An arbitrary, fixed key for `pg_advisory_xact_lock`.
+const MIGRATION_LOCK: i64 = 0x7175_6f74_6164; // "quotad"
+
+#[derive(Debug, Error)]
+pub enum PostgresError {
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("Postgres: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error(
+        "the database has migration {found}, newer than this quotad knows ({known}): run a newer quotad"
+    )]
+    TooNew { found: i32, known: i32 },
+}
+
+/// Connects; the connection is driven by a task on the current runtime.
+pub async fn connect(url: &str) -> Result<Client, PostgresError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(PostgresError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::error!(%error, "Postgres connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the migrations the database does not have yet, all in one
+/// transaction under an advisory lock (two quotads starting together take
+/// turns); returns the versions applied now.
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, PostgresError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS quotad_schema_migrations (
+             version    integer     PRIMARY KEY,
+             name       text        NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let known = MIGRATIONS.last().map_or(0, |(v, _, _)| *v);
+    let newest: Option<i32> = tx
+        .query_one("SELECT max(version) FROM quotad_schema_migrations", &[])
+        .await?
+        .get(0);
+    if let Some(found) = newest.filter(|found| *found > known) {
+        return Err(PostgresError::TooNew { found, known });
+    }
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        if newest.is_some_and(|newest| version <= newest) {
+            continue;
+        }
+        let failed = |source| PostgresError::Migration {
+            version,
+            name,
+            source,
+        };
+        tx.batch_execute(sql).await.map_err(failed)?;
+        tx.execute(
+            "INSERT INTO quotad_schema_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await
+        .map_err(failed)?;
+        applied.push(version);
+    }
+    tx.commit().await?;
+    for version in &applied {
+        tracing::info!(version, "Postgres migration applied");
+    }
+    Ok(applied)
+}
