@@ -172,6 +172,10 @@ pub struct ProcessServer {
 
 impl ProcessServer {
     pub fn start(data_dir: &Path, durability: Durability) -> Self {
+        Self::start_with_args(data_dir, durability, &[])
+    }
+
+    pub fn start_with_args(data_dir: &Path, durability: Durability, extra: &[&str]) -> Self {
         let durability = match durability {
             Durability::Sync => "sync",
             Durability::Batched => "batched",
@@ -187,6 +191,7 @@ impl ProcessServer {
             ])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .env("QUOTAD_LOG", "warn")
             .env("QUOTAD_AUTH_KEY", KEY)
             .stdout(Stdio::piped())

@@ -109,3 +109,47 @@ async fn a_killed_server_keeps_every_acknowledged_consume_and_counts_none_twice(
     }
     assert_eq!(again, total);
 }
+
+/// With batched durability an acknowledged consume may still sit in memory;
+/// SIGTERM must flush it before the process exits. The periodic flush is set
+/// to a minute, so only the shutdown's flush can have written them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_what_batched_mode_acknowledged() {
+    let (_dir, data) = temp_dir();
+    let slow_flush = [
+        "--batched-flush-interval-ms",
+        "60000",
+        "--snapshot-interval-s",
+        "3600",
+    ];
+    let mut server = ProcessServer::start_with_args(&data, Durability::Batched, &slow_flush);
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "oak", 1000, false).await;
+    allocate(&mut admin, "oak", "t1", 1000, "normal")
+        .await
+        .unwrap();
+    for i in 0..200 {
+        let d = gate
+            .consume(consume("oak", "t1", 1, &format!("e{i}")))
+            .await
+            .unwrap();
+        assert!(d.into_inner().decision.unwrap().allowed);
+    }
+    let pid = server.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "quotad exits cleanly on SIGTERM: {status:?}"
+    );
+
+    let server = ProcessServer::start(&data, Durability::Batched);
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, "oak", "t1").await, 200);
+}
