@@ -151,13 +151,7 @@ async fn settings_change_borrowing_and_self_service_and_are_audited() {
     allocate(&mut admin, "oak", "high", 10, "high")
         .await
         .unwrap();
-    let denied = gate
-        .consume(consume("oak", "high", 11, "e1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let denied = decide(&mut gate, consume("oak", "high", 11, "e1")).await;
     assert!(!denied.allowed);
 
     let school = admin
@@ -172,13 +166,7 @@ async fn settings_change_borrowing_and_self_service_and_are_audited() {
         .into_inner();
     assert!(school.borrowing_enabled && school.self_service_requests);
     assert_eq!(school.name, "Oak Primary");
-    let allowed = gate
-        .consume(consume("oak", "high", 11, "e2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let allowed = decide(&mut gate, consume("oak", "high", 11, "e2")).await;
     assert!(
         allowed.allowed && allowed.borrowed_units == 1,
         "{allowed:?}"
@@ -266,13 +254,7 @@ async fn bulk_allocation_is_all_or_nothing() {
     assert_eq!(school.pools[0].allocated_units, 100);
     // The teachers' actors have the new terms: c can spend its 40.
     let mut gate = server.gate().await;
-    let d = gate
-        .consume(consume("oak", "c", 40, "c1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let d = decide(&mut gate, consume("oak", "c", 40, "c1")).await;
     assert!(d.allowed, "{d:?}");
     server.stop().await;
 }
@@ -308,13 +290,7 @@ async fn a_removed_slice_returns_its_units_unless_it_was_used() {
         ),
         (40, 60)
     );
-    let d = gate
-        .consume(consume("oak", "a", 1, "a1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let d = decide(&mut gate, consume("oak", "a", 1, "a1")).await;
     assert_eq!(d.reason(), DenyReason::NoAllocation);
     let again = admin.remove_allocation(remove("a")).await.unwrap_err();
     assert_eq!(again.code(), Code::NotFound);
@@ -576,13 +552,7 @@ async fn an_individual_account_has_the_whole_pool_and_no_allocation_management()
         ),
         (50, true)
     );
-    let d = gate
-        .consume(consume("sam", "sam", 50, "e1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let d = decide(&mut gate, consume("sam", "sam", 50, "e1")).await;
     assert!(d.allowed);
 
     let refused = allocate(&mut admin, "sam", "sam", 60, "normal")

@@ -358,3 +358,13 @@ pub async fn school(admin: &mut AdminClient, school_id: &str) -> School {
         .unwrap()
         .into_inner()
 }
+
+/// The decision of a consume (the call must succeed).
+pub async fn decide(gate: &mut GateClient, request: ConsumeRequest) -> Decision {
+    gate.consume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .expect("a consume answer carries a decision")
+}

@@ -77,13 +77,7 @@ async fn a_killed_server_keeps_every_acknowledged_consume_and_counts_none_twice(
 
     // Retrying every attempt: the acknowledged ones are duplicates, the rest count now, once.
     for (teacher, event) in &attempted {
-        let d = gate
-            .consume(consume("oak", teacher, 1, event))
-            .await
-            .unwrap()
-            .into_inner()
-            .decision
-            .unwrap();
+        let d = decide(&mut gate, consume("oak", teacher, 1, event)).await;
         assert!(d.allowed);
         if acked.contains(&(teacher.clone(), event.clone())) {
             assert!(d.duplicate, "{teacher}/{event} was acknowledged before the kill but is not in the recovered state");

@@ -5,12 +5,6 @@ use tonic::Code;
 
 use crate::common::{self, *};
 
-fn decision_of(r: tonic::Response<ConsumeResponse>) -> Decision {
-    r.into_inner()
-        .decision
-        .expect("a consume answer carries a decision")
-}
-
 #[tokio::test]
 async fn consume_until_denied_and_every_view_agrees() {
     let (_dir, data) = temp_dir();
@@ -22,11 +16,7 @@ async fn consume_until_denied_and_every_view_agrees() {
         .unwrap();
 
     for i in 0..3 {
-        let d = decision_of(
-            gate.consume(consume("oak", "ms-lee", 3, &format!("e{i}")))
-                .await
-                .unwrap(),
-        );
+        let d = decide(&mut gate, consume("oak", "ms-lee", 3, &format!("e{i}"))).await;
         assert!(d.allowed, "consume {i}: {d:?}");
         assert_eq!(d.remaining_units, 10 - 3 * (i + 1));
     }
@@ -42,11 +32,7 @@ async fn consume_until_denied_and_every_view_agrees() {
         .into_inner()
         .decision
         .unwrap();
-    let denied = decision_of(
-        gate.consume(consume("oak", "ms-lee", 3, "e3"))
-            .await
-            .unwrap(),
-    );
+    let denied = decide(&mut gate, consume("oak", "ms-lee", 3, "e3")).await;
     assert!(!denied.allowed);
     assert_eq!(denied.reason(), DenyReason::Exhausted);
     assert_eq!(denied.remaining_units, 1);
@@ -59,12 +45,9 @@ async fn consume_until_denied_and_every_view_agrees() {
 
     // The last unit still fits.
     assert!(
-        decision_of(
-            gate.consume(consume("oak", "ms-lee", 1, "e4"))
-                .await
-                .unwrap()
-        )
-        .allowed
+        decide(&mut gate, consume("oak", "ms-lee", 1, "e4"))
+            .await
+            .allowed
     );
 
     let usage = common::usage(&mut gate, "oak", "ms-lee").await;
@@ -175,11 +158,7 @@ async fn reserve_holds_units_commit_charges_the_actual_and_release_frees() {
     assert_eq!(held.decision.unwrap().remaining_units, 60);
     assert!(held.expires_at_ms > 0);
     // The hold counts against the slice.
-    let d = decision_of(
-        gate.consume(consume("oak", "ms-lee", 61, "big"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "ms-lee", 61, "big")).await;
     assert_eq!((d.allowed, d.reason()), (false, DenyReason::Exhausted));
 
     // The real count is above the estimate: charged all the same.
@@ -268,27 +247,19 @@ async fn high_priority_teachers_borrow_unallocated_units_when_the_school_allows_
         .await
         .unwrap();
 
-    let d = decision_of(
-        gate.consume(consume("oak", "high", 15, "h1"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "high", 15, "h1")).await;
     assert!(d.allowed, "{d:?}");
     assert_eq!(d.borrowed_units, 5);
-    let d = decision_of(
-        gate.consume(consume("oak", "normal", 15, "n1"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "normal", 15, "n1")).await;
     assert_eq!(
         (d.allowed, d.reason()),
         (false, DenyReason::Exhausted),
         "normal priority never borrows"
     );
     // 10 unallocated, 5 borrowed: 5 left to borrow.
-    let d = decision_of(gate.consume(consume("oak", "high", 6, "h2")).await.unwrap());
+    let d = decide(&mut gate, consume("oak", "high", 6, "h2")).await;
     assert_eq!((d.allowed, d.reason()), (false, DenyReason::Exhausted));
-    let d = decision_of(gate.consume(consume("oak", "high", 5, "h3")).await.unwrap());
+    let d = decide(&mut gate, consume("oak", "high", 5, "h3")).await;
     assert!(d.allowed && d.borrowed_units == 5, "{d:?}");
 
     let school = common::school(&mut admin, "oak").await;
@@ -309,11 +280,7 @@ async fn borrowing_is_off_unless_the_school_enables_it() {
     allocate(&mut admin, "oak", "high", 10, "high")
         .await
         .unwrap();
-    let d = decision_of(
-        gate.consume(consume("oak", "high", 11, "h1"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "high", 11, "h1")).await;
     assert_eq!(
         (d.allowed, d.reason(), d.borrowed_units),
         (false, DenyReason::Exhausted, 0)
@@ -347,11 +314,7 @@ async fn a_suspended_slice_denies_and_keeps_its_units_until_reactivated() {
         (suspended.status.as_str(), suspended.allocated_units),
         ("suspended", 10)
     );
-    let d = decision_of(
-        gate.consume(consume("oak", "ms-lee", 1, "e1"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "ms-lee", 1, "e1")).await;
     assert_eq!((d.allowed, d.reason()), (false, DenyReason::Suspended));
     let school = common::school(&mut admin, "oak").await;
     assert_eq!(
@@ -361,12 +324,9 @@ async fn a_suspended_slice_denies_and_keeps_its_units_until_reactivated() {
 
     admin.set_allocation_status(status("active")).await.unwrap();
     assert!(
-        decision_of(
-            gate.consume(consume("oak", "ms-lee", 1, "e2"))
-                .await
-                .unwrap()
-        )
-        .allowed
+        decide(&mut gate, consume("oak", "ms-lee", 1, "e2"))
+            .await
+            .allowed
     );
     server.stop().await;
 }
@@ -377,11 +337,7 @@ async fn a_teacher_without_a_slice_is_denied_with_no_allocation() {
     let server = TestServer::start(&data).await;
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
     create_school(&mut admin, "oak", 100, false).await;
-    let d = decision_of(
-        gate.consume(consume("oak", "stranger", 1, "e1"))
-            .await
-            .unwrap(),
-    );
+    let d = decide(&mut gate, consume("oak", "stranger", 1, "e1")).await;
     assert_eq!((d.allowed, d.reason()), (false, DenyReason::NoAllocation));
     server.stop().await;
 }

@@ -16,21 +16,9 @@ async fn a_retried_event_returns_the_first_decision_and_charges_nothing() {
 
     let mut phone = server.gate().await;
     let mut laptop = server.gate().await;
-    let first = phone
-        .consume(consume("oak", "ms-lee", 4, "evt-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let first = decide(&mut phone, consume("oak", "ms-lee", 4, "evt-1")).await;
     assert!(first.allowed && !first.duplicate);
-    let retry = laptop
-        .consume(consume("oak", "ms-lee", 4, "evt-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let retry = decide(&mut laptop, consume("oak", "ms-lee", 4, "evt-1")).await;
     assert!(retry.allowed && retry.duplicate, "{retry:?}");
     assert_eq!(retry.remaining_units, first.remaining_units);
     assert_eq!(used_units(&mut phone, "oak", "ms-lee").await, 4);
@@ -39,37 +27,19 @@ async fn a_retried_event_returns_the_first_decision_and_charges_nothing() {
     allocate(&mut admin, "oak", "ms-lee", 5, "normal")
         .await
         .unwrap();
-    let denied = phone
-        .consume(consume("oak", "ms-lee", 3, "evt-2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let denied = decide(&mut phone, consume("oak", "ms-lee", 3, "evt-2")).await;
     assert!(!denied.allowed);
     allocate(&mut admin, "oak", "ms-lee", 50, "normal")
         .await
         .unwrap();
-    let again = phone
-        .consume(consume("oak", "ms-lee", 3, "evt-2"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let again = decide(&mut phone, consume("oak", "ms-lee", 3, "evt-2")).await;
     assert!(!again.allowed && again.duplicate, "{again:?}");
 
     // Ids belong to a teacher: another teacher's same id is another event.
     allocate(&mut admin, "oak", "mr-ng", 10, "normal")
         .await
         .unwrap();
-    let other = phone
-        .consume(consume("oak", "mr-ng", 4, "evt-1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .decision
-        .unwrap();
+    let other = decide(&mut phone, consume("oak", "mr-ng", 4, "evt-1")).await;
     assert!(other.allowed && !other.duplicate);
     server.stop().await;
 }
@@ -104,13 +74,7 @@ async fn ids_survive_a_graceful_restart() {
     let server = TestServer::start(&data).await;
     let mut gate = server.gate().await;
     for i in 0..5 {
-        let d = gate
-            .consume(consume("oak", "ms-lee", 1, &format!("evt-{i}")))
-            .await
-            .unwrap()
-            .into_inner()
-            .decision
-            .unwrap();
+        let d = decide(&mut gate, consume("oak", "ms-lee", 1, &format!("evt-{i}"))).await;
         assert!(d.allowed && d.duplicate, "evt-{i} after restart: {d:?}");
     }
     let usage = common::usage(&mut gate, "oak", "ms-lee").await;
