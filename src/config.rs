@@ -70,10 +70,16 @@ pub struct Config {
     /// The signing key itself (from `QUOTAD_AUTH_KEY`; never from the file).
     #[serde(skip)]
     pub auth_key: Option<Secret>,
+    /// Postgres, the long-term store (`postgres://user@host:port/db`). None:
+    /// sled alone, no analytics.
+    pub postgres_url: Option<Secret>,
+    /// How often what changed is written to Postgres.
+    pub postgres_snapshot_interval_s: u64,
 }
 
 /// A secret that never shows in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl std::fmt::Debug for Secret {
@@ -109,6 +115,8 @@ impl Default for Config {
             auth_key_file: None,
             insecure_dev: false,
             auth_key: None,
+            postgres_url: None,
+            postgres_snapshot_interval_s: 10,
         }
     }
 }
@@ -137,6 +145,10 @@ impl Config {
         let positive = [
             ("batched_flush_interval_ms", self.batched_flush_interval_ms),
             ("snapshot_interval_s", self.snapshot_interval_s),
+            (
+                "postgres_snapshot_interval_s",
+                self.postgres_snapshot_interval_s,
+            ),
             ("idempotency_window_s", self.idempotency_window_s),
             ("housekeeping_interval_ms", self.housekeeping_interval_ms),
             ("hold_ttl_ms_max", self.hold_ttl_ms_max),

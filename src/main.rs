@@ -102,6 +102,11 @@ struct ServeArgs {
     /// Accept every call without a token, as an admin: for a first run on a laptop only.
     #[arg(long)]
     insecure_dev: bool,
+    /// Postgres for snapshots, recovery and analytics (postgres://user@host:port/db).
+    #[arg(long, env = "QUOTAD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    #[arg(long, env = "QUOTAD_POSTGRES_SNAPSHOT_INTERVAL_S")]
+    postgres_snapshot_interval_s: Option<u64>,
 }
 
 fn parse_durability(value: &str) -> Result<Durability, String> {
@@ -128,8 +133,12 @@ impl ServeArgs {
             durability,
             batched_flush_interval_ms,
             snapshot_interval_s,
-            actor_threads
+            actor_threads,
+            postgres_snapshot_interval_s
         );
+        if let Some(url) = &self.database_url {
+            config.postgres_url = Some(quotad::config::Secret(url.clone()));
+        }
         if let Some(path) = &self.auth_key_file {
             config.auth_key_file = Some(path.clone());
         }

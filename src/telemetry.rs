@@ -18,6 +18,12 @@ pub const SNAPSHOT_DURATION_SECONDS: &str = "quotad_snapshot_duration_seconds";
 pub const SNAPSHOT_WAL_SEQ: &str = "quotad_snapshot_wal_seq";
 pub const WAL_DURABLE_SEQ: &str = "quotad_wal_durable_seq";
 pub const ROLLOVERS_TOTAL: &str = "quotad_cycle_rollovers_total";
+pub const PG_SNAPSHOT_DURATION_SECONDS: &str = "quotad_postgres_snapshot_duration_seconds";
+pub const PG_SNAPSHOT_WAL_SEQ: &str = "quotad_postgres_snapshot_wal_seq";
+pub const PG_SNAPSHOT_LAG_RECORDS: &str = "quotad_postgres_snapshot_lag_records";
+pub const PG_SNAPSHOT_LAG_SECONDS: &str = "quotad_postgres_snapshot_lag_seconds";
+pub const PG_SNAPSHOT_FAILURES_TOTAL: &str = "quotad_postgres_snapshot_failures_total";
+pub const PG_SNAPSHOT_ROWS_TOTAL: &str = "quotad_postgres_snapshot_rows_total";
 
 /// Histogram buckets for request and flush latencies, in seconds: 25 us to 1 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -69,6 +75,32 @@ pub fn describe() {
     );
     metrics::describe_gauge!(WAL_DURABLE_SEQ, "The highest WAL position known durable.");
     metrics::describe_counter!(ROLLOVERS_TOTAL, "Billing cycle rollovers.");
+    metrics::describe_histogram!(
+        PG_SNAPSHOT_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "Time of one Postgres snapshot transaction, commit included."
+    );
+    metrics::describe_gauge!(
+        PG_SNAPSHOT_WAL_SEQ,
+        "The WAL position the latest Postgres snapshot covers."
+    );
+    metrics::describe_gauge!(
+        PG_SNAPSHOT_LAG_RECORDS,
+        "Durable WAL records not yet in Postgres."
+    );
+    metrics::describe_gauge!(
+        PG_SNAPSHOT_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest change not yet in Postgres (0 when caught up)."
+    );
+    metrics::describe_counter!(
+        PG_SNAPSHOT_FAILURES_TOTAL,
+        "Postgres snapshot attempts that failed (each is retried with backoff)."
+    );
+    metrics::describe_counter!(
+        PG_SNAPSHOT_ROWS_TOTAL,
+        "Rows written to Postgres by snapshots, by table."
+    );
 }
 
 pub fn decision(call: &'static str, outcome: &'static str) {
@@ -109,4 +141,22 @@ pub fn snapshot_written(elapsed: Duration, wal_seq: u64) {
 
 pub fn rollover() {
     counter!(ROLLOVERS_TOTAL).increment(1);
+}
+
+pub fn postgres_snapshot_written(elapsed: Duration, wal_seq: u64) {
+    histogram!(PG_SNAPSHOT_DURATION_SECONDS).record(elapsed.as_secs_f64());
+    gauge!(PG_SNAPSHOT_WAL_SEQ).set(wal_seq as f64);
+}
+
+pub fn postgres_snapshot_rows(table: &'static str, rows: usize) {
+    counter!(PG_SNAPSHOT_ROWS_TOTAL, "table" => table).increment(rows as u64);
+}
+
+pub fn postgres_snapshot_failed() {
+    counter!(PG_SNAPSHOT_FAILURES_TOTAL).increment(1);
+}
+
+pub fn postgres_snapshot_lag(records: u64, age: Duration) {
+    gauge!(PG_SNAPSHOT_LAG_RECORDS).set(records as f64);
+    gauge!(PG_SNAPSHOT_LAG_SECONDS).set(age.as_secs_f64());
 }
