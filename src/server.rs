@@ -16,12 +16,15 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
+use crate::config::Secret;
 use crate::config::{Config, ConfigError};
+use crate::domain::Record;
 use crate::engine::{system_now_ms, Clock, Engine, EngineError};
+use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
-use crate::storage::snapshot::Snapshotter;
-use crate::storage::{recover, LogStore, SledLog, StorageError, Wal};
+use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
+use crate::storage::{codec, recover, LogStore, Recovered, SledLog, StorageError, Wal};
 use crate::telemetry;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
@@ -45,6 +48,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
 }
 
 pub struct Listeners {
@@ -77,14 +82,10 @@ pub async fn serve(
                 source,
             })?,
         );
-    let recovered = recover(store.as_ref()).map_err(ServeError::Recover)?;
-    tracing::info!(
-        schools = recovered.state.schools.len(),
-        teachers = recovered.state.accounts.len(),
-        snapshot_wal_seq = recovered.snapshot_seq,
-        replayed_records = recovered.replayed_records,
-        "state recovered"
-    );
+    let (recovered, follower) = match &config.postgres_url {
+        Some(url) => recover_with_postgres(store.as_ref(), url, &config).await?,
+        None => (recover_local(store.as_ref())?, None),
+    };
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
     let snapshotter = Snapshotter::start(
         store,
@@ -94,6 +95,7 @@ pub async fn serve(
         Duration::from_secs(config.snapshot_interval_s),
         config.limits(),
         system_now_ms,
+        follower,
     )?;
     let (engine, runtime) =
         Engine::start(recovered.state, wal, config.engine()?, Clock::System).await?;
@@ -115,6 +117,102 @@ pub async fn serve(
     }
     tracing::info!("quotad stopped");
     served
+}
+
+fn recover_local(store: &dyn LogStore) -> Result<Recovered, ServeError> {
+    let recovered = recover(store).map_err(ServeError::Recover)?;
+    tracing::info!(
+        schools = recovered.state.schools.len(),
+        teachers = recovered.state.accounts.len(),
+        snapshot_wal_seq = recovered.snapshot_seq,
+        replayed_records = recovered.replayed_records,
+        "state recovered from the data directory"
+    );
+    Ok(recovered)
+}
+
+/// Recovers from whichever of the data directory and Postgres is further
+/// along. The local WAL is never truncated past what Postgres holds, so when
+/// the data directory has anything at or beyond Postgres's position, it is
+/// the whole story (Postgres's snapshot plus the WAL after it) and wins. When
+/// it is empty or older (a new node, a lost disk), the Postgres snapshot is
+/// loaded and written down locally at once, so the WAL continues after it.
+async fn recover_with_postgres(
+    store: &dyn LogStore,
+    url: &Secret,
+    config: &Config,
+) -> Result<(Recovered, Option<Box<dyn Follower>>), ServeError> {
+    let mut client = postgres::prepare(&url.0).await?;
+    let local = recover_local(store)?;
+    let pg_seq = postgres::recover::snapshot_seq(&client).await?;
+    let history_written = postgres::recover::history_written(&client).await?;
+    let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
+    let (recovered, changes) = if local.last_seq >= pg_seq {
+        let changes = if local.last_seq == pg_seq {
+            Changes::new(history_written)
+        } else {
+            catch_up(store, &local, pg_seq, history_written)?
+        };
+        (local, changes)
+    } else {
+        let loaded = postgres::recover::load(&mut client).await?;
+        if local.last_seq > 0 {
+            tracing::warn!(
+                local_wal_seq = local.last_seq,
+                postgres_wal_seq = loaded.wal_seq,
+                "the data directory is older than the Postgres snapshot; recovering from Postgres"
+            );
+        }
+        write_snapshot(store, loaded.wal_seq, &loaded.state)?;
+        tracing::info!(
+            schools = loaded.state.schools.len(),
+            teachers = loaded.state.accounts.len(),
+            snapshot_wal_seq = loaded.wal_seq,
+            "state recovered from Postgres"
+        );
+        let recovered = Recovered {
+            state: loaded.state,
+            snapshot_seq: loaded.wal_seq,
+            last_seq: loaded.wal_seq,
+            replayed_records: 0,
+        };
+        (recovered, Changes::new(history_written))
+    };
+    let follower = PostgresFollower::start(url.clone(), interval, pg_seq, changes)?;
+    Ok((recovered, Some(Box::new(follower))))
+}
+
+/// What Postgres lacks when the data directory is ahead of it: every school
+/// and teacher (rewritten whole) and the usage rows of the WAL records after
+/// its position.
+fn catch_up(
+    store: &dyn LogStore,
+    local: &Recovered,
+    pg_seq: u64,
+    history_written: std::collections::HashMap<crate::domain::SchoolId, u64>,
+) -> Result<Changes, ServeError> {
+    let mut changes = Changes::everything(&local.state, history_written);
+    let entries = store.read_after(pg_seq)?;
+    let first = entries.first().map(|(seq, _)| *seq);
+    if first.is_none_or(|first| first > pg_seq + 1) {
+        tracing::warn!(
+            postgres_wal_seq = pg_seq,
+            local_wal_seq = local.last_seq,
+            "the WAL no longer holds every record after the Postgres snapshot (quotad ran \
+             without Postgres): the state is written whole, but the usage log rows of the \
+             missing records will not be in ai_usage_logs"
+        );
+    }
+    for (wal_seq, bytes) in entries {
+        let record: Record = codec::decode(&bytes)?;
+        changes.add_usage(wal_seq, &record);
+    }
+    tracing::info!(
+        postgres_wal_seq = pg_seq,
+        local_wal_seq = local.last_seq,
+        "Postgres is behind the data directory; the first snapshot catches it up"
+    );
+    Ok(changes)
 }
 
 /// Serves gRPC on every actor thread: each runs an accept loop on the same

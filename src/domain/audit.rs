@@ -49,6 +49,25 @@ impl AuditAction {
             Self::CycleRolledOver => "cycle_rolled_over",
         }
     }
+
+    /// The action [`AuditAction::as_str`] names.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|action| action.as_str() == name)
+    }
+
+    pub const ALL: [Self; 11] = [
+        Self::SchoolCreated,
+        Self::SettingsSet,
+        Self::PoolSet,
+        Self::AllocationSet,
+        Self::AllocationRemoved,
+        Self::AllocationStatusSet,
+        Self::RequestFiled,
+        Self::RequestApproved,
+        Self::RequestRejected,
+        Self::RequestExpired,
+        Self::CycleRolledOver,
+    ];
 }
 
 /// The values a change touched, by name, as text: `{"allocated_units": "10"}`.
@@ -206,6 +225,13 @@ impl AuditTrail {
         entry.hash = entry.compute_hash();
         self.entries.push(entry);
         &self.entries[self.entries.len() - 1]
+    }
+
+    /// A trail read back from storage; it must verify.
+    pub fn from_entries(entries: Vec<AuditEntry>) -> Result<Self, Broken> {
+        let trail = Self { entries };
+        trail.verify()?;
+        Ok(trail)
     }
 
     pub fn len(&self) -> usize {

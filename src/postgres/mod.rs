@@ -1,13 +1,24 @@
 //! Postgres, quotad's long-term store: the schema (with the original system's
-//! table names) and its migrations. Applied in order, each in a transaction,
-//! each once; a lock keeps two quotads from migrating at the same time.
+//! table names) and its migrations, the snapshots written to it and recovery
+//! from it. Migrations are applied in order, each once, in one transaction; a
+//! lock keeps two quotads from migrating at the same time.
+
+pub mod recover;
+pub mod rows;
+pub mod snapshot;
 
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};
 
 /// Every migration, in order. Append only: a shipped migration never changes.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "schema", include_str!("migrations/0001_schema.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "schema", include_str!("migrations/0001_schema.sql")),
+    (
+        2,
+        "snapshot_state",
+        include_str!("migrations/0002_snapshot_state.sql"),
+    ),
+];
 
 /// An arbitrary, fixed key for `pg_advisory_xact_lock`.
 const MIGRATION_LOCK: i64 = 0x7175_6f74_6164; // "quotad"
@@ -29,6 +40,24 @@ pub enum PostgresError {
         "the database has migration {found}, newer than this quotad knows ({known}): run a newer quotad"
     )]
     TooNew { found: i32, known: i32 },
+    #[error(
+        "the database holds a snapshot of WAL position {found}, but this quotad last wrote {expected}: \
+         is another quotad writing to the same database?"
+    )]
+    Fenced { found: u64, expected: u64 },
+    #[error("the snapshot in Postgres is damaged: {0}")]
+    Damaged(String),
+    #[error("cannot encode a snapshot row: {0}")]
+    Encode(String),
+    #[error("the Postgres writer: {0}")]
+    Thread(String),
+}
+
+/// Connects and applies missing migrations: what the server does on start.
+pub async fn prepare(url: &str) -> Result<Client, PostgresError> {
+    let mut client = connect(url).await?;
+    migrate(&mut client).await?;
+    Ok(client)
 }
 
 /// Connects; the connection is driven by a task on the current runtime.

@@ -22,6 +22,22 @@ pub struct Snapshotter {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Something that follows the durable records in log order, beside the local
+/// snapshot: the Postgres snapshotter. It runs on the snapshot thread, so it
+/// must hand slow work to its own thread.
+pub trait Follower: Send + 'static {
+    /// `record`, durable at `wal_seq`, was just applied to `state`.
+    fn applied(&mut self, wal_seq: u64, record: &Record, state: &State);
+    /// How often [`Follower::tick`] is called.
+    fn interval(&self) -> Duration;
+    fn tick(&mut self, state: &mut State, applied_seq: u64);
+    /// The log may be truncated only through this position: records after it
+    /// are not yet safe anywhere else.
+    fn truncate_floor(&self) -> u64;
+    /// The WAL writer has stopped; `applied_seq` is the last record. Called once.
+    fn finish(&mut self, state: &mut State, applied_seq: u64);
+}
+
 struct Worker {
     store: Arc<dyn LogStore>,
     batches: DurableBatches,
@@ -33,10 +49,14 @@ struct Worker {
     interval: Duration,
     limits: RuleLimits,
     now_ms: fn() -> TimestampMs,
+    follower: Option<Box<dyn Follower>>,
+    /// The log holds no record at or below this position.
+    truncated_seq: u64,
 }
 
 impl Snapshotter {
     /// `state` is the recovered state, which covers the log up to `applied_seq`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<dyn LogStore>,
         batches: DurableBatches,
@@ -45,6 +65,7 @@ impl Snapshotter {
         interval: Duration,
         limits: RuleLimits,
         now_ms: fn() -> TimestampMs,
+        follower: Option<Box<dyn Follower>>,
     ) -> Result<Self, StorageError> {
         let worker = Worker {
             store,
@@ -56,6 +77,8 @@ impl Snapshotter {
             interval,
             limits,
             now_ms,
+            follower,
+            truncated_seq: 0,
         };
         let thread = std::thread::Builder::new()
             .name("quotad-snapshot".into())
@@ -79,11 +102,12 @@ impl Snapshotter {
 impl Worker {
     fn run(mut self) {
         let mut last = Instant::now();
+        // The follower's first tick comes at once: a Postgres that is behind
+        // the recovered state should catch up without waiting an interval.
+        let mut follower_last: Option<Instant> = None;
         loop {
-            match self
-                .batches
-                .recv_timeout(self.interval.saturating_sub(last.elapsed()))
-            {
+            let wait = self.next_wait(last, follower_last);
+            match self.batches.recv_timeout(wait) {
                 Ok(batch) => {
                     if let Err(e) = self.apply(batch) {
                         tracing::error!(error = %e, "snapshots stopped: a durable record could not be applied; the WAL keeps everything");
@@ -92,7 +116,7 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.write_if_changed();
+                    self.finish();
                     return;
                 }
             }
@@ -100,6 +124,50 @@ impl Worker {
                 self.write_if_changed();
                 last = Instant::now();
             }
+            if let Some(follower) = self.follower.as_mut() {
+                if follower_last.is_none_or(|at| at.elapsed() >= follower.interval()) {
+                    follower.tick(&mut self.state, self.applied_seq);
+                    follower_last = Some(Instant::now());
+                    self.truncate();
+                }
+            }
+        }
+    }
+
+    fn next_wait(&self, last: Instant, follower_last: Option<Instant>) -> Duration {
+        let local = self.interval.saturating_sub(last.elapsed());
+        match (&self.follower, follower_last) {
+            (Some(_), None) => Duration::ZERO,
+            (Some(follower), Some(at)) => {
+                local.min(follower.interval().saturating_sub(at.elapsed()))
+            }
+            (None, _) => local,
+        }
+    }
+
+    /// The WAL writer has stopped: the last local snapshot, then the
+    /// follower's last changes, then the truncation both allow.
+    fn finish(&mut self) {
+        self.write_if_changed();
+        if let Some(follower) = self.follower.as_mut() {
+            follower.finish(&mut self.state, self.applied_seq);
+        }
+        self.truncate();
+    }
+
+    /// Drops the log records that both the local snapshot and the follower hold.
+    fn truncate(&mut self) {
+        let floor = self
+            .follower
+            .as_ref()
+            .map_or(u64::MAX, |f| f.truncate_floor());
+        let through = self.snapshot_seq.min(floor);
+        if through <= self.truncated_seq {
+            return;
+        }
+        match self.store.truncate_through(through) {
+            Ok(()) => self.truncated_seq = through,
+            Err(e) => tracing::error!(error = %e, "WAL truncation failed; it is tried again"),
         }
     }
 
@@ -111,6 +179,9 @@ impl Worker {
         while let Some(record) = self.ahead.remove(&(self.applied_seq + 1)) {
             self.applied_seq += 1;
             self.state.apply(self.applied_seq, &record)?;
+            if let Some(follower) = self.follower.as_mut() {
+                follower.applied(self.applied_seq, &record, &self.state);
+            }
         }
         Ok(())
     }
@@ -121,9 +192,10 @@ impl Worker {
         }
         let started = Instant::now();
         self.state.prune((self.now_ms)(), &self.limits);
-        match write_snapshot(self.store.as_ref(), self.applied_seq, &self.state) {
+        match write_local(self.store.as_ref(), self.applied_seq, &self.state) {
             Ok(()) => {
                 self.snapshot_seq = self.applied_seq;
+                self.truncate();
                 telemetry::snapshot_written(started.elapsed(), self.snapshot_seq);
                 tracing::debug!(wal_seq = self.snapshot_seq, "local snapshot written");
             }
@@ -142,8 +214,14 @@ pub fn write_snapshot(
     wal_seq: u64,
     state: &State,
 ) -> Result<(), StorageError> {
+    write_local(store, wal_seq, state)?;
+    store.truncate_through(wal_seq)
+}
+
+/// Writes the snapshot durably and keeps the log: a follower may still need
+/// records the snapshot covers.
+fn write_local(store: &dyn LogStore, wal_seq: u64, state: &State) -> Result<(), StorageError> {
     let bytes = codec::encode(state)?;
     store.write_snapshot(wal_seq, &bytes)?;
-    store.flush()?;
-    store.truncate_through(wal_seq)
+    store.flush()
 }

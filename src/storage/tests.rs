@@ -148,6 +148,7 @@ for_each_store!(
             Duration::from_millis(20),
             RuleLimits::default(),
             || 0,
+            None,
         )
         .unwrap();
         for i in 0..50 {
@@ -254,3 +255,80 @@ async fn batched_mode_acknowledges_at_once_and_flushes_within_the_interval() {
     assert_eq!(recover(&store.crash()).unwrap().state.schools.len(), 1);
     drop(writer);
 }
+
+/// A follower whose floor the test sets, standing in for Postgres.
+struct Floor {
+    floor: Arc<std::sync::atomic::AtomicU64>,
+    applied: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
+}
+
+impl super::snapshot::Follower for Floor {
+    fn applied(&mut self, _: u64, _: &Record, _: &crate::domain::State) {
+        self.applied.fetch_add(1, Ordering::SeqCst);
+    }
+    fn interval(&self) -> Duration {
+        Duration::from_millis(10)
+    }
+    fn tick(&mut self, _: &mut crate::domain::State, _: u64) {}
+    fn truncate_floor(&self) -> u64 {
+        self.floor.load(Ordering::SeqCst)
+    }
+    fn finish(&mut self, _: &mut crate::domain::State, _: u64) {
+        self.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+for_each_store!(
+    the_log_is_truncated_only_through_what_the_follower_holds,
+    |store| {
+        let floor = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (applied, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let follower = Floor {
+            floor: floor.clone(),
+            applied: applied.clone(),
+            finished: finished.clone(),
+        };
+        let (wal, writer, durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        let snapshotter = Snapshotter::start(
+            store.clone(),
+            durable,
+            Default::default(),
+            0,
+            Duration::from_millis(10),
+            RuleLimits::default(),
+            || 0,
+            Some(Box::new(follower)),
+        )
+        .unwrap();
+        for i in 0..20 {
+            let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+            wal.wait_durable(seq).await.unwrap();
+        }
+        floor.store(7, Ordering::SeqCst);
+        writer.shutdown();
+        snapshotter.join();
+        assert_eq!(
+            applied.load(Ordering::SeqCst),
+            20,
+            "every durable record, once"
+        );
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+        let recovered = recover(store.as_ref()).unwrap();
+        assert_eq!(
+            recovered.snapshot_seq, 20,
+            "the local snapshot covers everything"
+        );
+        let kept: Vec<u64> = store
+            .read_after(0)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(
+            kept,
+            (8..=20).collect::<Vec<_>>(),
+            "records after the floor stay"
+        );
+    }
+);

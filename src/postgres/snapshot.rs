@@ -1,0 +1,734 @@
+//! Snapshots to Postgres. The local snapshot thread tells a
+//! [`PostgresFollower`] about every durable record it applies; every interval
+//! the follower turns what changed into a [`Delta`] and hands it to a writer
+//! thread, which writes it in one transaction together with the WAL position
+//! it covers. Only after that commit may the sled WAL be truncated up to that
+//! position ([`Follower::truncate_floor`]).
+//!
+//! Postgres being down or slow never slows the hot path: nothing on the hot
+//! path waits for the writer. While a write is failing it is retried with
+//! exponential backoff, the WAL keeps every record, changes keep accumulating
+//! in the follower, and the lag is exported and logged.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Transaction};
+
+use super::rows::{Changes, Delta};
+use super::{connect, PostgresError};
+use crate::config::Secret;
+use crate::domain::{Record, State, TimestampMs};
+use crate::storage::snapshot::Follower;
+use crate::telemetry;
+
+/// The first wait after a failed write; it doubles up to [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a graceful shutdown waits for the last snapshot to commit. If
+/// Postgres does not answer by then, the WAL keeps the changes and the next
+/// start writes them.
+pub const FINAL_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
+/// An arbitrary, fixed key: one snapshot transaction at a time per database.
+const SNAPSHOT_LOCK: i64 = 0x7175_6f74_6164_5f73; // "quotad_s"
+
+/// What the follower and the writer thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The WAL position the last committed snapshot covers.
+    committed_seq: AtomicU64,
+    /// Set at shutdown: the writer stops retrying once its deadline passes.
+    stopping: AtomicBool,
+}
+
+pub struct PostgresFollower {
+    changes: Changes,
+    interval: Duration,
+    sender: Option<mpsc::Sender<Delta>>,
+    shared: Arc<Shared>,
+    /// The position handed to the writer last, and since when its oldest change waits.
+    in_flight: Option<(u64, Instant)>,
+    /// Since when the oldest change not yet handed over waits.
+    unsent_since: Option<Instant>,
+    thread: Option<JoinHandle<()>>,
+    done: crossbeam_channel::Receiver<()>,
+}
+
+impl PostgresFollower {
+    /// Starts the writer thread. `committed_seq` is the position Postgres
+    /// already covers; `changes` is what the state holds beyond it.
+    pub fn start(
+        url: Secret,
+        interval: Duration,
+        committed_seq: u64,
+        changes: Changes,
+    ) -> Result<Self, PostgresError> {
+        let shared = Arc::new(Shared {
+            committed_seq: AtomicU64::new(committed_seq),
+            stopping: AtomicBool::new(false),
+        });
+        let (sender, receiver) = mpsc::channel(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let writer = Writer {
+            url,
+            client: None,
+            shared: shared.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("quotad-postgres".into())
+            .spawn(move || {
+                writer.run(receiver);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| PostgresError::Thread(e.to_string()))?;
+        let pending = !changes.is_empty();
+        Ok(Self {
+            changes,
+            interval,
+            sender: Some(sender),
+            shared,
+            in_flight: None,
+            unsent_since: pending.then(Instant::now),
+            thread: Some(thread),
+            done,
+        })
+    }
+
+    fn committed_seq(&self) -> u64 {
+        self.shared.committed_seq.load(Ordering::Acquire)
+    }
+
+    /// Whether the writer has finished what it was handed last.
+    fn writer_idle(&mut self) -> bool {
+        match self.in_flight {
+            Some((seq, _)) if self.committed_seq() < seq => false,
+            _ => {
+                self.in_flight = None;
+                true
+            }
+        }
+    }
+
+    /// Hands what changed to the writer, unless it is still busy (then the
+    /// changes keep accumulating and go in the next snapshot).
+    fn hand_over(&mut self, state: &mut State, applied_seq: u64) {
+        if !self.writer_idle() || applied_seq <= self.committed_seq() {
+            return;
+        }
+        let Some(sender) = &self.sender else { return };
+        let delta = match self.changes.take(state, applied_seq) {
+            Ok(delta) => delta,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a Postgres snapshot; the WAL keeps everything");
+                return;
+            }
+        };
+        if let Err(e) = sender.try_send(delta) {
+            // Cannot happen while the writer is idle and alive; if it does,
+            // the changes are still in the WAL, and the next start writes them.
+            tracing::error!(error = %e, "the Postgres writer is gone; snapshots stopped");
+            self.sender = None;
+            return;
+        }
+        let since = self.unsent_since.take().unwrap_or_else(Instant::now);
+        self.in_flight = Some((applied_seq, since));
+    }
+
+    fn report_lag(&mut self, applied_seq: u64) {
+        let committed = self.committed_seq();
+        self.writer_idle();
+        let oldest = [self.in_flight.map(|(_, since)| since), self.unsent_since]
+            .into_iter()
+            .flatten()
+            .min();
+        telemetry::postgres_snapshot_lag(
+            applied_seq.saturating_sub(committed),
+            oldest.map_or(Duration::ZERO, |since| since.elapsed()),
+        );
+    }
+}
+
+impl Follower for PostgresFollower {
+    fn applied(&mut self, wal_seq: u64, record: &Record, state: &State) {
+        self.changes.note(wal_seq, record, state);
+        self.unsent_since.get_or_insert_with(Instant::now);
+    }
+
+    fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    fn tick(&mut self, state: &mut State, applied_seq: u64) {
+        self.hand_over(state, applied_seq);
+        self.report_lag(applied_seq);
+    }
+
+    fn truncate_floor(&self) -> u64 {
+        self.committed_seq()
+    }
+
+    fn finish(&mut self, state: &mut State, applied_seq: u64) {
+        let deadline = Instant::now() + FINAL_SNAPSHOT_WAIT;
+        self.shared.stopping.store(true, Ordering::Release);
+        // Wait for the write in flight, then hand over the rest.
+        while !self.writer_idle() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.hand_over(state, applied_seq);
+        self.sender = None;
+        let waited = self
+            .done
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        if waited.is_ok() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        let committed = self.committed_seq();
+        if committed < applied_seq {
+            tracing::warn!(
+                committed_wal_seq = committed,
+                applied_wal_seq = applied_seq,
+                "Postgres did not take the last snapshot before shutdown; the WAL keeps those \
+                 records and the next start writes them"
+            );
+        } else {
+            tracing::info!(wal_seq = committed, "final Postgres snapshot written");
+        }
+        self.report_lag(applied_seq);
+    }
+}
+
+struct Writer {
+    url: Secret,
+    client: Option<Client>,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::Receiver<Delta>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the Postgres writer; snapshots stopped");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            while let Some(delta) = receiver.recv().await {
+                self.write_until_done(&delta).await;
+            }
+        });
+    }
+
+    /// Writes `delta`, retrying with exponential backoff and jitter until it
+    /// commits; at shutdown, until [`FINAL_SNAPSHOT_WAIT`] has passed.
+    async fn write_until_done(&mut self, delta: &Delta) {
+        let mut backoff = BACKOFF_FIRST;
+        let mut failures = 0u32;
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            let started = Instant::now();
+            match self.write(delta).await {
+                Ok(()) => {
+                    self.shared
+                        .committed_seq
+                        .store(delta.wal_seq, Ordering::Release);
+                    telemetry::postgres_snapshot_written(started.elapsed(), delta.wal_seq);
+                    record_rows(delta);
+                    if failures > 0 {
+                        tracing::info!(
+                            wal_seq = delta.wal_seq,
+                            failures,
+                            "Postgres snapshot written after failures"
+                        );
+                    } else {
+                        tracing::debug!(
+                            wal_seq = delta.wal_seq,
+                            rows = delta.rows(),
+                            "Postgres snapshot written"
+                        );
+                    }
+                    return;
+                }
+                Err(error) => {
+                    failures += 1;
+                    telemetry::postgres_snapshot_failed();
+                    let committed = self.shared.committed_seq.load(Ordering::Acquire);
+                    tracing::warn!(
+                        %error,
+                        attempt = failures,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        behind_records = delta.wal_seq.saturating_sub(committed),
+                        "Postgres snapshot failed; the WAL keeps everything, retrying"
+                    );
+                    if is_connection_lost(&error) {
+                        self.client = None;
+                    }
+                }
+            }
+            if self.shared.stopping.load(Ordering::Acquire) {
+                let deadline =
+                    *stop_deadline.get_or_insert_with(|| Instant::now() + FINAL_SNAPSHOT_WAIT);
+                if Instant::now() >= deadline {
+                    return;
+                }
+            }
+            self.sleep(with_jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Sleeps, waking early when shutdown begins (the last snapshot should
+    /// not wait out a minute of backoff).
+    async fn sleep(&self, total: Duration) {
+        let until = Instant::now() + total;
+        while Instant::now() < until {
+            if self.shared.stopping.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn write(&mut self, delta: &Delta) -> Result<(), PostgresError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect(&self.url.0).await?);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err(PostgresError::Thread("no Postgres connection".into()));
+        };
+        let expected = self.shared.committed_seq.load(Ordering::Acquire);
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SNAPSHOT_LOCK])
+            .await?;
+        let found: Option<i64> = tx
+            .query_opt("SELECT wal_seq FROM quotad_snapshot WHERE id = 1", &[])
+            .await?
+            .map(|row| row.get(0));
+        let found = found.map_or(0, db_u64);
+        if found != expected {
+            return Err(PostgresError::Fenced { found, expected });
+        }
+        write_delta(&tx, delta).await?;
+        tx.execute(
+            "INSERT INTO quotad_snapshot (id, wal_seq, taken_at) VALUES (1, $1, now())
+             ON CONFLICT (id) DO UPDATE SET wal_seq = EXCLUDED.wal_seq, taken_at = EXCLUDED.taken_at",
+            &[&db_i64(delta.wal_seq)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+fn is_connection_lost(error: &PostgresError) -> bool {
+    match error {
+        PostgresError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
+        PostgresError::Connect(_) => true,
+        _ => false,
+    }
+}
+
+fn with_jitter(backoff: Duration) -> Duration {
+    // Up to a quarter more, so that many quotads restarting together do not
+    // retry in step. The clock's nanoseconds are random enough for that.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    backoff + backoff.mul_f64(f64::from(nanos % 1000) / 4000.0)
+}
+
+fn record_rows(delta: &Delta) {
+    telemetry::postgres_snapshot_rows("school_ai_subscriptions", delta.subscriptions.len());
+    telemetry::postgres_snapshot_rows("teacher_ai_allocations", delta.allocations.len());
+    telemetry::postgres_snapshot_rows("ai_allocation_requests", delta.requests.len());
+    telemetry::postgres_snapshot_rows("ai_allocation_history", delta.history.len());
+    telemetry::postgres_snapshot_rows("ai_usage_logs", delta.usage.len());
+    telemetry::postgres_snapshot_rows(
+        "quotad_state",
+        delta.school_states.len() + delta.account_states.len(),
+    );
+}
+
+/// Units, positions and counters are u64 in quotad and bigint in Postgres;
+/// quotad caps units far below 2^63, so the clamp never bites in practice.
+pub(crate) fn db_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn db_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+pub(crate) fn db_time(at_ms: TimestampMs) -> SystemTime {
+    let magnitude = Duration::from_millis(at_ms.unsigned_abs());
+    if at_ms >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
+    }
+}
+
+pub(crate) fn db_ms(at: SystemTime) -> TimestampMs {
+    match at.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Every row of the delta, one statement per table (arrays unnested on the
+/// server side) and COPY for the usage log: a handful of round trips
+/// whatever the size of the snapshot.
+async fn write_delta(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    write_subscriptions(tx, delta).await?;
+    write_allocations(tx, delta).await?;
+    write_requests(tx, delta).await?;
+    write_history(tx, delta).await?;
+    write_usage(tx, delta).await?;
+    write_states(tx, delta).await
+}
+
+async fn write_subscriptions(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    let rows = &delta.subscriptions;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let school: Vec<&str> = rows.iter().map(|r| r.school_id.as_str()).collect();
+    let service: Vec<&str> = rows.iter().map(|r| r.service.as_str()).collect();
+    let name: Vec<&str> = rows.iter().map(|r| r.school_name.as_str()).collect();
+    let tier: Vec<&str> = rows.iter().map(|r| r.tier).collect();
+    let anchor: Vec<i16> = rows.iter().map(|r| r.anchor_day).collect();
+    let next_anchor: Vec<Option<i16>> = rows.iter().map(|r| r.next_anchor_day).collect();
+    let borrowing: Vec<bool> = rows.iter().map(|r| r.borrowing_enabled).collect();
+    let self_service: Vec<bool> = rows.iter().map(|r| r.self_service_requests).collect();
+    let start: Vec<SystemTime> = rows.iter().map(|r| db_time(r.cycle.start_ms)).collect();
+    let end: Vec<SystemTime> = rows.iter().map(|r| db_time(r.cycle.end_ms)).collect();
+    let cycle_units: Vec<i64> = rows.iter().map(|r| db_i64(r.pool.cycle_units)).collect();
+    let allocated: Vec<i64> = rows
+        .iter()
+        .map(|r| db_i64(r.pool.allocated_units))
+        .collect();
+    let borrowed: Vec<i64> = rows.iter().map(|r| db_i64(r.pool.borrowed_units)).collect();
+    let used: Vec<i64> = rows.iter().map(|r| db_i64(r.used_units)).collect();
+    let params: [&(dyn ToSql + Sync); 14] = [
+        &school,
+        &service,
+        &name,
+        &tier,
+        &anchor,
+        &next_anchor,
+        &borrowing,
+        &self_service,
+        &start,
+        &end,
+        &cycle_units,
+        &allocated,
+        &borrowed,
+        &used,
+    ];
+    tx.execute(
+        "INSERT INTO school_ai_subscriptions (school_id, service_type, school_name, tier,
+             billing_anchor_day, next_billing_anchor_day, borrowing_enabled, self_service_requests,
+             cycle_start, cycle_end, cycle_units, allocated_units, borrowed_units, used_units)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int2[],
+             $6::int2[], $7::bool[], $8::bool[], $9::timestamptz[], $10::timestamptz[],
+             $11::int8[], $12::int8[], $13::int8[], $14::int8[])
+         ON CONFLICT (school_id, service_type) DO UPDATE SET
+             school_name = EXCLUDED.school_name, tier = EXCLUDED.tier,
+             billing_anchor_day = EXCLUDED.billing_anchor_day,
+             next_billing_anchor_day = EXCLUDED.next_billing_anchor_day,
+             borrowing_enabled = EXCLUDED.borrowing_enabled,
+             self_service_requests = EXCLUDED.self_service_requests,
+             cycle_start = EXCLUDED.cycle_start, cycle_end = EXCLUDED.cycle_end,
+             cycle_units = EXCLUDED.cycle_units, allocated_units = EXCLUDED.allocated_units,
+             borrowed_units = EXCLUDED.borrowed_units, used_units = EXCLUDED.used_units,
+             updated_at = now()",
+        &params,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Replaces the rows of every changed teacher: a slice removed since the last
+/// snapshot loses its row.
+async fn write_allocations(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    if delta.teachers.is_empty() {
+        return Ok(());
+    }
+    let school: Vec<&str> = delta.teachers.iter().map(|(s, _)| s.as_str()).collect();
+    let teacher: Vec<&str> = delta.teachers.iter().map(|(_, t)| t.as_str()).collect();
+    tx.execute(
+        "DELETE FROM teacher_ai_allocations a
+          USING unnest($1::text[], $2::text[]) AS d(school_id, teacher_id)
+          WHERE a.school_id = d.school_id AND a.teacher_id = d.teacher_id",
+        &[&school, &teacher],
+    )
+    .await?;
+    let rows = &delta.allocations;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let school: Vec<&str> = rows.iter().map(|r| r.school_id.as_str()).collect();
+    let teacher: Vec<&str> = rows.iter().map(|r| r.teacher_id.as_str()).collect();
+    let service: Vec<&str> = rows.iter().map(|r| r.service.as_str()).collect();
+    let allocated: Vec<i64> = rows
+        .iter()
+        .map(|r| db_i64(r.slice.allocated_units))
+        .collect();
+    let used: Vec<i64> = rows
+        .iter()
+        .map(|r| db_i64(r.slice.total_used_units()))
+        .collect();
+    let reserved: Vec<i64> = rows
+        .iter()
+        .map(|r| db_i64(r.slice.reserved_units))
+        .collect();
+    let borrowed: Vec<i64> = rows
+        .iter()
+        .map(|r| db_i64(r.slice.borrowed_units))
+        .collect();
+    let overage: Vec<i64> = rows.iter().map(|r| db_i64(r.slice.overage_units)).collect();
+    let priority: Vec<&str> = rows.iter().map(|r| r.slice.priority.as_str()).collect();
+    let auto_renew: Vec<bool> = rows.iter().map(|r| r.slice.auto_renew).collect();
+    let status: Vec<&str> = rows.iter().map(|r| r.slice.status.as_str()).collect();
+    let start: Vec<SystemTime> = rows.iter().map(|r| db_time(r.cycle_start_ms)).collect();
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &school,
+        &teacher,
+        &service,
+        &allocated,
+        &used,
+        &reserved,
+        &borrowed,
+        &overage,
+        &priority,
+        &auto_renew,
+        &status,
+        &start,
+    ];
+    tx.execute(
+        "INSERT INTO teacher_ai_allocations (school_id, teacher_id, service_type, allocated_units,
+             used_units, reserved_units, borrowed_units, overage_units, priority, auto_renew,
+             status, cycle_start)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[],
+             $6::int8[], $7::int8[], $8::int8[], $9::text[], $10::bool[], $11::text[],
+             $12::timestamptz[])",
+        &params,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_requests(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    let rows = &delta.requests;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let school: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    let id: Vec<i64> = rows.iter().map(|(_, r)| db_i64(r.id)).collect();
+    let teacher: Vec<&str> = rows.iter().map(|(_, r)| r.teacher_id.as_str()).collect();
+    let service: Vec<&str> = rows.iter().map(|(_, r)| r.service.as_str()).collect();
+    let units: Vec<i64> = rows.iter().map(|(_, r)| db_i64(r.units)).collect();
+    let reason: Vec<&str> = rows.iter().map(|(_, r)| &*r.reason).collect();
+    let status: Vec<&str> = rows.iter().map(|(_, r)| r.status.as_str()).collect();
+    let approved: Vec<i64> = rows
+        .iter()
+        .map(|(_, r)| match r.status {
+            crate::domain::RequestStatus::Approved { units } => db_i64(units),
+            _ => 0,
+        })
+        .collect();
+    let decision_reason: Vec<Option<&str>> = rows
+        .iter()
+        .map(|(_, r)| r.decision_reason.as_deref())
+        .collect();
+    let decided_by: Vec<Option<&str>> = rows.iter().map(|(_, r)| r.decided_by.as_deref()).collect();
+    let created: Vec<SystemTime> = rows.iter().map(|(_, r)| db_time(r.created_at_ms)).collect();
+    let decided: Vec<Option<SystemTime>> = rows
+        .iter()
+        .map(|(_, r)| r.decided_at_ms.map(db_time))
+        .collect();
+    let expires: Vec<SystemTime> = rows
+        .iter()
+        .map(|(_, r)| db_time(r.expires_at_ms()))
+        .collect();
+    let params: [&(dyn ToSql + Sync); 13] = [
+        &school,
+        &id,
+        &teacher,
+        &service,
+        &units,
+        &reason,
+        &status,
+        &approved,
+        &decision_reason,
+        &decided_by,
+        &created,
+        &decided,
+        &expires,
+    ];
+    tx.execute(
+        "INSERT INTO ai_allocation_requests (school_id, request_id, teacher_id, service_type,
+             requested_units, reason, status, approved_units, decision_reason, decided_by,
+             created_at, decided_at, expires_at)
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[],
+             $6::text[], $7::text[], $8::int8[], $9::text[], $10::text[], $11::timestamptz[],
+             $12::timestamptz[], $13::timestamptz[])
+         ON CONFLICT (school_id, request_id) DO UPDATE SET
+             status = EXCLUDED.status, approved_units = EXCLUDED.approved_units,
+             decision_reason = EXCLUDED.decision_reason, decided_by = EXCLUDED.decided_by,
+             decided_at = EXCLUDED.decided_at",
+        &params,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Appends audit entries. An entry already there (a snapshot retried after
+/// a commit whose answer was lost) is left alone: the table is append-only.
+async fn write_history(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    let rows = &delta.history;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let json =
+        |values| serde_json::to_string(values).map_err(|e| PostgresError::Encode(e.to_string()));
+    let school: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    let seq: Vec<i64> = rows.iter().map(|(_, e)| db_i64(e.seq)).collect();
+    let at: Vec<SystemTime> = rows.iter().map(|(_, e)| db_time(e.at_ms)).collect();
+    let actor: Vec<&str> = rows.iter().map(|(_, e)| &*e.actor).collect();
+    let action: Vec<&str> = rows.iter().map(|(_, e)| e.action.as_str()).collect();
+    let teacher: Vec<Option<&str>> = rows
+        .iter()
+        .map(|(_, e)| e.teacher_id.as_ref().map(|t| t.as_str()))
+        .collect();
+    let service: Vec<Option<&str>> = rows
+        .iter()
+        .map(|(_, e)| e.service.as_ref().map(|s| s.as_str()))
+        .collect();
+    let reason: Vec<&str> = rows.iter().map(|(_, e)| &*e.reason).collect();
+    let before = rows
+        .iter()
+        .map(|(_, e)| json(&e.before))
+        .collect::<Result<Vec<String>, _>>()?;
+    let after = rows
+        .iter()
+        .map(|(_, e)| json(&e.after))
+        .collect::<Result<Vec<String>, _>>()?;
+    let prev_hash: Vec<&[u8]> = rows.iter().map(|(_, e)| &e.prev_hash[..]).collect();
+    let hash: Vec<&[u8]> = rows.iter().map(|(_, e)| &e.hash[..]).collect();
+    let params: [&(dyn ToSql + Sync); 12] = [
+        &school, &seq, &at, &actor, &action, &teacher, &service, &reason, &before, &after,
+        &prev_hash, &hash,
+    ];
+    tx.execute(
+        "INSERT INTO ai_allocation_history (school_id, seq, at, actor, action, teacher_id,
+             service_type, reason, before, after, prev_hash, hash)
+         SELECT s, q, a, ac, act, t, sv, r, b::jsonb, af::jsonb, ph, h
+           FROM unnest($1::text[], $2::int8[], $3::timestamptz[], $4::text[], $5::text[],
+                $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[],
+                $12::bytea[]) AS u(s, q, a, ac, act, t, sv, r, b, af, ph, h)
+         ON CONFLICT (school_id, seq) DO NOTHING",
+        &params,
+    )
+    .await?;
+    Ok(())
+}
+
+/// The usage log goes in with binary COPY: it is the one table that grows
+/// with traffic, thousands of rows per snapshot under load.
+async fn write_usage(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    if delta.usage.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in(
+            "COPY ai_usage_logs (wal_seq, event_id, reservation_id, school_id, teacher_id,
+                 service_type, units, borrowed_units, overage_units, model, decision,
+                 cycle_start, occurred_at, recorded_at) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    let types = [
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::INT8,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures::pin_mut!(writer);
+    for row in &delta.usage {
+        let values: [&(dyn ToSql + Sync); 14] = [
+            &db_i64(row.wal_seq),
+            &row.event_id,
+            &row.reservation_id,
+            &row.school_id.as_str(),
+            &row.teacher_id.as_str(),
+            &row.service.as_str(),
+            &db_i64(row.units),
+            &db_i64(row.borrowed_units),
+            &db_i64(row.overage_units),
+            &row.model,
+            &row.decision,
+            &db_time(row.cycle_start_ms),
+            &db_time(row.occurred_at_ms),
+            &db_time(row.recorded_at_ms),
+        ];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+async fn write_states(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+    let seq = db_i64(delta.wal_seq);
+    if !delta.school_states.is_empty() {
+        let school: Vec<&str> = delta
+            .school_states
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .collect();
+        let state: Vec<&[u8]> = delta.school_states.iter().map(|(_, b)| &b[..]).collect();
+        tx.execute(
+            "INSERT INTO quotad_school_state (school_id, wal_seq, state)
+             SELECT s, $3, b FROM unnest($1::text[], $2::bytea[]) AS u(s, b)
+             ON CONFLICT (school_id) DO UPDATE SET wal_seq = EXCLUDED.wal_seq, state = EXCLUDED.state",
+            &[&school, &state, &seq],
+        )
+        .await?;
+    }
+    if !delta.account_states.is_empty() {
+        let rows = &delta.account_states;
+        let school: Vec<&str> = rows.iter().map(|(s, _, _)| s.as_str()).collect();
+        let teacher: Vec<&str> = rows.iter().map(|(_, t, _)| t.as_str()).collect();
+        let state: Vec<&[u8]> = rows.iter().map(|(_, _, b)| &b[..]).collect();
+        tx.execute(
+            "INSERT INTO quotad_account_state (school_id, teacher_id, wal_seq, state)
+             SELECT s, t, $4, b FROM unnest($1::text[], $2::text[], $3::bytea[]) AS u(s, t, b)
+             ON CONFLICT (school_id, teacher_id) DO UPDATE SET
+                 wal_seq = EXCLUDED.wal_seq, state = EXCLUDED.state",
+            &[&school, &teacher, &state, &seq],
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! Snapshots to Postgres and recovery from it, through a real quotad (in
+//! this process or as a child process) and the test Postgres.
+
+use std::path::Path;
+use std::time::Duration;
+
+use quotad::config::{Config, Secret};
+use quotad::proto::*;
+use quotad::storage::{Durability, LogStore, SledLog};
+use tokio_postgres::Client;
+
+use crate::common::{self, *};
+use crate::fresh_database;
+
+/// An in-process quotad that snapshots to `url` every second.
+async fn start_server(data_dir: &Path, url: &str) -> TestServer {
+    TestServer::start_with(Config {
+        data_dir: data_dir.to_path_buf(),
+        auth_key: Some(Secret(KEY.into())),
+        postgres_url: Some(Secret(url.into())),
+        postgres_snapshot_interval_s: 1,
+        snapshot_interval_s: 1,
+        ..Config::default()
+    })
+    .await
+}
+
+/// quotad as a child process (so that it can be killed) snapshotting to `url`.
+fn process(data_dir: &Path, url: &str) -> ProcessServer {
+    ProcessServer::start_with_args(
+        data_dir,
+        Durability::Sync,
+        &[
+            "--database-url",
+            url,
+            "--postgres-snapshot-interval-s",
+            "1",
+            "--snapshot-interval-s",
+            "1",
+        ],
+    )
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits (up to 30 s) until `sql` returns `expected`.
+async fn wait_for(client: &Client, sql: &str, expected: i64) {
+    let mut last = 0;
+    for _ in 0..300 {
+        last = count(client, sql).await;
+        if last == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{sql} is {last}, not {expected}, after 30 s");
+}
+
+async fn snapshot_seq(client: &Client) -> u64 {
+    let seq: i64 = count(
+        client,
+        "SELECT coalesce(max(wal_seq), 0) FROM quotad_snapshot",
+    )
+    .await;
+    seq as u64
+}
+
+/// One school, two teachers, some usage, a denial and an admin change.
+async fn some_activity(admin: &mut AdminClient, gate: &mut GateClient) {
+    create_school(admin, "s1", 1000, false).await;
+    allocate(admin, "s1", "t1", 100, "normal").await.unwrap();
+    allocate(admin, "s1", "t2", 50, "high").await.unwrap();
+    for i in 0..3 {
+        let decision = decide(gate, common::consume("s1", "t1", 10, &format!("e{i}"))).await;
+        assert!(decision.allowed);
+    }
+    let decision = decide(gate, common::consume("s1", "t2", 7, "f0")).await;
+    assert!(decision.allowed);
+    admin
+        .set_allocation_status(SetAllocationStatusRequest {
+            school_id: "s1".into(),
+            teacher_id: "t2".into(),
+            service_type: SERVICE.into(),
+            status: "suspended".into(),
+            changed_by: String::new(),
+            reason: "term break".into(),
+        })
+        .await
+        .unwrap();
+    let denied = decide(gate, common::consume("s1", "t2", 1, "f1")).await;
+    assert!(!denied.allowed);
+}
+
+async fn history_len(admin: &mut AdminClient) -> i64 {
+    let page = admin
+        .list_history(ListHistoryRequest {
+            school_id: "s1".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    page.entries.len() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_fills_the_report_tables_and_the_usage_log() {
+    let (db, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = start_server(&data, &url).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    some_activity(&mut admin, &mut gate).await;
+    let history = history_len(&mut admin).await;
+
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
+    wait_for(&db, "SELECT count(*) FROM ai_allocation_history", history).await;
+    let pool = db
+        .query_one(
+            "SELECT cycle_units, allocated_units, used_units, tier, school_name
+               FROM school_ai_subscriptions WHERE school_id = 's1' AND service_type = $1",
+            &[&SERVICE],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            pool.get::<_, i64>(0),
+            pool.get::<_, i64>(1),
+            pool.get::<_, i64>(2)
+        ),
+        (1000, 150, 37)
+    );
+    assert_eq!(
+        (pool.get::<_, String>(3), pool.get::<_, String>(4)),
+        ("k12".to_string(), "School s1".to_string())
+    );
+    let t2 = db
+        .query_one(
+            "SELECT allocated_units, used_units, priority, status FROM teacher_ai_allocations
+              WHERE school_id = 's1' AND teacher_id = 't2'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            t2.get::<_, i64>(0),
+            t2.get::<_, i64>(1),
+            t2.get::<_, String>(2),
+            t2.get::<_, String>(3)
+        ),
+        (50, 7, "high".into(), "suspended".into())
+    );
+    let decisions: Vec<(String, i64)> = db
+        .query(
+            "SELECT decision, sum(units)::bigint FROM ai_usage_logs GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        decisions,
+        [("allowed".to_string(), 37), ("suspended".to_string(), 0)]
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT sum(units)::bigint FROM ai_usage_daily WHERE school_id = 's1'"
+        )
+        .await,
+        37
+    );
+    let model: String = db
+        .query_one("SELECT model FROM ai_usage_logs WHERE event_id = 'e0'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(model, "claude");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_after_a_restart_equals_usage_before_from_sled_or_from_postgres() {
+    let (db, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = start_server(&data, &url).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    some_activity(&mut admin, &mut gate).await;
+    let before = (
+        usage(&mut gate, "s1", "t1").await,
+        usage(&mut gate, "s1", "t2").await,
+        school(&mut admin, "s1").await,
+        history_len(&mut admin).await,
+    );
+    // A graceful stop writes the last changes to Postgres too.
+    server.stop().await;
+    assert!(snapshot_seq(&db).await > 0);
+
+    // From the data directory (Postgres also holds it).
+    let server = start_server(&data, &url).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    let from_sled = (
+        usage(&mut gate, "s1", "t1").await,
+        usage(&mut gate, "s1", "t2").await,
+        school(&mut admin, "s1").await,
+        history_len(&mut admin).await,
+    );
+    assert_eq!(from_sled, before);
+    server.stop().await;
+
+    // From Postgres alone: a new node with an empty data directory.
+    let (_dir2, empty) = temp_dir();
+    let server = start_server(&empty, &url).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    let from_postgres = (
+        usage(&mut gate, "s1", "t1").await,
+        usage(&mut gate, "s1", "t2").await,
+        school(&mut admin, "s1").await,
+        history_len(&mut admin).await,
+    );
+    assert_eq!(from_postgres, before);
+    // The ids seen and the audit chain came along.
+    let retry = decide(&mut gate, common::consume("s1", "t1", 10, "e0")).await;
+    assert!(
+        retry.duplicate,
+        "an event counted before the move is a duplicate"
+    );
+    let verified = admin
+        .verify_history(VerifyHistoryRequest {
+            school_id: "s1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.intact, "{verified:?}");
+    // The new node carries on from the snapshot's position.
+    assert!(
+        decide(&mut gate, common::consume("s1", "t1", 5, "e-new"))
+            .await
+            .allowed
+    );
+    server.stop().await;
+    let server = start_server(&empty, &url).await;
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 35);
+    server.stop().await;
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_fails_the_wal_keeps_everything_and_wins_on_restart() {
+    let (db, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = process(&data, &url);
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "s1", 1000, false).await;
+    allocate(&mut admin, "s1", "t1", 100, "normal")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert!(
+            decide(&mut gate, common::consume("s1", "t1", 1, &format!("a{i}")))
+                .await
+                .allowed
+        );
+    }
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
+
+    // Every snapshot now fails; consumes go on and are acknowledged.
+    db.batch_execute("ALTER TABLE ai_usage_logs RENAME TO ai_usage_logs_away")
+        .await
+        .unwrap();
+    let behind = snapshot_seq(&db).await;
+    for i in 0..5 {
+        assert!(
+            decide(&mut gate, common::consume("s1", "t1", 2, &format!("b{i}")))
+                .await
+                .allowed
+        );
+    }
+    // Long enough for local snapshots (every second) to have run and failed
+    // Postgres snapshots to have been retried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(snapshot_seq(&db).await, behind, "no snapshot can commit");
+    server.kill();
+
+    // The WAL was not truncated past what Postgres holds.
+    {
+        let store = SledLog::open(&data).unwrap();
+        let kept = store.read_after(behind).unwrap();
+        assert_eq!(kept.first().map(|(seq, _)| *seq), Some(behind + 1));
+        assert!(
+            kept.len() >= 5,
+            "the 5 unsnapshotted consumes are in the WAL"
+        );
+    }
+
+    // Postgres is back: the restart uses the WAL after the snapshot and
+    // catches Postgres up.
+    db.batch_execute("ALTER TABLE ai_usage_logs_away RENAME TO ai_usage_logs")
+        .await
+        .unwrap();
+    let server = process(&data, &url);
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 10).await;
+    wait_for(
+        &db,
+        "SELECT used_units FROM teacher_ai_allocations WHERE teacher_id = 't1'",
+        15,
+    )
+    .await;
+    server.kill();
+
+    // And Postgres alone now holds all of it.
+    let (_dir2, empty) = temp_dir();
+    let server = process(&empty, &url);
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
+}
+
+async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = reqwest_lite(addr).await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// GET /metrics with a bare HTTP/1.0 request (no HTTP client crate needed).
+async fn reqwest_lite(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quotad\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_postgres_does_not_stop_consumes_and_the_lag_shows() {
+    let (db, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = start_server(&data, &url).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "s1", 1000, false).await;
+    allocate(&mut admin, "s1", "t1", 500, "normal")
+        .await
+        .unwrap();
+    wait_for(&db, "SELECT count(*) FROM teacher_ai_allocations", 1).await;
+
+    // A transaction holds a lock every snapshot needs: the writer waits on it.
+    let mut locker = quotad::postgres::connect(&url).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE quotad_snapshot IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for i in 0..200 {
+        let decision = decide(&mut gate, common::consume("s1", "t1", 1, &format!("c{i}"))).await;
+        assert!(decision.allowed, "consume {i} while Postgres is stuck");
+    }
+    // The lag is reported (refreshed every snapshot interval).
+    let mut lag = 0.0;
+    for _ in 0..50 {
+        lag = metric(server.metrics_addr, "quotad_postgres_snapshot_lag_records").await;
+        if lag >= 200.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(lag >= 200.0, "lag {lag}");
+
+    lock.rollback().await.unwrap();
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 200).await;
+    let mut lag = f64::MAX;
+    for _ in 0..50 {
+        lag = metric(server.metrics_addr, "quotad_postgres_snapshot_lag_records").await;
+        if lag == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lag, 0.0);
+    server.stop().await;
+}
