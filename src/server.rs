@@ -50,7 +50,16 @@ pub enum ServeError {
     Metrics(String),
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    #[error(
+        "the data directory is empty and Postgres, which would hold the state, does not answer ({0}); \
+         quotad will not start from nothing while the state may be there"
+    )]
+    NoState(String),
 }
+
+/// How long start-up waits for Postgres before serving from the data
+/// directory alone.
+const POSTGRES_START_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -83,7 +92,7 @@ pub async fn serve(
             })?,
         );
     let (recovered, follower) = match &config.postgres_url {
-        Some(url) => recover_with_postgres(store.as_ref(), url, &config).await?,
+        Some(url) => recover_with_postgres(&store, url, &config).await?,
         None => (recover_local(store.as_ref())?, None),
     };
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
@@ -137,16 +146,29 @@ fn recover_local(store: &dyn LogStore) -> Result<Recovered, ServeError> {
 /// the whole story (Postgres's snapshot plus the WAL after it) and wins. When
 /// it is empty or older (a new node, a lost disk), the Postgres snapshot is
 /// loaded and written down locally at once, so the WAL continues after it.
+///
+/// When Postgres does not answer at start, a data directory with state is
+/// served alone and Postgres is caught up once it answers; an empty one
+/// cannot be, and start-up fails.
 async fn recover_with_postgres(
-    store: &dyn LogStore,
+    store: &Arc<dyn LogStore>,
     url: &Secret,
     config: &Config,
 ) -> Result<(Recovered, Option<Box<dyn Follower>>), ServeError> {
-    let mut client = postgres::prepare(&url.0).await?;
+    let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
+    let connected = tokio::time::timeout(POSTGRES_START_WAIT, postgres::prepare(&url.0)).await;
+    let mut client = match connected {
+        Ok(Ok(client)) => client,
+        Ok(Err(error)) => return start_without_postgres(store, url, interval, error.to_string()),
+        Err(_) => {
+            let waited = format!("no answer within {} s", POSTGRES_START_WAIT.as_secs());
+            return start_without_postgres(store, url, interval, waited);
+        }
+    };
+    let store = store.as_ref();
     let local = recover_local(store)?;
     let pg_seq = postgres::recover::snapshot_seq(&client).await?;
     let history_written = postgres::recover::history_written(&client).await?;
-    let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
     let (recovered, changes) = if local.last_seq >= pg_seq {
         let changes = if local.last_seq == pg_seq {
             Changes::new(history_written)
@@ -180,6 +202,25 @@ async fn recover_with_postgres(
     };
     let follower = PostgresFollower::start(url.clone(), interval, pg_seq, changes)?;
     Ok((recovered, Some(Box::new(follower))))
+}
+
+fn start_without_postgres(
+    store: &Arc<dyn LogStore>,
+    url: &Secret,
+    interval: Duration,
+    error: String,
+) -> Result<(Recovered, Option<Box<dyn Follower>>), ServeError> {
+    let local = recover_local(store.as_ref())?;
+    if local.last_seq == 0 {
+        return Err(ServeError::NoState(error));
+    }
+    tracing::warn!(
+        %error,
+        "Postgres does not answer: serving from the data directory; the WAL is kept whole and \
+         Postgres is caught up once it answers"
+    );
+    let follower = PostgresFollower::start_detached(url.clone(), interval, store.clone())?;
+    Ok((local, Some(Box::new(follower))))
 }
 
 /// What Postgres lacks when the data directory is ahead of it: every school

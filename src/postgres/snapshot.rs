@@ -20,11 +20,14 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
+use std::collections::HashMap;
+
 use super::rows::{Changes, Delta};
 use super::{connect, PostgresError};
 use crate::config::Secret;
-use crate::domain::{Record, State, TimestampMs};
+use crate::domain::{Record, SchoolId, State, TimestampMs};
 use crate::storage::snapshot::Follower;
+use crate::storage::{codec, LogStore};
 use crate::telemetry;
 
 /// The first wait after a failed write; it doubles up to [`BACKOFF_MAX`].
@@ -57,6 +60,20 @@ pub struct PostgresFollower {
     unsent_since: Option<Instant>,
     thread: Option<JoinHandle<()>>,
     done: crossbeam_channel::Receiver<()>,
+    /// Set while Postgres has not answered since the start: see [`PostgresFollower::start_detached`].
+    detached: Option<Detached>,
+}
+
+/// A follower started while Postgres was unreachable, waiting for it.
+struct Detached {
+    attached: crossbeam_channel::Receiver<Attach>,
+    store: Arc<dyn LogStore>,
+}
+
+/// What the writer found when Postgres first answered.
+struct Attach {
+    committed_seq: u64,
+    history_written: HashMap<SchoolId, u64>,
 }
 
 impl PostgresFollower {
@@ -67,6 +84,35 @@ impl PostgresFollower {
         interval: Duration,
         committed_seq: u64,
         changes: Changes,
+    ) -> Result<Self, PostgresError> {
+        let pending = !changes.is_empty();
+        let mut follower = Self::spawn(url, interval, committed_seq, None)?;
+        follower.changes = changes;
+        follower.unsent_since = pending.then(Instant::now);
+        Ok(follower)
+    }
+
+    /// Starts without Postgres, which did not answer at start-up: quotad
+    /// serves from its data directory, the WAL is not truncated at all, and
+    /// the writer keeps trying to connect (with backoff). When Postgres
+    /// answers, the follower catches it up from the state and the WAL after
+    /// Postgres's position, as a start with both would.
+    pub fn start_detached(
+        url: Secret,
+        interval: Duration,
+        store: Arc<dyn LogStore>,
+    ) -> Result<Self, PostgresError> {
+        let (attach_tx, attached) = crossbeam_channel::bounded(1);
+        let mut follower = Self::spawn(url, interval, 0, Some(attach_tx))?;
+        follower.detached = Some(Detached { attached, store });
+        Ok(follower)
+    }
+
+    fn spawn(
+        url: Secret,
+        interval: Duration,
+        committed_seq: u64,
+        attach: Option<crossbeam_channel::Sender<Attach>>,
     ) -> Result<Self, PostgresError> {
         let shared = Arc::new(Shared {
             committed_seq: AtomicU64::new(committed_seq),
@@ -82,21 +128,71 @@ impl PostgresFollower {
         let thread = std::thread::Builder::new()
             .name("quotad-postgres".into())
             .spawn(move || {
-                writer.run(receiver);
+                writer.run(receiver, attach);
                 let _ = done_tx.send(());
             })
             .map_err(|e| PostgresError::Thread(e.to_string()))?;
-        let pending = !changes.is_empty();
         Ok(Self {
-            changes,
+            changes: Changes::default(),
             interval,
             sender: Some(sender),
             shared,
             in_flight: None,
-            unsent_since: pending.then(Instant::now),
+            unsent_since: None,
             thread: Some(thread),
             done,
+            detached: None,
         })
+    }
+
+    /// Once Postgres answered: everything the state holds and the usage rows
+    /// of the WAL records after Postgres's position become the first delta.
+    fn try_attach(&mut self, state: &State, applied_seq: u64) {
+        let Some(detached) = &self.detached else {
+            return;
+        };
+        let Ok(attach) = detached.attached.try_recv() else {
+            return;
+        };
+        if attach.committed_seq > applied_seq {
+            tracing::error!(
+                postgres_wal_seq = attach.committed_seq,
+                local_wal_seq = applied_seq,
+                "Postgres holds a later snapshot than this data directory: they have diverged, \
+                 so no snapshot is written; the WAL keeps everything. Restart with an empty data \
+                 directory to recover from Postgres, or point quotad at another database"
+            );
+            self.sender = None;
+            return;
+        }
+        let mut changes = Changes::everything(state, attach.history_written);
+        match detached.store.read_after(attach.committed_seq) {
+            Ok(entries) => {
+                for (wal_seq, bytes) in entries.into_iter().filter(|(seq, _)| *seq <= applied_seq) {
+                    match codec::decode::<Record>(&bytes) {
+                        Ok(record) => changes.add_usage(wal_seq, &record),
+                        Err(e) => {
+                            tracing::error!(wal_seq, error = %e, "a WAL record cannot be read for Postgres; snapshots stopped");
+                            self.sender = None;
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the WAL for Postgres; snapshots stopped");
+                self.sender = None;
+                return;
+            }
+        }
+        tracing::info!(
+            postgres_wal_seq = attach.committed_seq,
+            local_wal_seq = applied_seq,
+            "Postgres answers; the next snapshot catches it up"
+        );
+        self.changes = changes;
+        self.unsent_since = Some(Instant::now());
+        self.detached = None;
     }
 
     fn committed_seq(&self) -> u64 {
@@ -155,8 +251,11 @@ impl PostgresFollower {
 
 impl Follower for PostgresFollower {
     fn applied(&mut self, wal_seq: u64, record: &Record, state: &State) {
-        self.changes.note(wal_seq, record, state);
         self.unsent_since.get_or_insert_with(Instant::now);
+        // While detached nothing is noted: attaching starts from the state.
+        if self.detached.is_none() {
+            self.changes.note(wal_seq, record, state);
+        }
     }
 
     fn interval(&self) -> Duration {
@@ -164,22 +263,31 @@ impl Follower for PostgresFollower {
     }
 
     fn tick(&mut self, state: &mut State, applied_seq: u64) {
-        self.hand_over(state, applied_seq);
+        self.try_attach(state, applied_seq);
+        if self.detached.is_none() {
+            self.hand_over(state, applied_seq);
+        }
         self.report_lag(applied_seq);
     }
 
     fn truncate_floor(&self) -> u64 {
+        if self.detached.is_some() {
+            return 0;
+        }
         self.committed_seq()
     }
 
     fn finish(&mut self, state: &mut State, applied_seq: u64) {
         let deadline = Instant::now() + FINAL_SNAPSHOT_WAIT;
+        self.try_attach(state, applied_seq);
         self.shared.stopping.store(true, Ordering::Release);
         // Wait for the write in flight, then hand over the rest.
         while !self.writer_idle() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.hand_over(state, applied_seq);
+        if self.detached.is_none() {
+            self.hand_over(state, applied_seq);
+        }
         self.sender = None;
         let waited = self
             .done
@@ -211,7 +319,11 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut receiver: mpsc::Receiver<Delta>) {
+    fn run(
+        mut self,
+        mut receiver: mpsc::Receiver<Delta>,
+        attach: Option<crossbeam_channel::Sender<Attach>>,
+    ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -223,10 +335,50 @@ impl Writer {
             }
         };
         runtime.block_on(async move {
+            if let Some(attach) = attach {
+                if !self.attach(&attach).await {
+                    return;
+                }
+            }
             while let Some(delta) = receiver.recv().await {
                 self.write_until_done(&delta).await;
             }
         });
+    }
+
+    /// Connects (applying migrations) until Postgres answers, with backoff;
+    /// false when shutdown came first.
+    async fn attach(&mut self, attach: &crossbeam_channel::Sender<Attach>) -> bool {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            match self.find_position().await {
+                Ok(found) => {
+                    self.shared
+                        .committed_seq
+                        .store(found.committed_seq, Ordering::Release);
+                    return attach.send(found).is_ok();
+                }
+                Err(error) => {
+                    telemetry::postgres_snapshot_failed();
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "Postgres does not answer; the WAL keeps everything, retrying");
+                }
+            }
+            if self.shared.stopping.load(Ordering::Acquire) {
+                return false;
+            }
+            self.sleep(with_jitter(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn find_position(&mut self) -> Result<Attach, PostgresError> {
+        let client = super::prepare(&self.url.0).await?;
+        let found = Attach {
+            committed_seq: super::recover::snapshot_seq(&client).await?,
+            history_written: super::recover::history_written(&client).await?,
+        };
+        self.client = Some(client);
+        Ok(found)
     }
 
     /// Writes `delta`, retrying with exponential backoff and jitter until it

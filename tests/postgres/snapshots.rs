@@ -45,17 +45,18 @@ async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Waits (up to 30 s) until `sql` returns `expected`.
+/// Waits (up to 30 s) until `sql` returns `expected` (an error, e.g. a table
+/// not created yet, counts as not yet).
 async fn wait_for(client: &Client, sql: &str, expected: i64) {
-    let mut last = 0;
+    let mut last = None;
     for _ in 0..300 {
-        last = count(client, sql).await;
-        if last == expected {
+        last = client.query_one(sql, &[]).await.ok().map(|row| row.get::<_, i64>(0));
+        if last == Some(expected) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{sql} is {last}, not {expected}, after 30 s");
+    panic!("{sql} is {last:?}, not {expected}, after 30 s");
 }
 
 async fn snapshot_seq(client: &Client) -> u64 {
@@ -389,5 +390,112 @@ async fn a_stuck_postgres_does_not_stop_consumes_and_the_lag_shows() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(lag, 0.0);
+    server.stop().await;
+}
+
+/// A TCP proxy in front of the test Postgres that the test switches on and
+/// off: while off, every connection is closed at once, as a Postgres that is
+/// down (or unreachable) would look to quotad.
+struct Switch {
+    url: String,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+async fn proxy_to(url: &str) -> Switch {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (head, rest) = url.split_once('@').expect("user@host in the URL");
+    let (target, db) = rest.split_once('/').expect("host:port/db in the URL");
+    let target = target.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let on = std::sync::Arc::new(AtomicBool::new(false));
+    let switch = on.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if !switch.load(Ordering::SeqCst) {
+                continue; // dropped: closed at once
+            }
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Switch {
+        url: format!("{head}@{addr}/{db}"),
+        on,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotad_starts_while_postgres_is_down_and_catches_it_up_when_it_answers() {
+    use std::sync::atomic::Ordering;
+    let (db, url) = fresh_database().await;
+    let postgres = proxy_to(&url).await;
+    let (_dir, data) = temp_dir();
+
+    // With nothing on disk and Postgres down there is no state to serve.
+    let config = Config {
+        data_dir: data.clone(),
+        auth_key: Some(Secret(KEY.into())),
+        postgres_url: Some(Secret(postgres.url.clone())),
+        ..Config::default()
+    };
+    let listeners = quotad::server::Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let refused = quotad::server::serve(listeners, config, std::future::pending()).await;
+    let message = refused.expect_err("no state to start from").to_string();
+    assert!(message.contains("does not answer"), "{message}");
+
+    // Some state in the data directory, from a run without Postgres.
+    let server = TestServer::start(&data).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "s1", 1000, false).await;
+    allocate(&mut admin, "s1", "t1", 100, "normal")
+        .await
+        .unwrap();
+    for i in 0..5 {
+        assert!(
+            decide(&mut gate, common::consume("s1", "t1", 1, &format!("a{i}")))
+                .await
+                .allowed
+        );
+    }
+    server.stop().await;
+
+    // Postgres down: quotad serves from the data directory.
+    let server = start_server(&data, &postgres.url).await;
+    let mut gate = server.gate().await;
+    for i in 0..5 {
+        assert!(
+            decide(&mut gate, common::consume("s1", "t1", 2, &format!("b{i}")))
+                .await
+                .allowed
+        );
+    }
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
+
+    // Postgres answers: it is migrated and caught up. The usage log gets the
+    // records still in the WAL: the 5 of this run (the run without Postgres
+    // truncated its own at its last local snapshot; their units are in the
+    // state, so in the allocation rows).
+    postgres.on.store(true, Ordering::SeqCst);
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
+    wait_for(
+        &db,
+        "SELECT used_units FROM teacher_ai_allocations WHERE teacher_id = 't1'",
+        15,
+    )
+    .await;
+    server.stop().await;
+
+    let (_dir2, empty) = temp_dir();
+    let server = start_server(&empty, &postgres.url).await;
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
     server.stop().await;
 }
