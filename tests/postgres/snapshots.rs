@@ -50,7 +50,11 @@ async fn count(client: &Client, sql: &str) -> i64 {
 async fn wait_for(client: &Client, sql: &str, expected: i64) {
     let mut last = None;
     for _ in 0..300 {
-        last = client.query_one(sql, &[]).await.ok().map(|row| row.get::<_, i64>(0));
+        last = client
+            .query_one(sql, &[])
+            .await
+            .ok()
+            .map(|row| row.get::<_, i64>(0));
         if last == Some(expected) {
             return;
         }
@@ -498,4 +502,79 @@ async fn quotad_starts_while_postgres_is_down_and_catches_it_up_when_it_answers(
     let mut gate = server.gate().await;
     assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_consumes_and_retries_reach_the_usage_log_once_each() {
+    let (db, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = start_server(&data, &url).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "s1", 10_000, false).await;
+    for t in 0..8 {
+        allocate(&mut admin, "s1", &format!("t{t}"), 300, "normal")
+            .await
+            .unwrap();
+    }
+    // 32 tasks, 4 per teacher, each sending 40 consumes of 1..=3 units, every
+    // one of them twice (a retry), while snapshots run every second.
+    let tasks: Vec<_> = (0..32)
+        .map(|task| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let mut gate = clients_as(addr, &admin_token()).await.1;
+                let teacher = format!("t{}", task % 8);
+                let mut allowed_units = 0;
+                for i in 0..40u64 {
+                    let request =
+                        common::consume("s1", &teacher, 1 + i % 3, &format!("{task}-{i}"));
+                    let first = decide(&mut gate, request.clone()).await;
+                    let retry = decide(&mut gate, request).await;
+                    assert!(retry.duplicate);
+                    assert_eq!(first.allowed, retry.allowed);
+                    if first.allowed {
+                        allowed_units += 1 + i % 3;
+                    }
+                }
+                allowed_units
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    let mut gate = server.gate().await;
+    let mut used = 0;
+    for t in 0..8 {
+        used += used_units(&mut gate, "s1", &format!("t{t}")).await;
+    }
+    assert_eq!(used, allowed);
+    server.stop().await;
+
+    assert_eq!(
+        count(
+            &db,
+            "SELECT coalesce(sum(units), 0)::bigint FROM ai_usage_logs"
+        )
+        .await,
+        allowed as i64
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM (SELECT event_id FROM ai_usage_logs GROUP BY event_id HAVING count(*) > 1) d"
+        )
+        .await,
+        0,
+        "no event is logged twice"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT sum(used_units)::bigint FROM teacher_ai_allocations"
+        )
+        .await,
+        allowed as i64
+    );
 }
