@@ -15,6 +15,10 @@ use crate::domain::{RuleLimits, ServiceType};
 use crate::engine::EngineConfig;
 use crate::storage::{Durability, WalConfig};
 
+/// The most schools whose pools may be exported as gauges: about a million
+/// series at 32 service types each, already more than one scrape should carry.
+pub const METRICS_SCHOOLS_MAX: usize = 10_000;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read the config file {path}: {source}")]
@@ -41,6 +45,12 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Where Prometheus scrapes `/metrics`.
     pub metrics_addr: SocketAddr,
+    /// Schools whose pools are exported as gauges (the first ones in id
+    /// order); the rest are counted in `quotad_pool_schools_omitted`. Bounds
+    /// those gauges to 3 x this x 32 service types series.
+    pub metrics_schools_max: usize,
+    /// How often the pool gauges are read from the engine.
+    pub metrics_refresh_interval_ms: u64,
     /// The sled database (WAL and local snapshot).
     pub data_dir: PathBuf,
     /// `sync` (acknowledge after the flush) or `batched` (acknowledge at once).
@@ -95,6 +105,8 @@ impl Default for Config {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            metrics_schools_max: 100,
+            metrics_refresh_interval_ms: 10_000,
             data_dir: PathBuf::from("./data"),
             durability: Durability::Sync,
             batched_flush_interval_ms: wal.batched_flush_interval_ms,
@@ -153,6 +165,10 @@ impl Config {
             ("housekeeping_interval_ms", self.housekeeping_interval_ms),
             ("hold_ttl_ms_max", self.hold_ttl_ms_max),
             ("hold_ttl_ms_default", self.hold_ttl_ms_default),
+            (
+                "metrics_refresh_interval_ms",
+                self.metrics_refresh_interval_ms,
+            ),
         ];
         for (setting, value) in positive {
             if value == 0 {
@@ -178,6 +194,12 @@ impl Config {
             return Err(invalid(
                 "request_bytes_max",
                 "must be between 1 KiB and 16 MiB",
+            ));
+        }
+        if self.metrics_schools_max > METRICS_SCHOOLS_MAX {
+            return Err(invalid(
+                "metrics_schools_max",
+                format!("must be at most {METRICS_SCHOOLS_MAX} (each school adds up to 96 series)"),
             ));
         }
         if self.idempotency_window_s > 366 * 24 * 3600 {
@@ -320,5 +342,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("default_service_types"));
+    }
+
+    #[test]
+    fn the_pool_gauges_are_bounded_and_refreshed() {
+        let config = Config::default();
+        assert_eq!(
+            (
+                config.metrics_schools_max,
+                config.metrics_refresh_interval_ms
+            ),
+            (100, 10_000)
+        );
+        let too_many = Config {
+            metrics_schools_max: METRICS_SCHOOLS_MAX + 1,
+            ..Config::default()
+        };
+        assert!(too_many
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("metrics_schools_max"));
+        let never = Config {
+            metrics_refresh_interval_ms: 0,
+            ..Config::default()
+        };
+        assert!(never
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("metrics_refresh_interval_ms"));
+        let none = Config {
+            metrics_schools_max: 0,
+            ..Config::default()
+        };
+        none.validate().unwrap();
     }
 }

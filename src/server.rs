@@ -14,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::api::rpc_metrics::RpcMetricsLayer;
 use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::Secret;
@@ -110,7 +111,7 @@ pub async fn serve(
         Engine::start(recovered.state, wal, config.engine()?, Clock::System).await?;
     let metrics_task = listeners
         .metrics
-        .map(|listener| tokio::spawn(serve_metrics(listener, metrics)));
+        .map(|listener| tokio::spawn(serve_metrics(listener, metrics, engine.clone(), &config)));
     let served = serve_grpc(listeners.grpc, engine, &config, auth, shutdown).await;
     if let Some(task) = metrics_task {
         task.abort();
@@ -287,6 +288,7 @@ async fn serve_grpc(
     for arbiter in engine.arbiters() {
         let listener = listener.try_clone().map_err(ServeError::Listener)?;
         let router = tonic::transport::Server::builder()
+            .layer(RpcMetricsLayer)
             .add_service(health_service.clone())
             .add_service(gate.clone())
             .add_service(admin.clone());
@@ -374,6 +376,11 @@ fn prometheus() -> Result<PrometheusHandle, ServeError> {
             telemetry::BATCH_BUCKETS_RECORDS,
         )
         .map_err(metrics_error)?
+        .set_buckets_for_metric(
+            Matcher::Full(telemetry::WAL_FLUSH_BATCH_BYTES.into()),
+            telemetry::BATCH_BUCKETS_BYTES,
+        )
+        .map_err(metrics_error)?
         .install_recorder()
         .map_err(metrics_error)?;
     telemetry::describe();
@@ -381,24 +388,73 @@ fn prometheus() -> Result<PrometheusHandle, ServeError> {
     Ok(handle)
 }
 
-async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
-    let upkeep = handle.clone();
-    let upkeep_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
+/// Serves `/metrics`: the recorder's metrics, then the pool gauges, which a
+/// background task refreshes from the engine every `metrics_refresh_interval_ms`
+/// (so that scrapes, however frequent, never reach the actors).
+fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    engine: Engine,
+    config: &Config,
+) -> impl Future<Output = ()> + Send + 'static {
+    let pools = Arc::new(Mutex::new(String::new()));
+    let refresh = Duration::from_millis(config.metrics_refresh_interval_ms);
+    let schools_max = config.metrics_schools_max;
+    let refresher = refresh_pools(engine, schools_max, refresh, pools.clone());
+    async move {
+        let upkeep = handle.clone();
+        // Dropped with this future (the server aborts it on shutdown), which
+        // stops both tasks: neither outlives the engine it reads.
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(refresher);
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (handle, pools) = (handle.clone(), pools.clone());
+                async move { render_metrics(&handle, &pools) }
+            }),
+        );
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics endpoint stopped");
         }
-    });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
-    if let Err(error) = axum::serve(listener, app).await {
-        tracing::error!(%error, "the metrics endpoint stopped");
     }
-    upkeep_task.abort();
+}
+
+fn render_metrics(handle: &PrometheusHandle, pools: &Mutex<String>) -> String {
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    // A poisoned lock only means a panic between two whole-string writes.
+    text.push_str(&pools.lock().unwrap_or_else(|p| p.into_inner()));
+    text
+}
+
+/// Renders the pool gauges of the first `schools_max` schools (in id order)
+/// every `interval`. A failed read keeps the previous text and is logged.
+async fn refresh_pools(
+    engine: Engine,
+    schools_max: usize,
+    interval: Duration,
+    pools: Arc<Mutex<String>>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match engine.pools_of_first_schools(schools_max).await {
+            Ok((schools, omitted)) => {
+                let text = telemetry::render_pools(&schools, omitted);
+                *pools.lock().unwrap_or_else(|p| p.into_inner()) = text;
+            }
+            Err(error) => tracing::warn!(%error, "the pool gauges were not refreshed"),
+        }
+    }
 }

@@ -1,7 +1,5 @@
 //! `QuotaGate`: the calls an AI proxy makes on its hot path.
 
-use std::time::Instant;
-
 use tonic::{Request, Response, Status};
 
 use super::status::{invalid, to_status};
@@ -11,7 +9,6 @@ use crate::domain::HoldRequest;
 use crate::engine::{Check, Commit, Consume, Engine, Release, Reserve};
 use crate::proto::quota_gate_server::QuotaGate;
 use crate::proto::*;
-use crate::telemetry;
 
 pub struct GateService {
     engine: Engine,
@@ -29,7 +26,6 @@ impl QuotaGate for GateService {
         &self,
         request: Request<ConsumeRequest>,
     ) -> Result<Response<ConsumeResponse>, Status> {
-        let started = Instant::now();
         let (caller, r) = caller_and(request)?;
         let teacher = convert::teacher(&r.school_id, &r.teacher_id).map_err(invalid)?;
         authorize(
@@ -50,7 +46,6 @@ impl QuotaGate for GateService {
             .consume(&teacher, msg)
             .await
             .map_err(to_status)?;
-        telemetry::consume_latency(started.elapsed());
         Ok(Response::new(ConsumeResponse {
             decision: Some(convert::decision(decision)),
         }))

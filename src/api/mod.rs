@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod convert;
 pub mod gate;
+pub mod rpc_metrics;
 pub mod status;
 
 pub use admin::AdminService;

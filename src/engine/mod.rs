@@ -430,22 +430,27 @@ impl Engine {
         msg: Consume,
     ) -> Result<Decision, EngineError> {
         self.limits().check_units("units", msg.units)?;
-        let Some(addr) = self.route(teacher, Some(&msg.service))? else {
-            telemetry::decision("consume", DenyReason::NoAllocation.as_str());
-            return Ok(Self::no_allocation(teacher, &msg.service));
+        let service = msg.service.clone();
+        let Some(addr) = self.route(teacher, Some(&service))? else {
+            telemetry::decision("consume", DenyReason::NoAllocation.as_str(), &service);
+            return Ok(Self::no_allocation(teacher, &service));
         };
         let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
         let decision = self.settle(durable).await?;
-        telemetry::decision("consume", outcome(&decision));
+        telemetry::decision("consume", outcome(&decision), &service);
         Ok(decision)
     }
 
     pub async fn check(&self, teacher: &TeacherRef, msg: Check) -> Result<Decision, EngineError> {
         self.limits().check_units("units", msg.units)?;
-        let Some(addr) = self.route(teacher, Some(&msg.service))? else {
-            return Ok(Self::no_allocation(teacher, &msg.service));
+        let service = msg.service.clone();
+        let Some(addr) = self.route(teacher, Some(&service))? else {
+            telemetry::decision("check", DenyReason::NoAllocation.as_str(), &service);
+            return Ok(Self::no_allocation(teacher, &service));
         };
-        addr.send(msg).await.map_err(EngineError::mailbox)?
+        let decision = addr.send(msg).await.map_err(EngineError::mailbox)??;
+        telemetry::decision("check", outcome(&decision), &service);
+        Ok(decision)
     }
 
     pub async fn reserve(
@@ -455,12 +460,14 @@ impl Engine {
     ) -> Result<(Decision, TimestampMs), EngineError> {
         msg.0.units = self.limits().check_units("estimate_units", msg.0.units)?;
         msg.0.ttl_ms = self.limits().check_ttl(msg.0.ttl_ms)?;
-        let Some(addr) = self.route(teacher, Some(&msg.0.service))? else {
-            return Ok((Self::no_allocation(teacher, &msg.0.service), 0));
+        let service = msg.0.service.clone();
+        let Some(addr) = self.route(teacher, Some(&service))? else {
+            telemetry::decision("reserve", DenyReason::NoAllocation.as_str(), &service);
+            return Ok((Self::no_allocation(teacher, &service), 0));
         };
         let durable = addr.send(msg).await.map_err(EngineError::mailbox)??;
         let answer = self.settle(durable).await?;
-        telemetry::decision("reserve", outcome(&answer.0));
+        telemetry::decision("reserve", outcome(&answer.0), &service);
         Ok(answer)
     }
 
@@ -698,6 +705,25 @@ impl Engine {
         }
         let next = if more { ids.last().cloned() } else { None };
         Ok((views, next))
+    }
+
+    /// The pools of the first `schools_max` schools in id order, and how many
+    /// schools were left out: the pool gauges' bounded view.
+    pub async fn pools_of_first_schools(
+        &self,
+        schools_max: usize,
+    ) -> Result<(Vec<telemetry::SchoolPools>, usize), EngineError> {
+        let schools_total = self.core.registry.schools.len();
+        let (views, _) = self.list_schools(None, None, schools_max).await?;
+        let omitted = schools_total.saturating_sub(views.len());
+        let schools = views
+            .into_iter()
+            .map(|view| telemetry::SchoolPools {
+                school_id: view.config.id,
+                pools: view.pools,
+            })
+            .collect();
+        Ok((schools, omitted))
     }
 
     pub async fn update_settings(

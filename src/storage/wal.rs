@@ -356,7 +356,8 @@ impl Writer {
             .durable_seq
             .store(durable_seq, Ordering::Release);
         self.shared.flushed.notify_waiters();
-        telemetry::wal_flush(started.elapsed(), batch.len(), durable_seq);
+        let bytes: usize = batch.iter().map(|(_, encoded)| encoded.len()).sum();
+        telemetry::wal_flush(started.elapsed(), batch.len(), bytes, durable_seq);
         // The snapshotter must see every durable record. Its queue is
         // bounded, so if it falls far behind the writer waits for it rather
         // than let memory grow; a gone snapshotter (shut down) is ignored.

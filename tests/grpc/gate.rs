@@ -397,7 +397,7 @@ async fn the_metrics_endpoint_reports_the_hot_path() {
 
     let body = scrape(server.metrics_addr).await;
     for name in [
-        "quotad_consume_duration_seconds_bucket",
+        r#"quotad_grpc_request_duration_seconds_bucket{grpc_service="QuotaGate",rpc="Consume",code="OK""#,
         "quotad_wal_flush_duration_seconds_bucket",
         "quotad_wal_flush_batch_records_bucket",
         "quotad_actors_alive",
@@ -405,11 +405,13 @@ async fn the_metrics_endpoint_reports_the_hot_path() {
         assert!(body.contains(name), "no {name} in:\n{body}");
     }
     assert!(
-        body.contains(r#"quotad_decisions_total{call="consume",outcome="allowed"}"#),
+        body.contains(
+            r#"quotad_decisions_total{call="consume",outcome="allowed",service="claude_messages"}"#
+        ),
         "{body}"
     );
     assert!(
-        body.contains(r#"quotad_decisions_total{call="consume",outcome="exhausted"}"#),
+        body.contains(r#"quotad_decisions_total{call="consume",outcome="exhausted",service="claude_messages"}"#),
         "{body}"
     );
     server.stop().await;

@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod gate;
 mod idempotency;
+mod metrics;
 mod quotactl;
 mod stress;
 mod tenants;

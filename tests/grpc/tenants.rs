@@ -13,7 +13,7 @@ use crate::common::*;
 use quotad::auth::Action as Rpc;
 
 /// Each call aims at school "a" and its teacher "t1".
-async fn call(
+pub(crate) async fn call(
     rpc: Rpc,
     school: &str,
     admin: &mut AdminClient,
