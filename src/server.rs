@@ -14,10 +14,12 @@ use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::analytics::Analytics;
 use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::{Config, ConfigError};
 use crate::engine::{system_now_ms, Clock, Engine, EngineError};
+use crate::postgres::Reader;
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
 use crate::storage::snapshot::Snapshotter;
@@ -45,7 +47,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("Postgres (postgres_url) at start: {0}")]
+    Postgres(String),
 }
+
+/// How long start-up waits for Postgres (connect and migrations).
+const POSTGRES_PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Listeners {
     pub grpc: TcpListener,
@@ -70,6 +77,7 @@ pub async fn serve(
         );
     }
     let metrics = prometheus()?;
+    let reader = analytics_reader(&config).await?;
     let store: Arc<dyn LogStore> =
         Arc::new(
             SledLog::open(&config.data_dir).map_err(|source| ServeError::Open {
@@ -100,8 +108,18 @@ pub async fn serve(
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(serve_metrics(listener, metrics)));
-    let served = serve_grpc(listeners.grpc, engine, &config, auth, shutdown).await;
-    if let Some(task) = metrics_task {
+    let analytics = Arc::new(Analytics::new(
+        engine.clone(),
+        reader.clone(),
+        config.alert_thresholds(),
+    ));
+    // The alert gauges need Postgres' daily usage; without it there are none.
+    let alerts_task = reader.is_some().then(|| {
+        let interval = Duration::from_secs(config.alerts_interval_s);
+        tokio::spawn(analytics.clone().run_alert_gauges(interval))
+    });
+    let served = serve_grpc(listeners.grpc, engine, analytics, &config, auth, shutdown).await;
+    for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }
     let stopped = tokio::task::spawn_blocking(move || {
@@ -117,6 +135,21 @@ pub async fn serve(
     served
 }
 
+/// With a Postgres URL: brings its schema up to date (a quotad that cannot
+/// reach it at start refuses to start, saying why) and returns the analytics
+/// reader, whose connection runs on this (the main) runtime, away from the
+/// actor threads that answer the gate.
+async fn analytics_reader(config: &Config) -> Result<Option<Arc<Reader>>, ServeError> {
+    let Some(url) = &config.postgres_url else {
+        return Ok(None);
+    };
+    tokio::time::timeout(POSTGRES_PREPARE_TIMEOUT, crate::postgres::prepare(&url.0))
+        .await
+        .map_err(|_| ServeError::Postgres("no answer within 30 s".into()))?
+        .map_err(|e| ServeError::Postgres(e.to_string()))?;
+    Ok(Some(Arc::new(Reader::new(&url.0))))
+}
+
 /// Serves gRPC on every actor thread: each runs an accept loop on the same
 /// socket, and a call is answered on the thread that accepted its connection.
 /// Half the time (with two threads) the teacher's actor lives there too, and
@@ -124,6 +157,7 @@ pub async fn serve(
 async fn serve_grpc(
     listener: TcpListener,
     engine: Engine,
+    analytics: Arc<Analytics>,
     config: &Config,
     auth: AuthMode,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -134,7 +168,7 @@ async fn serve_grpc(
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
-    let admin = QuotaAdminServer::new(AdminService::new(engine.clone()))
+    let admin = QuotaAdminServer::new(AdminService::new(engine.clone(), analytics))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
     // Every gate and admin call carries a bearer token; the health check does

@@ -24,6 +24,8 @@ pub const PG_SNAPSHOT_LAG_RECORDS: &str = "quotad_postgres_snapshot_lag_records"
 pub const PG_SNAPSHOT_LAG_SECONDS: &str = "quotad_postgres_snapshot_lag_seconds";
 pub const PG_SNAPSHOT_FAILURES_TOTAL: &str = "quotad_postgres_snapshot_failures_total";
 pub const PG_SNAPSHOT_ROWS_TOTAL: &str = "quotad_postgres_snapshot_rows_total";
+pub const ALERTS_ACTIVE: &str = "quotad_alerts_active";
+pub const ALERTS_FAILURES_TOTAL: &str = "quotad_alerts_failures_total";
 
 /// Histogram buckets for request and flush latencies, in seconds: 25 us to 1 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -101,6 +103,14 @@ pub fn describe() {
         PG_SNAPSHOT_ROWS_TOTAL,
         "Rows written to Postgres by snapshots, by table."
     );
+    metrics::describe_gauge!(
+        ALERTS_ACTIVE,
+        "Active alerts over every school, by kind (slice_threshold, pool_exhausting, usage_anomaly), as of the last alert pass."
+    );
+    metrics::describe_counter!(
+        ALERTS_FAILURES_TOTAL,
+        "Schools an alert pass could not compute (Postgres unavailable, too much data)."
+    );
 }
 
 pub fn decision(call: &'static str, outcome: &'static str) {
@@ -159,4 +169,14 @@ pub fn postgres_snapshot_failed() {
 pub fn postgres_snapshot_lag(records: u64, age: Duration) {
     gauge!(PG_SNAPSHOT_LAG_RECORDS).set(records as f64);
     gauge!(PG_SNAPSHOT_LAG_SECONDS).set(age.as_secs_f64());
+}
+
+/// `kind` is one of the three alert kinds: the label stays bounded. No school
+/// or teacher label: there can be any number of them (ListAlerts names them).
+pub fn alerts_active(kind: &'static str, count: usize) {
+    gauge!(ALERTS_ACTIVE, "kind" => kind).set(count as f64);
+}
+
+pub fn alerts_failed() {
+    counter!(ALERTS_FAILURES_TOTAL).increment(1);
 }

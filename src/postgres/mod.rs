@@ -5,6 +5,10 @@
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};
 
+pub mod analytics;
+
+pub use analytics::{ReadError, Reader};
+
 /// Every migration, in order. Append only: a shipped migration never changes.
 pub const MIGRATIONS: &[(i32, &str, &str)] =
     &[(1, "schema", include_str!("migrations/0001_schema.sql"))];
@@ -41,6 +45,14 @@ pub async fn connect(url: &str) -> Result<Client, PostgresError> {
             tracing::error!(%error, "Postgres connection ended");
         }
     });
+    Ok(client)
+}
+
+/// What a server does at start when a Postgres URL is configured: connects
+/// and applies the migrations the database lacks. Returns the connection.
+pub async fn prepare(url: &str) -> Result<Client, PostgresError> {
+    let mut client = connect(url).await?;
+    migrate(&mut client).await?;
     Ok(client)
 }
 

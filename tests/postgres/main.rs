@@ -5,6 +5,12 @@
 use quotad::postgres::{connect, migrate, MIGRATIONS};
 use tokio_postgres::Client;
 
+mod analytics;
+/// The gRPC tests' server and client helpers, for the analytics tests.
+#[path = "../grpc/common.rs"]
+#[allow(dead_code)]
+mod common;
+
 /// A new, empty database on the test server, and its URL.
 async fn fresh_database() -> (Client, String) {
     let url = std::env::var("QUOTAD_TEST_DATABASE_URL").unwrap_or_else(|_| {

@@ -1,0 +1,309 @@
+//! The analytics reads: rollups of charged usage and the daily usage the
+//! suggestion and alert rules look at, from the views `ai_usage_daily` and
+//! `ai_usage_monthly`.
+//!
+//! [`Reader`] holds its own connection, apart from the snapshotter's: a slow
+//! report never holds up a write. It connects on first use and again after the
+//! connection dropped, and bounds everything: connect and query time, queries
+//! at once, rows per answer. The gate never calls it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{Mutex, Semaphore};
+use tokio_postgres::{Client, NoTls};
+
+use crate::domain::{SchoolId, ServiceType, TeacherId, TimestampMs};
+
+/// How long connecting may take before the call answers UNAVAILABLE.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one analytics query may take (also the server-side statement_timeout).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Analytics queries in flight at once; more wait their turn (within QUERY_TIMEOUT).
+const QUERIES_AT_ONCE_MAX: usize = 4;
+/// Daily rows one school's suggestions or alerts may read (teachers x service
+/// types x days); a school beyond it gets an error rather than a slow answer.
+pub const DAILY_ROWS_MAX: usize = 250_000;
+/// Rows one rollup answer may hold.
+pub const ROLLUP_ROWS_MAX: usize = 10_000;
+
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("analytics read from Postgres, which is not configured: set postgres_url (QUOTAD_DATABASE_URL)")]
+    NotConfigured,
+    #[error("Postgres is unavailable: {0}")]
+    Unavailable(String),
+    #[error("Postgres refused the analytics query: {0}")]
+    Failed(String),
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl ReadError {
+    /// A database's own error is a failed query; anything else (closed
+    /// socket, I/O, timeout) means the server is out of reach.
+    /// Classes 08 (connection), 53 (resources) and 57 (operator
+    /// intervention, e.g. shutting down) are Postgres out of reach too.
+    fn from_postgres(error: tokio_postgres::Error) -> Self {
+        match error.as_db_error() {
+            Some(db)
+                if !["08", "53", "57"]
+                    .iter()
+                    .any(|c| db.code().code().starts_with(c)) =>
+            {
+                Self::Failed(db.message().to_string())
+            }
+            _ => Self::Unavailable(error.to_string()),
+        }
+    }
+}
+
+/// A day or a month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Day,
+    Month,
+}
+
+/// What a rollup row is per, besides its period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    TeacherAndService,
+    Service,
+    Teacher,
+    /// The whole school.
+    School,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupQuery {
+    pub school_id: SchoolId,
+    pub granularity: Granularity,
+    pub grouping: Grouping,
+    /// The first period is the one holding `from_ms`.
+    pub from_ms: TimestampMs,
+    /// Periods that start before `to_ms`.
+    pub to_ms: TimestampMs,
+    pub teacher_id: Option<TeacherId>,
+    pub service: Option<ServiceType>,
+    /// At most this many rows (1..=ROLLUP_ROWS_MAX).
+    pub rows_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupRow {
+    /// 00:00 UTC of the day, or of the month's first day.
+    pub period_start_ms: TimestampMs,
+    /// Empty when the grouping sums over teachers.
+    pub teacher_id: String,
+    /// Empty when the grouping sums over service types.
+    pub service_type: String,
+    pub units: i64,
+    pub borrowed_units: i64,
+    pub overage_units: i64,
+    pub events: i64,
+}
+
+/// One teacher's units of one service type on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUnits {
+    pub day_start_ms: TimestampMs,
+    pub teacher_id: String,
+    pub service_type: String,
+    pub units: u64,
+}
+
+/// Analytics reads over a connection of their own.
+pub struct Reader {
+    url: String,
+    /// Where the connection's I/O task runs: the server's main runtime, not
+    /// the actor threads that answer gRPC.
+    runtime: tokio::runtime::Handle,
+    client: Mutex<Option<Arc<Client>>>,
+    permits: Semaphore,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reader { url: <redacted> }")
+    }
+}
+
+impl Reader {
+    /// Connects lazily, on the first read; the connection task runs on the
+    /// runtime this is called on.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            runtime: tokio::runtime::Handle::current(),
+            client: Mutex::new(None),
+            permits: Semaphore::new(QUERIES_AT_ONCE_MAX),
+        }
+    }
+
+    /// The live client, connecting again if there is none or it closed.
+    async fn client(&self) -> Result<Arc<Client>, ReadError> {
+        let mut slot = self.client.lock().await;
+        if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(client.clone());
+        }
+        *slot = None;
+        let connecting = tokio_postgres::connect(&self.url, NoTls);
+        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ReadError::Unavailable("connecting took longer than 5 s".into()))?
+            .map_err(|e| ReadError::Unavailable(e.to_string()))?;
+        self.runtime.spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "the analytics Postgres connection ended");
+            }
+        });
+        let timeout = format!("SET statement_timeout = {}", QUERY_TIMEOUT.as_millis());
+        client
+            .batch_execute(&timeout)
+            .await
+            .map_err(ReadError::from_postgres)?;
+        let client = Arc::new(client);
+        *slot = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Runs `sql` with a permit, within QUERY_TIMEOUT (waiting included).
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ReadError> {
+        let run = async {
+            let _permit = self
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| ReadError::Unavailable("the analytics reader is closed".into()))?;
+            let client = self.client().await?;
+            client
+                .query(sql, params)
+                .await
+                .map_err(ReadError::from_postgres)
+        };
+        tokio::time::timeout(QUERY_TIMEOUT, run)
+            .await
+            .map_err(|_| {
+                ReadError::Unavailable("the analytics query took longer than 10 s".into())
+            })?
+    }
+
+    /// Charged usage per period (and teacher / service type, by `grouping`),
+    /// in period, teacher, service order; true when more rows than
+    /// `rows_max` matched (the answer holds the first `rows_max`).
+    pub async fn rollups(&self, q: &RollupQuery) -> Result<(Vec<RollupRow>, bool), ReadError> {
+        let sql = rollup_sql(q.granularity, q.grouping);
+        let limit = i64::try_from(q.rows_max.min(ROLLUP_ROWS_MAX) + 1).unwrap_or(i64::MAX);
+        let teacher = q.teacher_id.as_ref().map(|t| t.as_str());
+        let service = q.service.as_ref().map(|s| s.as_str());
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &q.school_id.as_str(),
+                    &q.from_ms,
+                    &q.to_ms,
+                    &teacher,
+                    &service,
+                    &limit,
+                ],
+            )
+            .await?;
+        let mut rows: Vec<RollupRow> = rows
+            .iter()
+            .map(|r| RollupRow {
+                period_start_ms: r.get(0),
+                teacher_id: r.get(1),
+                service_type: r.get(2),
+                units: r.get(3),
+                borrowed_units: r.get(4),
+                overage_units: r.get(5),
+                events: r.get(6),
+            })
+            .collect();
+        let truncated = rows.len() > q.rows_max;
+        rows.truncate(q.rows_max);
+        Ok((rows, truncated))
+    }
+
+    /// Every teacher's charged units per UTC day of `school_id`, from the day
+    /// holding `from_ms` on.
+    pub async fn daily_units(
+        &self,
+        school_id: &SchoolId,
+        from_ms: TimestampMs,
+    ) -> Result<Vec<DailyUnits>, ReadError> {
+        let limit = i64::try_from(DAILY_ROWS_MAX + 1).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT (extract(epoch FROM day::timestamp AT TIME ZONE 'UTC') * 1000)::bigint,
+                        teacher_id, service_type, units
+                   FROM ai_usage_daily
+                  WHERE school_id = $1
+                    AND day >= (to_timestamp($2::bigint / 1000.0) AT TIME ZONE 'UTC')::date
+                  LIMIT $3",
+                &[&school_id.as_str(), &from_ms, &limit],
+            )
+            .await?;
+        if rows.len() > DAILY_ROWS_MAX {
+            return Err(ReadError::TooLarge(format!(
+                "school {school_id} has more than {DAILY_ROWS_MAX} daily usage rows in the \
+                 analytics window; its suggestions and alerts are not computed"
+            )));
+        }
+        Ok(rows
+            .iter()
+            .map(|r| DailyUnits {
+                day_start_ms: r.get(0),
+                teacher_id: r.get(1),
+                service_type: r.get(2),
+                units: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
+/// The rollup statement: only fixed fragments chosen by the enums go into it;
+/// every value is a parameter ($1 school, $2 from ms, $3 to ms, $4 teacher or
+/// NULL, $5 service type or NULL, $6 limit).
+fn rollup_sql(granularity: Granularity, grouping: Grouping) -> String {
+    let (view, period, first_period) = match granularity {
+        Granularity::Day => (
+            "ai_usage_daily",
+            "day",
+            "(to_timestamp($2::bigint / 1000.0) AT TIME ZONE 'UTC')::date",
+        ),
+        Granularity::Month => (
+            "ai_usage_monthly",
+            "month",
+            "date_trunc('month', to_timestamp($2::bigint / 1000.0) AT TIME ZONE 'UTC')::date",
+        ),
+    };
+    let (teacher, service) = match grouping {
+        Grouping::TeacherAndService => ("teacher_id", "service_type"),
+        Grouping::Service => ("''::text", "service_type"),
+        Grouping::Teacher => ("teacher_id", "''::text"),
+        Grouping::School => ("''::text", "''::text"),
+    };
+    format!(
+        "SELECT (extract(epoch FROM {period}::timestamp AT TIME ZONE 'UTC') * 1000)::bigint,
+                {teacher}, {service},
+                sum(units)::bigint, sum(borrowed_units)::bigint, sum(overage_units)::bigint,
+                sum(events)::bigint
+           FROM {view}
+          WHERE school_id = $1
+            AND {period} >= {first_period}
+            AND {period}::timestamp < to_timestamp($3::bigint / 1000.0) AT TIME ZONE 'UTC'
+            AND ($4::text IS NULL OR teacher_id = $4)
+            AND ($5::text IS NULL OR service_type = $5)
+          GROUP BY 1, 2, 3
+          ORDER BY 1, 2, 3
+          LIMIT $6"
+    )
+}
