@@ -31,28 +31,8 @@ pub async fn rollups(
         &school_id,
         teacher_id.as_ref(),
     )?;
-    let granularity = match proto::RollupGranularity::try_from(r.granularity) {
-        Ok(proto::RollupGranularity::Day) => Granularity::Day,
-        Ok(proto::RollupGranularity::Month) => Granularity::Month,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "granularity: {} is neither DAY (0) nor MONTH (1)",
-                r.granularity
-            )))
-        }
-    };
-    let grouping = match proto::RollupGrouping::try_from(r.grouping) {
-        Ok(proto::RollupGrouping::TeacherAndService) => Grouping::TeacherAndService,
-        Ok(proto::RollupGrouping::Service) => Grouping::Service,
-        Ok(proto::RollupGrouping::Teacher) => Grouping::Teacher,
-        Ok(proto::RollupGrouping::School) => Grouping::School,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "grouping: {} is not one of TEACHER_AND_SERVICE (0), SERVICE (1), TEACHER (2), SCHOOL (3)",
-                r.grouping
-            )))
-        }
-    };
+    let granularity = granularity(r.granularity)?;
+    let grouping = grouping(r.grouping)?;
     let rows_max = match r.rows_max {
         0 => ROLLUP_ROWS_DEFAULT,
         n if n as usize <= ROLLUP_ROWS_MAX => n as usize,
@@ -88,6 +68,28 @@ pub async fn rollups(
         rows: rows.iter().map(|row| rollup(row, granularity)).collect(),
         truncated,
     })
+}
+
+fn granularity(value: i32) -> Result<Granularity, Status> {
+    match proto::RollupGranularity::try_from(value) {
+        Ok(proto::RollupGranularity::Day) => Ok(Granularity::Day),
+        Ok(proto::RollupGranularity::Month) => Ok(Granularity::Month),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "granularity: {value} is neither DAY (0) nor MONTH (1)"
+        ))),
+    }
+}
+
+fn grouping(value: i32) -> Result<Grouping, Status> {
+    match proto::RollupGrouping::try_from(value) {
+        Ok(proto::RollupGrouping::TeacherAndService) => Ok(Grouping::TeacherAndService),
+        Ok(proto::RollupGrouping::Service) => Ok(Grouping::Service),
+        Ok(proto::RollupGrouping::Teacher) => Ok(Grouping::Teacher),
+        Ok(proto::RollupGrouping::School) => Ok(Grouping::School),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "grouping: {value} is not one of TEACHER_AND_SERVICE (0), SERVICE (1), TEACHER (2), SCHOOL (3)"
+        ))),
+    }
 }
 
 /// The range's ends; 0 means "the cycle's start" (None, looked up after the

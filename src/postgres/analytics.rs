@@ -142,11 +142,12 @@ impl Reader {
         }
     }
 
-    /// The live client, connecting again if there is none or it closed.
-    async fn client(&self) -> Result<Arc<Client>, ReadError> {
+    /// The live client, connecting again if there is none or it closed; true
+    /// when the connection is new.
+    async fn client(&self) -> Result<(Arc<Client>, bool), ReadError> {
         let mut slot = self.client.lock().await;
         if let Some(client) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(client.clone());
+            return Ok((client.clone(), false));
         }
         *slot = None;
         let connecting = tokio_postgres::connect(&self.url, NoTls);
@@ -166,10 +167,22 @@ impl Reader {
             .map_err(ReadError::from_postgres)?;
         let client = Arc::new(client);
         *slot = Some(client.clone());
-        Ok(client)
+        Ok((client, true))
     }
 
-    /// Runs `sql` with a permit, within QUERY_TIMEOUT (waiting included).
+    /// Drops `client` if it is still the one in use: it failed, so the next
+    /// read connects again. (Its `is_closed` can lag behind the failure.)
+    async fn forget(&self, client: &Arc<Client>) {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
+            *slot = None;
+        }
+    }
+
+    /// Runs `sql` with a permit, within QUERY_TIMEOUT (waiting included). A
+    /// connection that was fine before and fails now (Postgres restarted, an
+    /// idle connection cut) is replaced and the read tried once more: reads
+    /// change nothing, so trying again is safe.
     async fn query(
         &self,
         sql: &str,
@@ -181,11 +194,20 @@ impl Reader {
                 .acquire()
                 .await
                 .map_err(|_| ReadError::Unavailable("the analytics reader is closed".into()))?;
-            let client = self.client().await?;
-            client
-                .query(sql, params)
-                .await
-                .map_err(ReadError::from_postgres)
+            loop {
+                let (client, fresh) = self.client().await?;
+                let error = match client.query(sql, params).await {
+                    Ok(rows) => return Ok(rows),
+                    Err(error) => ReadError::from_postgres(error),
+                };
+                if !matches!(error, ReadError::Unavailable(_)) {
+                    return Err(error);
+                }
+                self.forget(&client).await;
+                if fresh {
+                    return Err(error);
+                }
+            }
         };
         tokio::time::timeout(QUERY_TIMEOUT, run)
             .await

@@ -634,3 +634,64 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+#[tokio::test]
+async fn the_reader_connects_again_after_its_connection_was_cut() {
+    let (client, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = server_with(&url, &data).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "oak", 1000, false).await;
+    let alerts = ListAlertsRequest {
+        school_id: "oak".into(),
+    };
+    admin.list_alerts(alerts.clone()).await.unwrap();
+    // Every other connection to the database is cut, the reader's among them.
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    // The next calls meet the cut connection, connect again and are answered.
+    for _ in 0..3 {
+        admin.list_alerts(alerts.clone()).await.unwrap();
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_at_once_share_the_reader_and_get_the_same_answer() {
+    let (client, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = server_with(&url, &data).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "oak", 1000, false).await;
+    for (i, teacher) in ["t1", "t2", "t3"].iter().enumerate() {
+        for day in 1..=20 {
+            let at = ms("2026-10-01T12:00:00Z") + day * DAY_MS;
+            usage_log(&client, "oak", teacher, (i as i64 + 1) * day, "allowed", at).await;
+        }
+    }
+    let request = UsageRollupsRequest {
+        school_id: "oak".into(),
+        from_ms: ms("2026-10-01T00:00:00Z"),
+        to_ms: ms("2026-11-01T00:00:00Z"),
+        ..Default::default()
+    };
+    let expected = rows(&rollups(&mut admin, request.clone()).await.unwrap());
+    assert_eq!(expected.len(), 60);
+    // More callers than the reader runs queries at once: the rest wait their turn.
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let (mut admin, request) = (admin.clone(), request.clone());
+            tokio::spawn(async move { rows(&rollups(&mut admin, request).await.unwrap()) })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.await.unwrap(), expected);
+    }
+    server.stop().await;
+}
