@@ -123,6 +123,7 @@ async fn rollups_sum_charged_usage_per_day_and_month_per_teacher_service_or_scho
         ("t1", 500, "exhausted", "2026-10-02T09:00:00Z"),
         ("t2", 40, "allowed", "2026-10-02T10:00:00Z"),
         ("t2", 50, "allowed", "2026-10-03T00:00:00Z"),
+        ("t2", 60, "allowed", "2026-11-01T00:00:00Z"),
     ] {
         usage_log(&client, "oak", teacher, units, decision, ms(at)).await;
     }
@@ -153,6 +154,47 @@ async fn rollups_sum_charged_usage_per_day_and_month_per_teacher_service_or_scho
         "September, the denial and the other school are left out"
     );
     assert_eq!(daily.rows[0].period_start_ms, ms("2026-10-02T00:00:00Z"));
+    // The same sums as the views of migration 0001, day and month.
+    for (view, period, granularity) in [
+        ("ai_usage_daily", "day", RollupGranularity::Day),
+        ("ai_usage_monthly", "month", RollupGranularity::Month),
+    ] {
+        let from_view: Vec<(i64, String, i64, i64)> = client
+            .query(
+                &format!(
+                    "SELECT (extract(epoch FROM {period}::timestamp AT TIME ZONE 'UTC') * 1000)::bigint,
+                            teacher_id, units, events
+                       FROM {view} WHERE school_id = 'oak' ORDER BY 1, 2"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        let everything = UsageRollupsRequest {
+            granularity: granularity.into(),
+            from_ms: ms("2026-09-01T00:00:00Z"),
+            to_ms: ms("2026-12-01T00:00:00Z"),
+            ..october.clone()
+        };
+        let ours: Vec<(i64, String, i64, i64)> = rollups(&mut admin, everything)
+            .await
+            .unwrap()
+            .rows
+            .iter()
+            .map(|r| {
+                (
+                    r.period_start_ms,
+                    r.teacher_id.clone(),
+                    r.units as i64,
+                    r.events as i64,
+                )
+            })
+            .collect();
+        assert_eq!(ours, from_view, "{view}");
+    }
 
     let by_service = rollups(
         &mut admin,
@@ -693,5 +735,101 @@ async fn many_callers_at_once_share_the_reader_and_get_the_same_answer() {
     for caller in callers {
         assert_eq!(caller.await.unwrap(), expected);
     }
+    server.stop().await;
+}
+
+async fn quotactl(addr: std::net::SocketAddr, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_quotactl"));
+    command
+        .arg("--addr")
+        .arg(format!("http://{addr}"))
+        .arg("--token")
+        .arg(admin_token())
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run quotactl"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotactl_shows_rollups_suggestions_and_alerts_from_a_real_server() {
+    let (client, url) = fresh_database().await;
+    let (_dir, data) = temp_dir();
+    let server = server_with(&url, &data).await;
+    let mut admin = server.admin().await;
+    let mut gate = server.gate().await;
+    create_school(&mut admin, "oak", 100, false).await;
+    allocate(&mut admin, "oak", "ms-lee", 10, "normal")
+        .await
+        .unwrap();
+    decide(&mut gate, consume("oak", "ms-lee", 9, "lee-1")).await;
+    usage_log(
+        &client,
+        "oak",
+        "ms-lee",
+        7,
+        "allowed",
+        ms("2026-10-05T10:00:00Z"),
+    )
+    .await;
+    usage_log(
+        &client,
+        "oak",
+        "mr-ng",
+        3,
+        "allowed",
+        ms("2026-10-20T10:00:00Z"),
+    )
+    .await;
+
+    let args = [
+        "rollups",
+        "oak",
+        "--monthly",
+        "--by",
+        "school",
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-11-01",
+    ];
+    let out = quotactl(server.addr, &args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("2026-10  *        *        10"), "{stdout}");
+
+    let json_args = [
+        "--json",
+        "rollups",
+        "oak",
+        "--from",
+        "2026-10-01",
+        "--to",
+        "2026-11-01",
+    ];
+    let out = quotactl(server.addr, &json_args).await;
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["rows"][0]["period"], "2026-10-05");
+    assert_eq!(value["rows"][1]["teacher_id"], "mr-ng");
+
+    let out = quotactl(server.addr, &["alerts", "oak"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("slice_threshold  ms-lee"), "{stdout}");
+    assert!(stdout.contains("ms-lee used 9 of 10"), "{stdout}");
+
+    let out = quotactl(server.addr, &["suggest", "oak"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.starts_with("oak  day "), "{stdout}");
+    server.stop().await;
+
+    // Without Postgres: refused, exit code 2, and the reason on stderr.
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    create_school(&mut server.admin().await, "oak", 100, false).await;
+    let out = quotactl(server.addr, &["alerts", "oak"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("postgres_url"), "{stderr}");
     server.stop().await;
 }
