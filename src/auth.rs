@@ -525,6 +525,9 @@ actions! {
     ListHistory,
     VerifyHistory,
     GetUsageReport,
+    GetUsageRollups,
+    GetSuggestions,
+    ListAlerts,
 }
 
 impl Action {
@@ -619,7 +622,9 @@ fn teacher_refusal(
     teacher: Option<&TeacherId>,
 ) -> Option<&'static str> {
     let reason = match action {
-        Action::GetUsage | Action::GetUsageReport => "a teacher may only read their own usage",
+        Action::GetUsage | Action::GetUsageReport | Action::GetUsageRollups => {
+            "a teacher may only read their own usage"
+        }
         Action::ListAllocations => "a teacher may only read their own allocations",
         Action::RequestIncrease => "a teacher may only request increases for themselves",
         Action::ListRequests => "a teacher may only list their own requests",
@@ -1091,7 +1096,7 @@ mod tests {
     /// teacher t1 of A, teacher t2 of A, service for [A], service for [B].
     /// (Y: allowed, N: denied.)
     #[rustfmt::skip]
-    const MATRIX: [(Action, [bool; 7]); 23] = [
+    const MATRIX: [(Action, [bool; 7]); 26] = [
         //                              ad pA pB t1 t2 sA sB
         (Action::Consume,              [Y, N, N, N, N, Y, N]),
         (Action::Check,                [Y, N, N, N, N, Y, N]),
@@ -1116,6 +1121,9 @@ mod tests {
         (Action::ListHistory,          [Y, Y, N, Y, N, N, N]),
         (Action::VerifyHistory,        [Y, Y, N, N, N, N, N]),
         (Action::GetUsageReport,       [Y, Y, N, Y, N, N, N]),
+        (Action::GetUsageRollups,      [Y, Y, N, Y, N, N, N]),
+        (Action::GetSuggestions,       [Y, Y, N, N, N, N, N]),
+        (Action::ListAlerts,           [Y, Y, N, N, N, N, N]),
     ];
 
     fn matrix_callers() -> [Caller; 7] {
@@ -1169,6 +1177,7 @@ mod tests {
             Action::ListRequests,
             Action::ListHistory,
             Action::GetUsageReport,
+            Action::GetUsageRollups,
         ] {
             assert!(
                 authorize(t1, action, &school("A"), None).is_err(),

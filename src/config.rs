@@ -11,6 +11,7 @@ use thiserror::Error;
 use std::sync::Arc;
 
 use crate::auth::{AuthMode, Authenticator};
+use crate::domain::analytics::AlertThresholds;
 use crate::domain::{RuleLimits, ServiceType};
 use crate::engine::EngineConfig;
 use crate::storage::{Durability, WalConfig};
@@ -85,6 +86,16 @@ pub struct Config {
     pub postgres_url: Option<Secret>,
     /// How often what changed is written to Postgres.
     pub postgres_snapshot_interval_s: u64,
+    /// A slice alerts at the highest of these shares of its units it reached
+    /// (percent, ascending, at most 8).
+    pub alert_slice_used_percents: Vec<u32>,
+    /// A pool alerts once this share of its units bought is used (percent).
+    pub alert_pool_used_percent: u32,
+    /// A teacher's units today above this share of their recent daily
+    /// average are an anomaly (percent: 300 is more than 3 times).
+    pub alert_anomaly_factor_percent: u32,
+    /// How often the active-alert gauges are recomputed (with Postgres only).
+    pub alerts_interval_s: u64,
 }
 
 /// A secret that never shows in logs or debug output.
@@ -102,6 +113,7 @@ impl Default for Config {
     fn default() -> Self {
         let limits = RuleLimits::default();
         let wal = WalConfig::default();
+        let alerts = AlertThresholds::default();
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
@@ -129,6 +141,10 @@ impl Default for Config {
             auth_key: None,
             postgres_url: None,
             postgres_snapshot_interval_s: 10,
+            alert_slice_used_percents: alerts.slice_used_percents,
+            alert_pool_used_percent: alerts.pool_used_percent,
+            alert_anomaly_factor_percent: alerts.anomaly_factor_percent,
+            alerts_interval_s: 60,
         }
     }
 }
@@ -169,6 +185,7 @@ impl Config {
                 "metrics_refresh_interval_ms",
                 self.metrics_refresh_interval_ms,
             ),
+            ("alerts_interval_s", self.alerts_interval_s),
         ];
         for (setting, value) in positive {
             if value == 0 {
@@ -206,7 +223,18 @@ impl Config {
             return Err(invalid("idempotency_window_s", "must be at most a year"));
         }
         self.service_types()?;
+        self.alert_thresholds()
+            .validate()
+            .map_err(|e| invalid(e.field, e.problem))?;
         Ok(())
+    }
+
+    pub fn alert_thresholds(&self) -> AlertThresholds {
+        AlertThresholds {
+            slice_used_percents: self.alert_slice_used_percents.clone(),
+            pool_used_percent: self.alert_pool_used_percent,
+            anomaly_factor_percent: self.alert_anomaly_factor_percent,
+        }
     }
 
     /// How calls are authenticated: a signing key, or the explicit dev mode.
@@ -377,5 +405,24 @@ mod tests {
             ..Config::default()
         };
         none.validate().unwrap();
+    }
+
+    #[test]
+    fn alert_thresholds_come_from_the_file_and_are_checked() {
+        let config: Config =
+            toml::from_str("alert_slice_used_percents = [50, 90]\nalert_pool_used_percent = 75\n")
+                .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.alert_thresholds().slice_used_percents, [50, 90]);
+        assert_eq!(config.alert_thresholds().pool_used_percent, 75);
+        let config = Config {
+            alert_slice_used_percents: vec![90, 50],
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("alert_slice_used_percents"));
     }
 }

@@ -4,6 +4,7 @@
 //! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
 //! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
 //! - [`postgres`]: the long-term store's schema and migrations.
+//! - [`analytics`]: suggestions and alerts, from the engine's state and Postgres' daily usage.
 //! - [`api`]: the gRPC services and the one place where errors become statuses.
 //! - [`auth`]: bearer tokens (HS256 JWTs), the caller they name, and what each role may do.
 #![deny(clippy::unwrap_used)]
@@ -14,6 +15,7 @@ pub mod proto {
     tonic::include_proto!("quotad.v1");
 }
 
+pub mod analytics;
 pub mod api;
 pub mod auth;
 pub mod config;

@@ -14,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 
 use tonic::service::interceptor::InterceptedService;
 
+use crate::analytics::Analytics;
 use crate::api::rpc_metrics::RpcMetricsLayer;
 use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
@@ -21,6 +22,7 @@ use crate::config::Secret;
 use crate::config::{Config, ConfigError};
 use crate::domain::Record;
 use crate::engine::{system_now_ms, Clock, Engine, EngineError};
+use crate::postgres::Reader;
 use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
@@ -109,11 +111,22 @@ pub async fn serve(
     )?;
     let (engine, runtime) =
         Engine::start(recovered.state, wal, config.engine()?, Clock::System).await?;
+    let reader = analytics_reader(&config);
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(serve_metrics(listener, metrics, engine.clone(), &config)));
-    let served = serve_grpc(listeners.grpc, engine, &config, auth, shutdown).await;
-    if let Some(task) = metrics_task {
+    let analytics = Arc::new(Analytics::new(
+        engine.clone(),
+        reader.clone(),
+        config.alert_thresholds(),
+    ));
+    // The alert gauges need Postgres' daily usage; without it there are none.
+    let alerts_task = reader.is_some().then(|| {
+        let interval = Duration::from_secs(config.alerts_interval_s);
+        tokio::spawn(analytics.clone().run_alert_gauges(interval))
+    });
+    let served = serve_grpc(listeners.grpc, engine, analytics, &config, auth, shutdown).await;
+    for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }
     let stopped = tokio::task::spawn_blocking(move || {
@@ -257,6 +270,15 @@ fn catch_up(
     Ok(changes)
 }
 
+/// With a Postgres URL, the analytics reader: its connection (made when first
+/// needed, remade when lost) runs on this (the main) runtime, away from the
+/// actor threads that answer the gate. The schema is brought up to date by
+/// recovery, before it.
+fn analytics_reader(config: &Config) -> Option<Arc<Reader>> {
+    let url = config.postgres_url.as_ref()?;
+    Some(Arc::new(Reader::new(&url.0)))
+}
+
 /// Serves gRPC on every actor thread: each runs an accept loop on the same
 /// socket, and a call is answered on the thread that accepted its connection.
 /// Half the time (with two threads) the teacher's actor lives there too, and
@@ -264,6 +286,7 @@ fn catch_up(
 async fn serve_grpc(
     listener: TcpListener,
     engine: Engine,
+    analytics: Arc<Analytics>,
     config: &Config,
     auth: AuthMode,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -274,7 +297,7 @@ async fn serve_grpc(
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
-    let admin = QuotaAdminServer::new(AdminService::new(engine.clone()))
+    let admin = QuotaAdminServer::new(AdminService::new(engine.clone(), analytics))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
     // Every gate and admin call carries a bearer token; the health check does

@@ -66,6 +66,8 @@ pub const ALL_NAMES: &[&str] = &[
     POOL_ALLOCATED_UNITS,
     POOL_USED_UNITS,
     POOL_SCHOOLS_OMITTED,
+    ALERTS_ACTIVE,
+    ALERTS_FAILURES_TOTAL,
 ];
 
 /// Distinct service types that get their own `service` label on decisions;
@@ -74,6 +76,8 @@ pub const ALL_NAMES: &[&str] = &[
 pub const SERVICE_LABELS_MAX: usize = 64;
 /// Cannot be a service type's name (parentheses are not allowed in one).
 pub const OTHER_SERVICE_LABEL: &str = "(other)";
+pub const ALERTS_ACTIVE: &str = "quotad_alerts_active";
+pub const ALERTS_FAILURES_TOTAL: &str = "quotad_alerts_failures_total";
 
 /// Histogram buckets for request and flush latencies, in seconds: 25 us to 1 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -126,6 +130,9 @@ pub const RPCS: &[(&str, &str)] = &[
     ("quotad.v1.QuotaAdmin", "ListHistory"),
     ("quotad.v1.QuotaAdmin", "VerifyHistory"),
     ("quotad.v1.QuotaAdmin", "GetUsageReport"),
+    ("quotad.v1.QuotaAdmin", "GetUsageRollups"),
+    ("quotad.v1.QuotaAdmin", "GetSuggestions"),
+    ("quotad.v1.QuotaAdmin", "ListAlerts"),
     ("grpc.health.v1.Health", "Check"),
     ("grpc.health.v1.Health", "Watch"),
 ];
@@ -230,6 +237,14 @@ fn describe_postgres() {
     metrics::describe_counter!(
         PG_SNAPSHOT_ROWS_TOTAL,
         "Rows written to Postgres by snapshots, by table."
+    );
+    metrics::describe_gauge!(
+        ALERTS_ACTIVE,
+        "Active alerts over every school, by kind (slice_threshold, pool_exhausting, usage_anomaly), as of the last alert pass."
+    );
+    metrics::describe_counter!(
+        ALERTS_FAILURES_TOTAL,
+        "Schools an alert pass could not compute (Postgres unavailable, too much data)."
     );
 }
 
@@ -448,6 +463,16 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// `kind` is one of the three alert kinds: the label stays bounded. No school
+/// or teacher label: there can be any number of them (ListAlerts names them).
+pub fn alerts_active(kind: &'static str, count: usize) {
+    gauge!(ALERTS_ACTIVE, "kind" => kind).set(count as f64);
+}
+
+pub fn alerts_failed() {
+    counter!(ALERTS_FAILURES_TOTAL).increment(1);
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::status::{invalid, to_status};
-use super::{caller_and, convert};
+use super::{analytics, caller_and, convert};
+use crate::analytics::Analytics;
 use crate::auth::{authorize, authorize_global, Action};
 use std::sync::Arc;
 
@@ -24,11 +25,12 @@ const BULK_ALLOCATIONS_MAX: usize = 10_000;
 
 pub struct AdminService {
     engine: Engine,
+    analytics: Arc<Analytics>,
 }
 
 impl AdminService {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    pub fn new(engine: Engine, analytics: Arc<Analytics>) -> Self {
+        Self { engine, analytics }
     }
 
     fn now_ms(&self) -> i64 {
@@ -557,5 +559,35 @@ impl QuotaAdmin for AdminService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(convert::usage_report(&school_id, view)))
+    }
+
+    async fn get_usage_rollups(
+        &self,
+        request: Request<UsageRollupsRequest>,
+    ) -> Result<Response<UsageRollupsResponse>, Status> {
+        let (caller, r) = caller_and(request)?;
+        analytics::rollups(&self.analytics, &caller, r, self.now_ms())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_suggestions(
+        &self,
+        request: Request<SuggestionsRequest>,
+    ) -> Result<Response<SuggestionsResponse>, Status> {
+        let (caller, r) = caller_and(request)?;
+        analytics::suggestions(&self.analytics, &caller, r)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        let (caller, r) = caller_and(request)?;
+        analytics::alerts(&self.analytics, &caller, r)
+            .await
+            .map(Response::new)
     }
 }

@@ -2,6 +2,7 @@
 //! edge; errors become statuses in [`status::to_status`] only.
 
 pub mod admin;
+pub mod analytics;
 pub mod convert;
 pub mod gate;
 pub mod rpc_metrics;

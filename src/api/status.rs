@@ -2,8 +2,10 @@
 
 use tonic::Status;
 
+use crate::analytics::AnalyticsError;
 use crate::domain::{InvalidInput, RuleError};
 use crate::engine::EngineError;
+use crate::postgres::ReadError;
 use crate::storage::WalError;
 
 /// Bad input says which field and why; a rule that refuses says what is in
@@ -26,4 +28,17 @@ pub fn to_status(error: EngineError) -> Status {
 
 pub fn invalid(error: InvalidInput) -> Status {
     Status::invalid_argument(format!("{}: {}", error.field, error.problem))
+}
+
+/// Analytics read Postgres: without one configured the call cannot work here
+/// (FAILED_PRECONDITION); one out of reach may come back (UNAVAILABLE, retry).
+pub fn analytics_status(error: AnalyticsError) -> Status {
+    match error {
+        AnalyticsError::Engine(e) => to_status(e),
+        AnalyticsError::Read(e @ (ReadError::NotConfigured | ReadError::TooLarge(_))) => {
+            Status::failed_precondition(e.to_string())
+        }
+        AnalyticsError::Read(e @ ReadError::Unavailable(_)) => Status::unavailable(e.to_string()),
+        AnalyticsError::Read(e @ ReadError::Failed(_)) => Status::internal(e.to_string()),
+    }
 }

@@ -30,6 +30,11 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::{
+    Alert, AllocationMove, IdleSlice, ListAlertsRequest, ListAlertsResponse, ProposedAllocation,
+    RollupGranularity, RollupGrouping, RunOutForecast, SuggestionsRequest, SuggestionsResponse,
+    UsageRollup, UsageRollupsRequest, UsageRollupsResponse,
+};
+use quotad::proto::{
     Allocation, AllocationSpec, ApproveRequestRequest, BulkSetAllocationsRequest,
     BulkSetAllocationsResponse, CheckRequest, CheckResponse, CommitRequest, CommitResponse,
     ConsumeRequest, ConsumeResponse, CreateSchoolRequest, CycleChoice, Decision, DenyReason,
@@ -129,6 +134,12 @@ enum Command {
     Release(ReleaseArgs),
     /// A teacher's usage this cycle, per service type.
     Usage(UsageArgs),
+    /// Charged usage per day or month, per teacher and/or service type (read from Postgres).
+    Rollups(RollupsArgs),
+    /// Idle slices, slices that will run out, and moves that keep each pool's total.
+    Suggest(SuggestArgs),
+    /// Active alerts: slices over a threshold, pools nearly used up, usage anomalies.
+    Alerts(AlertsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -640,6 +651,68 @@ struct UsageArgs {
     teacher: TeacherRef,
 }
 
+/// What each rollup row sums over, besides its period.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum RollupBy {
+    TeacherService,
+    Service,
+    Teacher,
+    School,
+}
+
+#[derive(Args, Debug)]
+struct RollupsArgs {
+    /// The school.
+    school_id: String,
+    /// Months instead of days.
+    #[arg(long)]
+    monthly: bool,
+    /// What each row sums over, besides its period.
+    #[arg(long, value_enum, default_value = "teacher-service")]
+    by: RollupBy,
+    /// The first day, YYYY-MM-DD (UTC); default: the start of the current cycle.
+    #[arg(long, value_parser = parse_date_ms)]
+    from: Option<i64>,
+    /// The day after the last one, YYYY-MM-DD (UTC); default: up to now.
+    #[arg(long, value_parser = parse_date_ms)]
+    to: Option<i64>,
+    /// Only this teacher.
+    #[arg(long = "teacher", value_name = "TEACHER")]
+    teacher_id: Option<String>,
+    /// Only this service type.
+    #[arg(long = "service", value_name = "SERVICE")]
+    service_type: Option<String>,
+    /// At most this many rows (default 1000, at most 10000).
+    #[arg(long)]
+    rows_max: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+struct SuggestArgs {
+    /// The school.
+    school_id: String,
+    /// Only this service type.
+    #[arg(long = "service", value_name = "SERVICE")]
+    service_type: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct AlertsArgs {
+    /// The school.
+    school_id: String,
+}
+
+/// 00:00 UTC of a YYYY-MM-DD day, in milliseconds since the epoch.
+fn parse_date_ms(value: &str) -> Result<i64, String> {
+    chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d")
+        .map(|day| {
+            day.and_time(chrono::NaiveTime::MIN)
+                .and_utc()
+                .timestamp_millis()
+        })
+        .map_err(|_| format!("{value:?} is not a day written YYYY-MM-DD"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors and exit codes.
 // ---------------------------------------------------------------------------------------------
@@ -931,6 +1004,9 @@ async fn run(cli: Cli) -> Result<Output, CliError> {
         Command::Commit(args) => show(commit(server.gate().await?, args).await?, json),
         Command::Release(args) => show(release(server.gate().await?, args).await?, json),
         Command::Usage(args) => show(usage(server.gate().await?, args).await?, json),
+        Command::Rollups(args) => show(rollups(server.admin().await?, args).await?, json),
+        Command::Suggest(args) => show(suggest(server.admin().await?, args).await?, json),
+        Command::Alerts(args) => show(alerts(server.admin().await?, args).await?, json),
     };
     Ok(Output::text(rendered))
 }
@@ -1479,6 +1555,49 @@ async fn usage_report(mut admin: AdminClient, args: ReportArgs) -> Result<UsageR
     Ok(admin.get_usage_report(request).await?.into_inner())
 }
 
+async fn rollups(
+    mut admin: AdminClient,
+    args: RollupsArgs,
+) -> Result<UsageRollupsResponse, Status> {
+    let granularity = if args.monthly {
+        RollupGranularity::Month
+    } else {
+        RollupGranularity::Day
+    };
+    let grouping = match args.by {
+        RollupBy::TeacherService => RollupGrouping::TeacherAndService,
+        RollupBy::Service => RollupGrouping::Service,
+        RollupBy::Teacher => RollupGrouping::Teacher,
+        RollupBy::School => RollupGrouping::School,
+    };
+    let request = UsageRollupsRequest {
+        school_id: args.school_id,
+        granularity: granularity.into(),
+        grouping: grouping.into(),
+        from_ms: args.from.unwrap_or(0),
+        to_ms: args.to.unwrap_or(0),
+        teacher_id: args.teacher_id.unwrap_or_default(),
+        service_type: args.service_type.unwrap_or_default(),
+        rows_max: args.rows_max.unwrap_or(0),
+    };
+    Ok(admin.get_usage_rollups(request).await?.into_inner())
+}
+
+async fn suggest(mut admin: AdminClient, args: SuggestArgs) -> Result<SuggestionsResponse, Status> {
+    let request = SuggestionsRequest {
+        school_id: args.school_id,
+        service_type: args.service_type.unwrap_or_default(),
+    };
+    Ok(admin.get_suggestions(request).await?.into_inner())
+}
+
+async fn alerts(mut admin: AdminClient, args: AlertsArgs) -> Result<ListAlertsResponse, Status> {
+    let request = ListAlertsRequest {
+        school_id: args.school_id,
+    };
+    Ok(admin.list_alerts(request).await?.into_inner())
+}
+
 // ---------------------------------------------------------------------------------------------
 // JSON: built by hand, because prost types do not derive Serialize. Field names follow the
 // proto; u64 stays a JSON number; timestamps stay milliseconds since the epoch.
@@ -1765,6 +1884,125 @@ impl ToJson for UsageReport {
             "cycle_end_ms": self.cycle_end_ms,
             "rows": list_json(&self.rows),
             "totals": list_json(&self.totals),
+        })
+    }
+}
+
+impl ToJson for UsageRollup {
+    fn to_json(&self) -> Value {
+        json!({
+            "period_start_ms": self.period_start_ms,
+            "period": self.period,
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "units": self.units,
+            "borrowed_units": self.borrowed_units,
+            "overage_units": self.overage_units,
+            "events": self.events,
+        })
+    }
+}
+
+impl ToJson for UsageRollupsResponse {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "rows": list_json(&self.rows),
+            "truncated": self.truncated,
+        })
+    }
+}
+
+impl ToJson for IdleSlice {
+    fn to_json(&self) -> Value {
+        json!({
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "allocated_units": self.allocated_units,
+            "used_units": self.used_units,
+            "spare_units": self.spare_units,
+            "explanation": self.explanation,
+        })
+    }
+}
+
+impl ToJson for RunOutForecast {
+    fn to_json(&self) -> Value {
+        json!({
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "allocated_units": self.allocated_units,
+            "used_units": self.used_units,
+            "units_per_day": self.units_per_day,
+            "run_out_at_ms": self.run_out_at_ms,
+            "run_out_day": self.run_out_day,
+            "shortfall_units": self.shortfall_units,
+            "explanation": self.explanation,
+        })
+    }
+}
+
+impl ToJson for AllocationMove {
+    fn to_json(&self) -> Value {
+        json!({
+            "service_type": self.service_type,
+            "from_teacher_id": self.from_teacher_id,
+            "to_teacher_id": self.to_teacher_id,
+            "units": self.units,
+            "explanation": self.explanation,
+        })
+    }
+}
+
+impl ToJson for ProposedAllocation {
+    fn to_json(&self) -> Value {
+        json!({
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "allocated_units": self.allocated_units,
+            "proposed_units": self.proposed_units,
+            "used_units": self.used_units,
+        })
+    }
+}
+
+impl ToJson for SuggestionsResponse {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "cycle_start_ms": self.cycle_start_ms,
+            "cycle_end_ms": self.cycle_end_ms,
+            "now_ms": self.now_ms,
+            "day_of_cycle": self.day_of_cycle,
+            "cycle_days": self.cycle_days,
+            "idle_slices": list_json(&self.idle_slices),
+            "run_outs": list_json(&self.run_outs),
+            "moves": list_json(&self.moves),
+            "proposed": list_json(&self.proposed),
+            "explanation": self.explanation,
+        })
+    }
+}
+
+impl ToJson for Alert {
+    fn to_json(&self) -> Value {
+        json!({
+            "kind": self.kind,
+            "teacher_id": self.teacher_id,
+            "service_type": self.service_type,
+            "threshold_percent": self.threshold_percent,
+            "value_units": self.value_units,
+            "limit_units": self.limit_units,
+            "explanation": self.explanation,
+        })
+    }
+}
+
+impl ToJson for ListAlertsResponse {
+    fn to_json(&self) -> Value {
+        json!({
+            "school_id": self.school_id,
+            "alerts": list_json(&self.alerts),
         })
     }
 }
@@ -2316,6 +2554,121 @@ impl Render for UsageReport {
             timestamp_text(self.cycle_end_ms),
             table(&USAGE_ROW_HEADERS, &rows),
             table(&USAGE_ROW_HEADERS[1..], &totals)
+        )
+    }
+}
+
+/// A column a rollup sums over shows "*".
+fn or_all(value: &str) -> String {
+    if value.is_empty() {
+        "*".to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+impl Render for UsageRollupsResponse {
+    fn render(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.period.clone(),
+                    or_all(&r.teacher_id),
+                    or_all(&r.service_type),
+                    r.units.to_string(),
+                    r.borrowed_units.to_string(),
+                    r.overage_units.to_string(),
+                    r.events.to_string(),
+                ]
+            })
+            .collect();
+        let headers = [
+            "PERIOD", "TEACHER", "SERVICE", "UNITS", "BORROWED", "OVERAGE", "EVENTS",
+        ];
+        let mut text = format!("{}\n\n{}", self.school_id, table(&headers, &rows));
+        if self.truncated {
+            text.push_str("\n\nmore rows matched: narrow the range or raise --rows-max");
+        }
+        text
+    }
+}
+
+fn bullets(title: &str, lines: impl Iterator<Item = String>) -> String {
+    let lines: Vec<String> = lines.map(|line| format!("- {line}")).collect();
+    if lines.is_empty() {
+        format!("{title}: none")
+    } else {
+        format!("{title}\n{}", lines.join("\n"))
+    }
+}
+
+impl Render for SuggestionsResponse {
+    fn render(&self) -> String {
+        let proposed: Vec<Vec<String>> = self
+            .proposed
+            .iter()
+            .map(|p| {
+                vec![
+                    p.teacher_id.clone(),
+                    p.service_type.clone(),
+                    p.allocated_units.to_string(),
+                    p.proposed_units.to_string(),
+                    p.used_units.to_string(),
+                ]
+            })
+            .collect();
+        let mut text = format!(
+            "{}  day {} of {}  cycle {} .. {}\n\n{}\n\n{}\n\n{}",
+            self.school_id,
+            self.day_of_cycle,
+            self.cycle_days,
+            timestamp_text(self.cycle_start_ms),
+            timestamp_text(self.cycle_end_ms),
+            bullets(
+                "IDLE SLICES",
+                self.idle_slices.iter().map(|i| i.explanation.clone())
+            ),
+            bullets(
+                "RUNS OUT",
+                self.run_outs.iter().map(|r| r.explanation.clone())
+            ),
+            bullets("MOVES", self.moves.iter().map(|m| m.explanation.clone())),
+        );
+        if !proposed.is_empty() {
+            let headers = ["TEACHER", "SERVICE", "ALLOCATED", "PROPOSED", "USED"];
+            text.push_str(&format!("\n\n{}", table(&headers, &proposed)));
+        }
+        format!("{text}\n\n{}", self.explanation)
+    }
+}
+
+impl Render for ListAlertsResponse {
+    fn render(&self) -> String {
+        if self.alerts.is_empty() {
+            return format!("{}: no active alerts", self.school_id);
+        }
+        let rows: Vec<Vec<String>> = self
+            .alerts
+            .iter()
+            .map(|a| {
+                vec![
+                    a.kind.clone(),
+                    or_all(&a.teacher_id),
+                    a.service_type.clone(),
+                    format!("{}%", a.threshold_percent),
+                    a.value_units.to_string(),
+                    a.limit_units.to_string(),
+                ]
+            })
+            .collect();
+        let headers = ["KIND", "TEACHER", "SERVICE", "THRESHOLD", "VALUE", "LIMIT"];
+        format!(
+            "{}\n\n{}\n\n{}",
+            self.school_id,
+            table(&headers, &rows),
+            bullets("WHY", self.alerts.iter().map(|a| a.explanation.clone()))
         )
     }
 }
@@ -3016,6 +3369,21 @@ mod end_to_end {
         }
     }
 
+    fn canned_alerts(school_id: String) -> ListAlertsResponse {
+        ListAlertsResponse {
+            school_id,
+            alerts: vec![Alert {
+                kind: "slice_threshold".into(),
+                teacher_id: "t1".into(),
+                service_type: "claude_messages".into(),
+                threshold_percent: 80,
+                value_units: 85,
+                limit_units: 100,
+                explanation: "t1 used 85 of 100 claude_messages units (85%)".into(),
+            }],
+        }
+    }
+
     fn unimplemented<T>() -> Result<Response<T>, Status> {
         Err(Status::unimplemented("not in the fake"))
     }
@@ -3231,6 +3599,61 @@ mod end_to_end {
                 totals: vec![row("", 42)],
                 ..UsageReport::default()
             }))
+        }
+        async fn get_usage_rollups(
+            &self,
+            request: Request<UsageRollupsRequest>,
+        ) -> Result<Response<UsageRollupsResponse>, Status> {
+            let r = request.into_inner();
+            // The row echoes what was asked, so that tests see the request.
+            Ok(Response::new(UsageRollupsResponse {
+                school_id: r.school_id,
+                rows: vec![UsageRollup {
+                    period: format!(
+                        "g{}-b{}-f{}-t{}",
+                        r.granularity, r.grouping, r.from_ms, r.to_ms
+                    ),
+                    teacher_id: r.teacher_id,
+                    service_type: r.service_type,
+                    units: 12,
+                    events: 3,
+                    ..UsageRollup::default()
+                }],
+                truncated: r.rows_max == 1,
+            }))
+        }
+        async fn get_suggestions(
+            &self,
+            request: Request<SuggestionsRequest>,
+        ) -> Result<Response<SuggestionsResponse>, Status> {
+            Ok(Response::new(SuggestionsResponse {
+                school_id: request.into_inner().school_id,
+                day_of_cycle: 18,
+                cycle_days: 30,
+                run_outs: vec![RunOutForecast {
+                    explanation: "t1 runs out on day 19 of 30".into(),
+                    ..RunOutForecast::default()
+                }],
+                moves: vec![AllocationMove {
+                    explanation: "60 claude_messages units from t2 (idle) to t1".into(),
+                    ..AllocationMove::default()
+                }],
+                proposed: vec![ProposedAllocation {
+                    teacher_id: "t1".into(),
+                    service_type: "claude_messages".into(),
+                    allocated_units: 90,
+                    proposed_units: 150,
+                    used_units: 80,
+                }],
+                explanation: "move 60 units".into(),
+                ..SuggestionsResponse::default()
+            }))
+        }
+        async fn list_alerts(
+            &self,
+            request: Request<ListAlertsRequest>,
+        ) -> Result<Response<ListAlertsResponse>, Status> {
+            Ok(Response::new(canned_alerts(request.into_inner().school_id)))
         }
     }
 
@@ -3472,5 +3895,56 @@ mod end_to_end {
             "FailedPrecondition: request 7 is not pending"
         );
         assert_eq!(refused.exit_code(), 2);
+    }
+
+    #[tokio::test]
+    async fn rollups_suggest_and_alerts_send_what_was_asked_and_show_it() {
+        let addr = start(FakeAdmin::default()).await;
+        let args = [
+            "rollups",
+            "s1",
+            "--monthly",
+            "--by",
+            "school",
+            "--from",
+            "2026-10-01",
+            "--to",
+            "2026-11-01",
+            "--teacher",
+            "t1",
+            "--rows-max",
+            "1",
+        ];
+        let text = stdout_of(quotactl(&addr, &args).await.unwrap());
+        let asked = format!(
+            "g1-b3-f{}-t{}",
+            parse_date_ms("2026-10-01").unwrap(),
+            parse_date_ms("2026-11-01").unwrap()
+        );
+        assert!(text.contains(&format!("{asked}  t1       *")), "{text}");
+        assert!(text.contains("narrow the range"), "{text}");
+        assert_eq!(parse_date_ms("2026-10-01").unwrap(), 1_790_812_800_000);
+        assert!(parse_date_ms("2026-13-01").is_err());
+
+        let text = stdout_of(quotactl(&addr, &["suggest", "s1"]).await.unwrap());
+        assert!(text.contains("s1  day 18 of 30"), "{text}");
+        assert!(text.contains("IDLE SLICES: none"), "{text}");
+        assert!(
+            text.contains("RUNS OUT\n- t1 runs out on day 19 of 30"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t1       claude_messages  90         150"),
+            "{text}"
+        );
+
+        let text = stdout_of(quotactl(&addr, &["alerts", "s1"]).await.unwrap());
+        assert!(
+            text.contains("slice_threshold  t1       claude_messages  80%"),
+            "{text}"
+        );
+        let json = stdout_of(quotactl(&addr, &["--json", "alerts", "s1"]).await.unwrap());
+        let value: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value["alerts"][0]["value_units"], 85);
     }
 }

@@ -2,6 +2,7 @@
 //! change is a [`Record`] applied by the same function that replays the log.
 
 pub mod account;
+pub mod analytics;
 pub mod audit;
 pub mod cycle;
 pub mod error;
@@ -15,6 +16,8 @@ pub mod state;
 
 #[cfg(test)]
 mod admin_tests;
+#[cfg(test)]
+mod analytics_tests;
 #[cfg(test)]
 mod tests;
 

@@ -10,6 +10,10 @@ pub mod snapshot;
 use thiserror::Error;
 use tokio_postgres::{Client, NoTls};
 
+pub mod analytics;
+
+pub use analytics::{ReadError, Reader};
+
 /// Every migration, in order. Append only: a shipped migration never changes.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "schema", include_str!("migrations/0001_schema.sql")),

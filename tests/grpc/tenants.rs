@@ -226,6 +226,25 @@ pub(crate) async fn call(
             })
             .await
             .map(drop),
+        Rpc::GetUsageRollups => admin
+            .get_usage_rollups(UsageRollupsRequest {
+                school_id: s(),
+                teacher_id: t1(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Rpc::GetSuggestions => admin
+            .get_suggestions(SuggestionsRequest {
+                school_id: s(),
+                service_type: String::new(),
+            })
+            .await
+            .map(drop),
+        Rpc::ListAlerts => admin
+            .list_alerts(ListAlertsRequest { school_id: s() })
+            .await
+            .map(drop),
     }
 }
 
@@ -256,6 +275,7 @@ fn teacher_may(rpc: Rpc) -> bool {
             | Rpc::ListRequests
             | Rpc::ListHistory
             | Rpc::GetUsageReport
+            | Rpc::GetUsageRollups
     )
 }
 

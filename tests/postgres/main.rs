@@ -5,6 +5,8 @@
 use quotad::postgres::{connect, migrate, MIGRATIONS};
 use tokio_postgres::Client;
 
+mod analytics;
+/// The gRPC tests' server and client helpers.
 #[allow(dead_code)]
 #[path = "../grpc/common.rs"]
 mod common;
