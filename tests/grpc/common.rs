@@ -368,3 +368,18 @@ pub async fn decide(gate: &mut GateClient, request: ConsumeRequest) -> Decision 
         .decision
         .expect("a consume answer carries a decision")
 }
+
+/// `GET /metrics` over plain HTTP/1.0: the body, after a 200.
+pub async fn scrape(metrics_addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quotad\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    body.to_string()
+}

@@ -3,7 +3,6 @@
 //! and the per-school pool gauges stop at `metrics_schools_max`.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -11,23 +10,8 @@ use std::time::Duration;
 use quotad::auth::Action;
 use quotad::config::{Config, Secret};
 use quotad::telemetry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::*;
-
-/// `GET /metrics` over plain HTTP/1.0: the body, after a 200.
-async fn scrape(metrics_addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quotad\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    body.to_string()
-}
 
 /// One sample line's name, labels and value.
 struct Sample {

@@ -63,6 +63,34 @@ async fn wait_for(client: &Client, sql: &str, expected: i64) {
     panic!("{sql} is {last:?}, not {expected}, after 30 s");
 }
 
+const LAG: &str = "quotad_postgres_snapshot_lag_records";
+
+/// A school "s1" with 1000 units, a slice of 100 for "t1", and `n` consumes
+/// of `units` each by t1 (ids `{prefix}0`, `{prefix}1` ...).
+async fn school_with_usage(
+    admin: &mut AdminClient,
+    gate: &mut GateClient,
+    n: usize,
+    units: u64,
+    prefix: &str,
+) {
+    create_school(admin, "s1", 1000, false).await;
+    allocate(admin, "s1", "t1", 100, "normal").await.unwrap();
+    consume_n(gate, n, units, prefix).await;
+}
+
+/// `n` allowed consumes of `units` each by s1/t1.
+async fn consume_n(gate: &mut GateClient, n: usize, units: u64, prefix: &str) {
+    for i in 0..n {
+        let decision = decide(
+            gate,
+            common::consume("s1", "t1", units, &format!("{prefix}{i}")),
+        )
+        .await;
+        assert!(decision.allowed, "{prefix}{i}: {decision:?}");
+    }
+}
+
 async fn snapshot_seq(client: &Client) -> u64 {
     let seq: i64 = count(
         client,
@@ -264,17 +292,7 @@ async fn while_postgres_fails_the_wal_keeps_everything_and_wins_on_restart() {
     let (_dir, data) = temp_dir();
     let server = process(&data, &url);
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
-    create_school(&mut admin, "s1", 1000, false).await;
-    allocate(&mut admin, "s1", "t1", 100, "normal")
-        .await
-        .unwrap();
-    for i in 0..5 {
-        assert!(
-            decide(&mut gate, common::consume("s1", "t1", 1, &format!("a{i}")))
-                .await
-                .allowed
-        );
-    }
+    school_with_usage(&mut admin, &mut gate, 5, 1, "a").await;
     wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
 
     // Every snapshot now fails; consumes go on and are acknowledged.
@@ -282,13 +300,7 @@ async fn while_postgres_fails_the_wal_keeps_everything_and_wins_on_restart() {
         .await
         .unwrap();
     let behind = snapshot_seq(&db).await;
-    for i in 0..5 {
-        assert!(
-            decide(&mut gate, common::consume("s1", "t1", 2, &format!("b{i}")))
-                .await
-                .allowed
-        );
-    }
+    consume_n(&mut gate, 5, 2, "b").await;
     // Long enough for local snapshots (every second) to have run and failed
     // Postgres snapshots to have been retried.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -330,24 +342,21 @@ async fn while_postgres_fails_the_wal_keeps_everything_and_wins_on_restart() {
     assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
 }
 
-async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let body = reqwest_lite(addr).await;
-    body.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// GET /metrics with a bare HTTP/1.0 request (no HTTP client crate needed).
-async fn reqwest_lite(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quotad\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
+/// Polls a gauge (up to 5 s) until `done` holds for it; returns the last value.
+async fn wait_for_gauge(addr: std::net::SocketAddr, name: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let mut value = f64::NAN;
+    for _ in 0..50 {
+        value = scrape(addr)
+            .await
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0);
+        if done(value) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    value
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,26 +382,12 @@ async fn a_stuck_postgres_does_not_stop_consumes_and_the_lag_shows() {
         assert!(decision.allowed, "consume {i} while Postgres is stuck");
     }
     // The lag is reported (refreshed every snapshot interval).
-    let mut lag = 0.0;
-    for _ in 0..50 {
-        lag = metric(server.metrics_addr, "quotad_postgres_snapshot_lag_records").await;
-        if lag >= 200.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let lag = wait_for_gauge(server.metrics_addr, LAG, |lag| lag >= 200.0).await;
     assert!(lag >= 200.0, "lag {lag}");
 
     lock.rollback().await.unwrap();
     wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 200).await;
-    let mut lag = f64::MAX;
-    for _ in 0..50 {
-        lag = metric(server.metrics_addr, "quotad_postgres_snapshot_lag_records").await;
-        if lag == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let lag = wait_for_gauge(server.metrics_addr, LAG, |lag| lag == 0.0).await;
     assert_eq!(lag, 0.0);
     server.stop().await;
 }
@@ -458,29 +453,13 @@ async fn quotad_starts_while_postgres_is_down_and_catches_it_up_when_it_answers(
     // Some state in the data directory, from a run without Postgres.
     let server = TestServer::start(&data).await;
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
-    create_school(&mut admin, "s1", 1000, false).await;
-    allocate(&mut admin, "s1", "t1", 100, "normal")
-        .await
-        .unwrap();
-    for i in 0..5 {
-        assert!(
-            decide(&mut gate, common::consume("s1", "t1", 1, &format!("a{i}")))
-                .await
-                .allowed
-        );
-    }
+    school_with_usage(&mut admin, &mut gate, 5, 1, "a").await;
     server.stop().await;
 
     // Postgres down: quotad serves from the data directory.
     let server = start_server(&data, &postgres.url).await;
     let mut gate = server.gate().await;
-    for i in 0..5 {
-        assert!(
-            decide(&mut gate, common::consume("s1", "t1", 2, &format!("b{i}")))
-                .await
-                .allowed
-        );
-    }
+    consume_n(&mut gate, 5, 2, "b").await;
     assert_eq!(used_units(&mut gate, "s1", "t1").await, 15);
 
     // Postgres answers: it is migrated and caught up. The usage log gets the
