@@ -179,6 +179,7 @@ async fn recover_with_postgres(
             return start_without_postgres(store, url, interval, waited);
         }
     };
+    let store_arc = store.clone();
     let store = store.as_ref();
     let local = recover_local(store)?;
     let pg_seq = postgres::recover::snapshot_seq(&client).await?;
@@ -214,7 +215,7 @@ async fn recover_with_postgres(
         };
         (recovered, Changes::new(history_written))
     };
-    let follower = PostgresFollower::start(url.clone(), interval, pg_seq, changes)?;
+    let follower = PostgresFollower::start(url.clone(), interval, store_arc, pg_seq, changes)?;
     Ok((recovered, Some(Box::new(follower))))
 }
 

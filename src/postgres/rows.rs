@@ -158,6 +158,11 @@ impl Delta {
     }
 }
 
+/// Usage rows kept in memory between two snapshots (about 200 bytes each).
+/// While Postgres is down they would pile up without end; beyond this many
+/// they are dropped and the delta reads them from the WAL instead.
+pub const USAGE_ROWS_IN_MEMORY_MAX: usize = 200_000;
+
 /// What changed since the last snapshot was handed to the writer.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -165,6 +170,10 @@ pub struct Changes {
     accounts: BTreeSet<(SchoolId, TeacherId)>,
     requests: BTreeSet<(SchoolId, u64)>,
     usage: Vec<UsageRow>,
+    /// Set when more usage rows arrived than are kept in memory: they are
+    /// then read back from the WAL (which keeps every record after the last
+    /// snapshot) when the delta is written. See [`USAGE_ROWS_IN_MEMORY_MAX`].
+    usage_in_wal_only: bool,
     /// Per school, the audit entries already handed over.
     history_written: HashMap<SchoolId, u64>,
 }
@@ -195,12 +204,25 @@ impl Changes {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.schools.is_empty() && self.usage.is_empty()
+        self.schools.is_empty() && self.usage.is_empty() && !self.usage_in_wal_only
+    }
+
+    /// Whether the next delta's usage rows must be read from the WAL.
+    pub fn usage_in_wal_only(&self) -> bool {
+        self.usage_in_wal_only
     }
 
     /// Adds the usage row of a record whose other changes are already noted.
     pub fn add_usage(&mut self, wal_seq: u64, record: &Record) {
+        if self.usage_in_wal_only {
+            return;
+        }
         if let Some(row) = UsageRow::from_record(wal_seq, record) {
+            if self.usage.len() >= USAGE_ROWS_IN_MEMORY_MAX {
+                self.usage = Vec::new();
+                self.usage_in_wal_only = true;
+                return;
+            }
             self.usage.push(row);
         }
     }
@@ -248,6 +270,7 @@ impl Changes {
             usage: std::mem::take(&mut self.usage),
             ..Delta::default()
         };
+        self.usage_in_wal_only = false;
         for school_id in std::mem::take(&mut self.schools) {
             let Some(school) = state.schools.get_mut(&school_id) else {
                 continue;

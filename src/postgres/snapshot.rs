@@ -22,7 +22,7 @@ use tokio_postgres::{Client, Transaction};
 
 use std::collections::HashMap;
 
-use super::rows::{Changes, Delta};
+use super::rows::{Changes, Delta, UsageRow};
 use super::{connect, PostgresError};
 use crate::config::Secret;
 use crate::domain::{Record, SchoolId, State, TimestampMs};
@@ -61,12 +61,8 @@ pub struct PostgresFollower {
     thread: Option<JoinHandle<()>>,
     done: crossbeam_channel::Receiver<()>,
     /// Set while Postgres has not answered since the start: see [`PostgresFollower::start_detached`].
-    detached: Option<Detached>,
-}
-
-/// A follower started while Postgres was unreachable, waiting for it.
-struct Detached {
-    attached: crossbeam_channel::Receiver<Attach>,
+    detached: Option<crossbeam_channel::Receiver<Attach>>,
+    /// The WAL, for usage rows not kept in memory.
     store: Arc<dyn LogStore>,
 }
 
@@ -82,11 +78,12 @@ impl PostgresFollower {
     pub fn start(
         url: Secret,
         interval: Duration,
+        store: Arc<dyn LogStore>,
         committed_seq: u64,
         changes: Changes,
     ) -> Result<Self, PostgresError> {
         let pending = !changes.is_empty();
-        let mut follower = Self::spawn(url, interval, committed_seq, None)?;
+        let mut follower = Self::spawn(url, interval, store, committed_seq, None)?;
         follower.changes = changes;
         follower.unsent_since = pending.then(Instant::now);
         Ok(follower)
@@ -103,14 +100,15 @@ impl PostgresFollower {
         store: Arc<dyn LogStore>,
     ) -> Result<Self, PostgresError> {
         let (attach_tx, attached) = crossbeam_channel::bounded(1);
-        let mut follower = Self::spawn(url, interval, 0, Some(attach_tx))?;
-        follower.detached = Some(Detached { attached, store });
+        let mut follower = Self::spawn(url, interval, store, 0, Some(attach_tx))?;
+        follower.detached = Some(attached);
         Ok(follower)
     }
 
     fn spawn(
         url: Secret,
         interval: Duration,
+        store: Arc<dyn LogStore>,
         committed_seq: u64,
         attach: Option<crossbeam_channel::Sender<Attach>>,
     ) -> Result<Self, PostgresError> {
@@ -142,6 +140,7 @@ impl PostgresFollower {
             thread: Some(thread),
             done,
             detached: None,
+            store,
         })
     }
 
@@ -151,7 +150,7 @@ impl PostgresFollower {
         let Some(detached) = &self.detached else {
             return;
         };
-        let Ok(attach) = detached.attached.try_recv() else {
+        let Ok(attach) = detached.try_recv() else {
             return;
         };
         if attach.committed_seq > applied_seq {
@@ -166,24 +165,8 @@ impl PostgresFollower {
             return;
         }
         let mut changes = Changes::everything(state, attach.history_written);
-        match detached.store.read_after(attach.committed_seq) {
-            Ok(entries) => {
-                for (wal_seq, bytes) in entries.into_iter().filter(|(seq, _)| *seq <= applied_seq) {
-                    match codec::decode::<Record>(&bytes) {
-                        Ok(record) => changes.add_usage(wal_seq, &record),
-                        Err(e) => {
-                            tracing::error!(wal_seq, error = %e, "a WAL record cannot be read for Postgres; snapshots stopped");
-                            self.sender = None;
-                            return;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the WAL for Postgres; snapshots stopped");
-                self.sender = None;
-                return;
-            }
+        for (wal_seq, record) in self.records_after(attach.committed_seq, applied_seq) {
+            changes.add_usage(wal_seq, &record);
         }
         tracing::info!(
             postgres_wal_seq = attach.committed_seq,
@@ -193,6 +176,24 @@ impl PostgresFollower {
         self.changes = changes;
         self.unsent_since = Some(Instant::now());
         self.detached = None;
+    }
+
+    /// The WAL records in `(after, through]`. The WAL holds them: it is never
+    /// truncated past what Postgres committed. A record that cannot be read
+    /// stops snapshots (loudly) rather than leave a hole in the usage log.
+    fn records_after(&mut self, after: u64, through: u64) -> Vec<(u64, Record)> {
+        let decoded = self.store.read_after(after).and_then(|entries| {
+            entries
+                .into_iter()
+                .take_while(|(seq, _)| *seq <= through)
+                .map(|(seq, bytes)| codec::decode::<Record>(&bytes).map(|r| (seq, r)))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        decoded.unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot read the WAL for Postgres; snapshots stopped, the WAL keeps everything");
+            self.sender = None;
+            Vec::new()
+        })
     }
 
     fn committed_seq(&self) -> u64 {
@@ -216,14 +217,25 @@ impl PostgresFollower {
         if !self.writer_idle() || applied_seq <= self.committed_seq() {
             return;
         }
-        let Some(sender) = &self.sender else { return };
-        let delta = match self.changes.take(state, applied_seq) {
+        if self.sender.is_none() {
+            return;
+        }
+        let usage_in_wal_only = self.changes.usage_in_wal_only();
+        let mut delta = match self.changes.take(state, applied_seq) {
             Ok(delta) => delta,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode a Postgres snapshot; the WAL keeps everything");
                 return;
             }
         };
+        if usage_in_wal_only {
+            delta.usage = self
+                .records_after(self.committed_seq(), applied_seq)
+                .iter()
+                .filter_map(|(seq, record)| UsageRow::from_record(*seq, record))
+                .collect();
+        }
+        let Some(sender) = &self.sender else { return };
         if let Err(e) = sender.try_send(delta) {
             // Cannot happen while the writer is idle and alive; if it does,
             // the changes are still in the WAL, and the next start writes them.

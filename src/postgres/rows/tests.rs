@@ -227,3 +227,28 @@ fn a_bulk_change_marks_each_teacher_it_names() {
     assert_eq!(delta.account_states.len(), 3);
     assert_eq!(delta.allocations.len(), 3);
 }
+
+#[test]
+fn past_the_memory_bound_usage_rows_are_left_to_the_wal() {
+    let mut state = State::default();
+    let mut changes = Changes::default();
+    run(
+        &mut state,
+        &mut changes,
+        1,
+        &[school_created(), allocation("t1", 100)],
+    );
+    let record = charged("t1", "e", 1);
+    for seq in 0..=USAGE_ROWS_IN_MEMORY_MAX as u64 {
+        changes.add_usage(3 + seq, &record);
+    }
+    assert!(changes.usage_in_wal_only());
+    let delta = changes.take(&mut state, 2).unwrap();
+    assert!(delta.usage.is_empty(), "the writer reads them from the WAL");
+    assert!(
+        !changes.usage_in_wal_only(),
+        "the next delta starts in memory again"
+    );
+    changes.add_usage(9, &record);
+    assert_eq!(changes.take(&mut state, 9).unwrap().usage.len(), 1);
+}
