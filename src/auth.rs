@@ -507,6 +507,8 @@ actions! {
     Commit,
     Release,
     GetUsage,
+    SyncUsage,
+    BulkIncrement,
     // QuotaAdmin
     CreateSchool,
     GetSchool,
@@ -532,7 +534,13 @@ impl Action {
     fn meters_usage(self) -> bool {
         matches!(
             self,
-            Action::Consume | Action::Check | Action::Reserve | Action::Commit | Action::Release
+            Action::Consume
+                | Action::Check
+                | Action::Reserve
+                | Action::Commit
+                | Action::Release
+                | Action::SyncUsage
+                | Action::BulkIncrement
         )
     }
 
@@ -602,7 +610,7 @@ fn principal_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Opti
     }
     if action.meters_usage() {
         return Some(
-            "a principal may not consume, check, reserve, commit or release units; \
+            "a principal may not consume, check, reserve, commit, release or sync units; \
              only the service role may",
         );
     }
@@ -639,7 +647,7 @@ fn service_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Option
     if !action.is_gate() {
         return Some(
             "the service role may only call the quota gate: \
-             Consume, Check, Reserve, Commit, Release and GetUsage",
+             Consume, Check, Reserve, Commit, Release, SyncUsage, BulkIncrement and GetUsage",
         );
     }
     if !caller.names_school(school) {
@@ -1091,7 +1099,7 @@ mod tests {
     /// teacher t1 of A, teacher t2 of A, service for [A], service for [B].
     /// (Y: allowed, N: denied.)
     #[rustfmt::skip]
-    const MATRIX: [(Action, [bool; 7]); 23] = [
+    const MATRIX: [(Action, [bool; 7]); 25] = [
         //                              ad pA pB t1 t2 sA sB
         (Action::Consume,              [Y, N, N, N, N, Y, N]),
         (Action::Check,                [Y, N, N, N, N, Y, N]),
@@ -1099,6 +1107,8 @@ mod tests {
         (Action::Commit,               [Y, N, N, N, N, Y, N]),
         (Action::Release,              [Y, N, N, N, N, Y, N]),
         (Action::GetUsage,             [Y, Y, N, Y, N, Y, N]),
+        (Action::SyncUsage,            [Y, N, N, N, N, Y, N]),
+        (Action::BulkIncrement,        [Y, N, N, N, N, Y, N]),
         (Action::CreateSchool,         [Y, N, N, N, N, N, N]),
         (Action::GetSchool,            [Y, Y, N, N, N, N, N]),
         (Action::ListSchools,          [Y, N, N, N, N, N, N]),

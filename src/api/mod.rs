@@ -5,6 +5,7 @@ pub mod admin;
 pub mod convert;
 pub mod gate;
 pub mod status;
+pub mod sync;
 
 pub use admin::AdminService;
 pub use gate::GateService;

@@ -15,7 +15,7 @@ use super::cycle::{format_ms, TimestampMs};
 use super::error::InvalidInput;
 use super::ids::{EventId, ServiceType};
 use super::limits::RuleLimits;
-use super::record::{Record, Usage, UsageSource};
+use super::record::{Usage, UsageSource};
 
 /// One usage event as a device reports it, already validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +110,8 @@ impl SyncOutcome {
 pub enum SyncStep {
     /// Seen before: answer `duplicate` once the first record is durable.
     Duplicate(EventEntry),
-    /// Append this `UsageCharged` record and apply it.
-    Charge(Record),
+    /// Append this usage as a `Record::UsageCharged` and apply it.
+    Charge(Usage),
     Reject(SyncOutcome),
 }
 
@@ -143,7 +143,7 @@ impl TeacherAccount {
             Ok(target) => target,
             Err(rejection) => return SyncStep::Reject(rejection),
         };
-        SyncStep::Charge(Record::UsageCharged(Usage {
+        SyncStep::Charge(Usage {
             school_id: self.school_id.clone(),
             teacher_id: self.teacher_id.clone(),
             service: event.service.clone(),
@@ -155,7 +155,7 @@ impl TeacherAccount {
             occurred_at_ms: event.occurred_at_ms,
             recorded_at_ms: now_ms,
             model: event.model.clone(),
-        }))
+        })
     }
 
     /// The current cycle if the event happened in it, else the previous one

@@ -330,12 +330,9 @@ impl Sim {
         match account.sync_step(&sync_event, &self.limits, now_ms) {
             SyncStep::Duplicate(_) => SyncOutcome::Duplicate,
             SyncStep::Reject(outcome) => outcome,
-            SyncStep::Charge(record) => {
-                let Record::UsageCharged(usage) = &record else {
-                    panic!("a sync produced {record:?}");
-                };
-                let outcome = SyncOutcome::of_charge(usage);
-                self.record(record);
+            SyncStep::Charge(usage) => {
+                let outcome = SyncOutcome::of_charge(&usage);
+                self.record(Record::UsageCharged(usage));
                 outcome
             }
         }

@@ -26,8 +26,8 @@ use thiserror::Error;
 use crate::domain::audit::Broken;
 use crate::domain::{
     AuditEntry, Change, DenyReason, IncreaseRequest, InvalidInput, Priority, Record, RuleError,
-    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, TeacherAccount, TeacherId,
-    Tier, TimestampMs,
+    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, SyncEvent, SyncOutcome,
+    SyncRejection, TeacherAccount, TeacherId, Tier, TimestampMs,
 };
 use crate::storage::{Wal, WalError};
 use crate::telemetry;
@@ -491,6 +491,85 @@ impl Engine {
             .route(teacher, None)?
             .ok_or_else(|| Self::teacher_not_found(teacher))?;
         addr.send(GetUsage).await.map_err(EngineError::mailbox)?
+    }
+
+    /// Charges usage that already happened (a device's journal, an old
+    /// client's counts): one outcome per event, in the batch's order. Each
+    /// teacher's events go to its actor in one message; the answer waits for
+    /// the last record any of them needs, so every outcome told is durable.
+    pub async fn sync_usage(
+        &self,
+        school_id: &SchoolId,
+        events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+    ) -> Result<Vec<SyncOutcome>, EngineError> {
+        self.limits().check_sync_batch(events.len())?;
+        let school = self.school(school_id)?;
+        let mut outcomes: Vec<Option<SyncOutcome>> = vec![None; events.len()];
+        let mut by_teacher: BTreeMap<TeacherId, (Vec<usize>, Vec<SyncEvent>)> = BTreeMap::new();
+        for (index, item) in events.into_iter().enumerate() {
+            match item {
+                Err(error) => outcomes[index] = Some(SyncOutcome::bad_input(&error)),
+                Ok((_, event)) if !school.has_service(&event.service) => {
+                    outcomes[index] = Some(SyncOutcome::rejected(
+                        SyncRejection::UnknownAllocation,
+                        format!(
+                            "service type {} is not configured for school {school_id}",
+                            event.service
+                        ),
+                    ))
+                }
+                Ok((teacher_id, event)) => {
+                    let (indexes, batch) = by_teacher.entry(teacher_id).or_default();
+                    indexes.push(index);
+                    batch.push(event);
+                }
+            }
+        }
+        let sends = by_teacher
+            .into_iter()
+            .map(|(teacher_id, (indexes, batch))| {
+                let teacher = TeacherRef {
+                    school_id: school_id.clone(),
+                    teacher_id,
+                };
+                async move { (indexes, self.sync_teacher(&teacher, batch).await) }
+            });
+        let mut last_seq = 0;
+        for (indexes, answer) in futures::future::join_all(sends).await {
+            let durable = answer?;
+            last_seq = last_seq.max(durable.wal_seq.unwrap_or(0));
+            for (index, outcome) in indexes.into_iter().zip(durable.value) {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        self.core.shared.wal.wait_durable(last_seq).await?;
+        let outcomes: Vec<SyncOutcome> = outcomes.into_iter().flatten().collect();
+        for outcome in &outcomes {
+            telemetry::decision("sync_usage", outcome.as_str());
+        }
+        Ok(outcomes)
+    }
+
+    /// One teacher's share of a sync batch. A teacher without any slice in
+    /// the school has no actor: each event is an unknown allocation.
+    async fn sync_teacher(
+        &self,
+        teacher: &TeacherRef,
+        events: Vec<SyncEvent>,
+    ) -> Result<Durable<Vec<SyncOutcome>>, EngineError> {
+        let Some(addr) = self.route(teacher, None)? else {
+            let unknown = SyncOutcome::rejected(
+                SyncRejection::UnknownAllocation,
+                format!(
+                    "teacher {} has no allocation in school {}",
+                    teacher.teacher_id, teacher.school_id
+                ),
+            );
+            return Ok(Durable::read(vec![unknown; events.len()]));
+        };
+        addr.send(SyncUsage(events))
+            .await
+            .map_err(EngineError::mailbox)?
     }
 
     /// Creates a school and its actor. The record is written before the

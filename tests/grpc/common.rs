@@ -368,3 +368,8 @@ pub async fn decide(gate: &mut GateClient, request: ConsumeRequest) -> Decision 
         .decision
         .expect("a consume answer carries a decision")
 }
+
+/// The wall clock in milliseconds, for the times synced events carry.
+pub fn now_ms() -> i64 {
+    quotad::engine::system_now_ms()
+}

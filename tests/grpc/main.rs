@@ -10,4 +10,5 @@ mod gate;
 mod idempotency;
 mod quotactl;
 mod stress;
+mod sync;
 mod tenants;
