@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod gate;
 mod idempotency;
+mod offline_client;
 mod quotactl;
 mod stress;
 mod sync;
