@@ -200,4 +200,30 @@ mod tests {
         assert_ne!(bulk_event_id("a", "bc"), bulk_event_id("ab", "c"));
         assert_eq!(id.as_str().len(), 5 + BULK_ID_HEX_DIGITS);
     }
+
+    /// The gate's request limit counts SYNC_EVENT_BYTES_MAX per event: the
+    /// largest valid event, with its framing in the batch, must fit in it.
+    #[test]
+    fn the_largest_valid_event_fits_the_bytes_counted_per_event() {
+        use crate::domain::ids::{ID_BYTES_MAX, MODEL_BYTES_MAX, SERVICE_TYPE_BYTES_MAX};
+        use prost::Message;
+        let event = proto::UsageEvent {
+            event_id: "e".repeat(ID_BYTES_MAX),
+            teacher_id: "t".repeat(ID_BYTES_MAX),
+            service_type: "s".repeat(SERVICE_TYPE_BYTES_MAX),
+            units: u64::MAX,
+            model: "m".repeat(MODEL_BYTES_MAX),
+            occurred_at_ms: i64::MIN,
+        };
+        assert!(parse_event(&event).is_ok_and(|(_, e)| e.service.as_str().len() == 64));
+        let batch = proto::SyncUsageRequest {
+            school_id: String::new(),
+            events: vec![event],
+        };
+        assert!(
+            batch.encoded_len() <= crate::config::SYNC_EVENT_BYTES_MAX,
+            "{} bytes",
+            batch.encoded_len()
+        );
+    }
 }

@@ -148,7 +148,7 @@ async fn a_batch_over_the_limit_or_naming_another_school_is_refused_whole() {
 }
 
 #[tokio::test]
-async fn a_full_batch_of_the_largest_events_fits_the_gate_request_limit() {
+async fn a_full_batch_of_long_events_fits_the_gate_request_limit() {
     let (_dir, data) = temp_dir();
     let server = TestServer::start(&data).await;
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
