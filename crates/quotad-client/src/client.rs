@@ -184,8 +184,15 @@ fn now_ms() -> i64 {
 
 impl QuotaClient {
     /// Opens the journal and prepares the connection (made on first use, and
-    /// again after the server comes back).
+    /// again after the server comes back). Runs inside a Tokio runtime, which
+    /// drives the connection. One client per `journal_dir`: the journal
+    /// file has one writer.
     pub fn open(config: ClientConfig) -> Result<Self, ClientError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ClientError::Config(
+                "QuotaClient::open must be called inside a Tokio runtime".into(),
+            ));
+        }
         let journal = Journal::open(&config.journal_dir, config.journal_entries_max)?;
         let token = MetadataValue::try_from(format!("Bearer {}", config.token))
             .map_err(|_| ClientError::Config("the token is not valid header text".into()))?;

@@ -100,3 +100,66 @@ impl ClientConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_outside_a_runtime_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ClientConfig::new("http://127.0.0.1:1", "token", "s", "t", dir.path());
+        let refused = QuotaClient::open(config).err().unwrap();
+        assert!(refused.to_string().contains("Tokio runtime"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_endpoint_or_token_is_a_configuration_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad_endpoint = ClientConfig::new("not a uri", "token", "s", "t", dir.path());
+        assert!(matches!(
+            QuotaClient::open(bad_endpoint),
+            Err(ClientError::Config(_))
+        ));
+        let bad_token =
+            ClientConfig::new("http://127.0.0.1:1", "line\nbreak", "s", "t", dir.path());
+        assert!(matches!(
+            QuotaClient::open(bad_token),
+            Err(ClientError::Config(_))
+        ));
+    }
+
+    /// Nothing listens on port 1: every call finds the server unreachable.
+    #[tokio::test]
+    async fn without_a_server_usage_is_journaled_kept_across_restarts_and_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ClientConfig::new("http://127.0.0.1:1", "token", "s", "t", dir.path());
+        config.backoff_initial = Duration::from_millis(1);
+        config.sync_attempts_max = 2;
+        let client = QuotaClient::open(config.clone()).unwrap();
+        let answer = client
+            .consume("claude_messages", 3, "e1", "m")
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            ConsumeAnswer::RecordedOffline {
+                estimated_remaining_units: None
+            }
+        );
+        let usage = client.usage().await.unwrap();
+        assert!(!usage.authoritative && !usage.seen_server);
+        assert_eq!(usage.services[0].used_units, 3);
+        let report = client.sync_now().await;
+        assert_eq!(report.still_queued, 1);
+        assert!(report.stopped.unwrap().contains("could not be reached"));
+        let stats = client.stats();
+        assert_eq!(
+            (stats.sync_retries, stats.queued_events, stats.fallback_used),
+            (1, 1, 2)
+        );
+        drop(client);
+        let reopened = QuotaClient::open(config).unwrap();
+        assert_eq!(reopened.stats().queued_events, 1);
+    }
+}
