@@ -228,3 +228,57 @@ async fn bulk_increment_counts_a_batch_once_by_its_batch_id() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("batch_id"), "{}", bad.message());
 }
+
+/// Many clients sync and consume overlapping events at once through the real
+/// server: each distinct event is counted exactly once, whoever sent it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_syncs_and_consumes_of_overlapping_events_count_each_once() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "s", 100_000, false).await;
+    for t in 0..4 {
+        allocate(&mut admin, "s", &format!("t{t}"), 10_000, "normal")
+            .await
+            .unwrap();
+    }
+    const TASKS: usize = 16;
+    const EVENTS: usize = 200;
+    let now = now_ms();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let addr = server.addr;
+            tokio::spawn(async move {
+                let (_, mut gate) = clients_as(addr, &admin_token()).await;
+                // Tasks 0-3 send all events in batches of 50; the others
+                // consume a quarter of them one by one, in another order.
+                if task < 4 {
+                    for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(50) {
+                        let batch = chunk
+                            .iter()
+                            .map(|n| event(&format!("t{}", n % 4), 1, &format!("e{n}"), now))
+                            .collect();
+                        gate.sync_usage(sync("s", batch)).await.unwrap();
+                    }
+                } else {
+                    for n in (task % 4..EVENTS).step_by(4).rev() {
+                        decide(
+                            &mut gate,
+                            consume("s", &format!("t{}", n % 4), 1, &format!("e{n}")),
+                        )
+                        .await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut gate = server.gate().await;
+    let mut total = 0;
+    for t in 0..4 {
+        total += used_units(&mut gate, "s", &format!("t{t}")).await;
+    }
+    assert_eq!(total, EVENTS as u64);
+}
