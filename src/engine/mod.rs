@@ -504,27 +504,8 @@ impl Engine {
     ) -> Result<Vec<SyncOutcome>, EngineError> {
         self.limits().check_sync_batch(events.len())?;
         let school = self.school(school_id)?;
-        let mut outcomes: Vec<Option<SyncOutcome>> = vec![None; events.len()];
-        let mut by_teacher: BTreeMap<TeacherId, (Vec<usize>, Vec<SyncEvent>)> = BTreeMap::new();
-        for (index, item) in events.into_iter().enumerate() {
-            match item {
-                Err(error) => outcomes[index] = Some(SyncOutcome::bad_input(&error)),
-                Ok((_, event)) if !school.has_service(&event.service) => {
-                    outcomes[index] = Some(SyncOutcome::rejected(
-                        SyncRejection::UnknownAllocation,
-                        format!(
-                            "service type {} is not configured for school {school_id}",
-                            event.service
-                        ),
-                    ))
-                }
-                Ok((teacher_id, event)) => {
-                    let (indexes, batch) = by_teacher.entry(teacher_id).or_default();
-                    indexes.push(index);
-                    batch.push(event);
-                }
-            }
-        }
+        let event_count = events.len();
+        let (mut outcomes, by_teacher) = group_sync_events(&school, school_id, events);
         let sends = by_teacher
             .into_iter()
             .map(|(teacher_id, (indexes, batch))| {
@@ -537,6 +518,15 @@ impl Engine {
         let mut last_seq = 0;
         for (indexes, answer) in futures::future::join_all(sends).await {
             let durable = answer?;
+            // Answers are matched to events by position: a short answer
+            // would shift them, so it is refused rather than trusted.
+            if durable.value.len() != indexes.len() {
+                return Err(EngineError::Internal(format!(
+                    "a teacher actor answered {} outcomes for {} synced events",
+                    durable.value.len(),
+                    indexes.len()
+                )));
+            }
             last_seq = last_seq.max(durable.wal_seq.unwrap_or(0));
             for (index, outcome) in indexes.into_iter().zip(durable.value) {
                 outcomes[index] = Some(outcome);
@@ -544,6 +534,11 @@ impl Engine {
         }
         self.core.shared.wal.wait_durable(last_seq).await?;
         let outcomes: Vec<SyncOutcome> = outcomes.into_iter().flatten().collect();
+        if outcomes.len() != event_count {
+            return Err(EngineError::Internal(
+                "a synced event got no outcome".into(),
+            ));
+        }
         for outcome in &outcomes {
             telemetry::decision("sync_usage", outcome.as_str());
         }
@@ -997,6 +992,40 @@ impl Engine {
             .ok_or_else(|| Self::teacher_not_found(teacher))?;
         addr.send(InjectPanic).await.map_err(EngineError::mailbox)?
     }
+}
+
+/// Per teacher: the positions in the batch of its events, and the events.
+type SyncByTeacher = BTreeMap<TeacherId, (Vec<usize>, Vec<SyncEvent>)>;
+
+/// The outcomes already known (bad input, a service type the school lacks)
+/// and, per teacher, the events left for its actor.
+fn group_sync_events(
+    school: &registry::SchoolHandle,
+    school_id: &SchoolId,
+    events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+) -> (Vec<Option<SyncOutcome>>, SyncByTeacher) {
+    let mut outcomes: Vec<Option<SyncOutcome>> = vec![None; events.len()];
+    let mut by_teacher = SyncByTeacher::new();
+    for (index, item) in events.into_iter().enumerate() {
+        match item {
+            Err(error) => outcomes[index] = Some(SyncOutcome::bad_input(&error)),
+            Ok((_, event)) if !school.has_service(&event.service) => {
+                outcomes[index] = Some(SyncOutcome::rejected(
+                    SyncRejection::UnknownAllocation,
+                    format!(
+                        "service type {} is not configured for school {school_id}",
+                        event.service
+                    ),
+                ))
+            }
+            Ok((teacher_id, event)) => {
+                let (indexes, batch) = by_teacher.entry(teacher_id).or_default();
+                indexes.push(index);
+                batch.push(event);
+            }
+        }
+    }
+    (outcomes, by_teacher)
 }
 
 fn outcome(decision: &Decision) -> &'static str {
