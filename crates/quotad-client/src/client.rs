@@ -246,7 +246,9 @@ impl QuotaClient {
             service_type: service_type.into(),
             units,
             event_id: event_id.into(),
-            occurred_at_ms,
+            // Online, the server's clock dates the usage (a device's clock
+            // may be off); the device's time is kept only if it is journaled.
+            occurred_at_ms: 0,
             model: model.into(),
         };
         match self.gate().consume(request).await {

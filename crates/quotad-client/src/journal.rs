@@ -1,7 +1,8 @@
 //! The device's durable journal of usage the server has not acknowledged.
 //!
 //! One append-only file of lines `<crc32 hex> <json>\n`. An `add` line holds
-//! one pending usage; a `done` line names ids the server answered for. Every
+//! one pending usage; a `done` line names the entries the server answered
+//! for, by key (kind and id: an event and a reservation may share an id). Every
 //! write is fsync'd before the call returns, so an entry reported as recorded
 //! survives a crash, and an entry leaves the journal only after the server's
 //! answer about it. A crash between the server's answer and the `done` line
@@ -51,6 +52,17 @@ pub struct PendingUsage {
     pub occurred_at_ms: i64,
 }
 
+impl PendingUsage {
+    /// The entry's key in the journal: its kind and its id.
+    pub fn key(&self) -> String {
+        let kind = match self.kind {
+            PendingKind::Event => "event",
+            PendingKind::Commit => "commit",
+        };
+        format!("{kind}:{}", self.id)
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Line {
@@ -64,7 +76,7 @@ pub struct Journal {
     dir: PathBuf,
     file: File,
     pending: VecDeque<PendingUsage>,
-    ids: HashSet<String>,
+    keys: HashSet<String>,
     done_lines: usize,
     entries_max: usize,
     /// Lines skipped on open because their checksum or JSON was bad.
@@ -81,7 +93,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             file: open_append(&path)?,
             pending: VecDeque::new(),
-            ids: HashSet::new(),
+            keys: HashSet::new(),
             done_lines: 0,
             entries_max,
             corrupt_lines: 0,
@@ -121,8 +133,8 @@ impl Journal {
             good_bytes += read as u64;
             match decode(&line) {
                 Some(Line::Add(usage)) => self.remember(usage),
-                Some(Line::Done(ids)) => {
-                    self.forget(&ids);
+                Some(Line::Done(keys)) => {
+                    self.forget(&keys);
                     self.done_lines += 1;
                 }
                 None => {
@@ -137,23 +149,23 @@ impl Journal {
     }
 
     fn remember(&mut self, usage: PendingUsage) {
-        if self.ids.insert(usage.id.clone()) {
+        if self.keys.insert(usage.key()) {
             self.pending.push_back(usage);
         }
     }
 
-    fn forget(&mut self, ids: &[String]) {
-        let gone: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        self.pending.retain(|u| !gone.contains(u.id.as_str()));
-        for id in ids {
-            self.ids.remove(id);
+    fn forget(&mut self, keys: &[String]) {
+        let gone: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        self.pending.retain(|u| !gone.contains(u.key().as_str()));
+        for key in keys {
+            self.keys.remove(key);
         }
     }
 
     /// Records a usage durably (written and fsync'd) before it returns. The
     /// same id twice is kept once: the server would count it once anyway.
     pub fn record(&mut self, usage: PendingUsage) -> Result<(), ClientError> {
-        if self.ids.contains(&usage.id) {
+        if self.keys.contains(&usage.key()) {
             return Ok(());
         }
         if self.pending.len() >= self.entries_max {
@@ -166,14 +178,15 @@ impl Journal {
         Ok(())
     }
 
-    /// Removes entries the server answered for, durably, then compacts the
-    /// file when it holds more answered than pending entries.
-    pub fn remove(&mut self, ids: Vec<String>) -> Result<(), ClientError> {
-        if ids.is_empty() {
+    /// Removes entries the server answered for (by [`PendingUsage::key`]),
+    /// durably, then compacts the file when it holds more answered than
+    /// pending entries.
+    pub fn remove(&mut self, keys: Vec<String>) -> Result<(), ClientError> {
+        if keys.is_empty() {
             return Ok(());
         }
-        self.append(&Line::Done(ids.clone()))?;
-        self.forget(&ids);
+        self.append(&Line::Done(keys.clone()))?;
+        self.forget(&keys);
         self.done_lines += 1;
         if self.done_lines > self.pending.len() {
             self.compact()?;
@@ -287,7 +300,7 @@ mod tests {
             journal.record(usage(id)).unwrap();
         }
         journal.record(usage("b")).unwrap();
-        journal.remove(vec!["b".into()]).unwrap();
+        journal.remove(vec![usage("b").key()]).unwrap();
         drop(journal);
         let journal = Journal::open(dir.path(), 100).unwrap();
         assert_eq!(ids(&journal), ["a", "c"]);
@@ -338,7 +351,7 @@ mod tests {
             journal.record(usage(&format!("e{n}"))).unwrap();
         }
         for n in 0..48 {
-            journal.remove(vec![format!("e{n}")]).unwrap();
+            journal.remove(vec![usage(&format!("e{n}")).key()]).unwrap();
         }
         let lines = std::fs::read_to_string(dir.path().join(JOURNAL_FILE))
             .unwrap()
@@ -349,6 +362,21 @@ mod tests {
         let journal = Journal::open(dir.path(), 1000).unwrap();
         assert_eq!(ids(&journal), ["e48", "e49"]);
         assert!(!dir.path().join(COMPACT_FILE).exists());
+    }
+
+    #[test]
+    fn an_event_and_a_commit_may_share_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        let commit = PendingUsage {
+            kind: PendingKind::Commit,
+            ..usage("x")
+        };
+        journal.record(usage("x")).unwrap();
+        journal.record(commit.clone()).unwrap();
+        assert_eq!(journal.len(), 2);
+        journal.remove(vec![usage("x").key()]).unwrap();
+        assert_eq!(journal.pending().collect::<Vec<_>>(), [&commit]);
     }
 
     #[test]
@@ -413,7 +441,7 @@ mod tests {
                             .filter(|(i, _)| *i < 16 && mask & (1 << i) != 0)
                             .map(|(_, id)| id.clone())
                             .collect();
-                        journal.remove(gone.clone()).unwrap();
+                        journal.remove(gone.iter().map(|id| usage(id).key()).collect()).unwrap();
                         model.retain(|id| !gone.contains(id));
                     }
                     Op::Reopen => {

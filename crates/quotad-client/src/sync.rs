@@ -105,7 +105,7 @@ impl QuotaClient {
             match answer.await {
                 Ok(response) => {
                     tally(report, response.duplicate, false);
-                    self.forget(vec![pending.id]).await?;
+                    self.forget(vec![pending.key()]).await?;
                 }
                 Err(status) if status.code() == Code::NotFound => {
                     let results = self
@@ -208,14 +208,14 @@ impl QuotaClient {
                 ),
             }
         }
-        self.forget(batch.iter().map(|p| p.id.clone()).collect())
+        self.forget(batch.iter().map(PendingUsage::key).collect())
             .await
     }
 
-    async fn forget(&self, ids: Vec<String>) -> Result<(), String> {
-        let count = ids.len() as u64;
+    async fn forget(&self, keys: Vec<String>) -> Result<(), String> {
+        let count = keys.len() as u64;
         let journal = self.inner.journal.clone();
-        tokio::task::spawn_blocking(move || lock(&journal).remove(ids))
+        tokio::task::spawn_blocking(move || lock(&journal).remove(keys))
             .await
             .map_err(|e| ClientError::Journal(format!("the journal task failed: {e}")))
             .and_then(|removed| removed)
