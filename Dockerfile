@@ -9,6 +9,8 @@ COPY Cargo.toml Cargo.lock build.rs clippy.toml ./
 COPY proto proto
 COPY src src
 COPY benches benches
+# A workspace member (the client library); cargo needs it to read the workspace.
+COPY crates crates
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \

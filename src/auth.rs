@@ -507,6 +507,8 @@ actions! {
     Commit,
     Release,
     GetUsage,
+    SyncUsage,
+    BulkIncrement,
     // QuotaAdmin
     CreateSchool,
     GetSchool,
@@ -535,7 +537,13 @@ impl Action {
     fn meters_usage(self) -> bool {
         matches!(
             self,
-            Action::Consume | Action::Check | Action::Reserve | Action::Commit | Action::Release
+            Action::Consume
+                | Action::Check
+                | Action::Reserve
+                | Action::Commit
+                | Action::Release
+                | Action::SyncUsage
+                | Action::BulkIncrement
         )
     }
 
@@ -605,7 +613,7 @@ fn principal_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Opti
     }
     if action.meters_usage() {
         return Some(
-            "a principal may not consume, check, reserve, commit or release units; \
+            "a principal may not consume, check, reserve, commit, release or sync units; \
              only the service role may",
         );
     }
@@ -644,7 +652,7 @@ fn service_refusal(caller: &Caller, action: Action, school: &SchoolId) -> Option
     if !action.is_gate() {
         return Some(
             "the service role may only call the quota gate: \
-             Consume, Check, Reserve, Commit, Release and GetUsage",
+             Consume, Check, Reserve, Commit, Release, SyncUsage, BulkIncrement and GetUsage",
         );
     }
     if !caller.names_school(school) {
@@ -1096,7 +1104,7 @@ mod tests {
     /// teacher t1 of A, teacher t2 of A, service for [A], service for [B].
     /// (Y: allowed, N: denied.)
     #[rustfmt::skip]
-    const MATRIX: [(Action, [bool; 7]); 26] = [
+    const MATRIX: [(Action, [bool; 7]); 28] = [
         //                              ad pA pB t1 t2 sA sB
         (Action::Consume,              [Y, N, N, N, N, Y, N]),
         (Action::Check,                [Y, N, N, N, N, Y, N]),
@@ -1104,6 +1112,8 @@ mod tests {
         (Action::Commit,               [Y, N, N, N, N, Y, N]),
         (Action::Release,              [Y, N, N, N, N, Y, N]),
         (Action::GetUsage,             [Y, Y, N, Y, N, Y, N]),
+        (Action::SyncUsage,            [Y, N, N, N, N, Y, N]),
+        (Action::BulkIncrement,        [Y, N, N, N, N, Y, N]),
         (Action::CreateSchool,         [Y, N, N, N, N, N, N]),
         (Action::GetSchool,            [Y, Y, N, N, N, N, N]),
         (Action::ListSchools,          [Y, N, N, N, N, N, N]),

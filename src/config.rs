@@ -39,6 +39,12 @@ pub enum ConfigError {
     },
 }
 
+/// The largest encoded `UsageEvent`: four strings at their maximum length
+/// (128 + 128 + 64 + 128 bytes), two integers and the field tags, rounded up.
+pub const SYNC_EVENT_BYTES_MAX: usize = 512;
+/// The largest `sync_events_per_batch_max` accepted (5 MiB requests at most).
+pub const SYNC_EVENTS_PER_BATCH_LIMIT: usize = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -65,8 +71,11 @@ pub struct Config {
     pub housekeeping_interval_ms: u64,
     pub hold_ttl_ms_default: u64,
     pub hold_ttl_ms_max: u64,
-    /// The largest gRPC request accepted, in bytes.
+    /// The largest gRPC request accepted, in bytes. The gate service accepts
+    /// up to [`Config::gate_request_bytes_max`], so a full sync batch fits.
     pub request_bytes_max: usize,
+    /// The most events one SyncUsage (or BulkIncrement) batch may carry.
+    pub sync_events_per_batch_max: usize,
     pub wal_queue_records_max: usize,
     pub wal_batch_records_max: usize,
     /// Service types a new school gets when it names none.
@@ -130,6 +139,7 @@ impl Default for Config {
             hold_ttl_ms_default: limits.hold_ttl_ms_default,
             hold_ttl_ms_max: limits.hold_ttl_ms_max,
             request_bytes_max: 64 * 1024,
+            sync_events_per_batch_max: limits.sync_events_per_batch_max,
             wal_queue_records_max: wal.queue_records_max,
             wal_batch_records_max: wal.batch_records_max,
             default_service_types: crate::domain::DEFAULT_SERVICE_TYPES
@@ -219,6 +229,12 @@ impl Config {
                 format!("must be at most {METRICS_SCHOOLS_MAX} (each school adds up to 96 series)"),
             ));
         }
+        if !(1..=SYNC_EVENTS_PER_BATCH_LIMIT).contains(&self.sync_events_per_batch_max) {
+            return Err(invalid(
+                "sync_events_per_batch_max",
+                format!("must be between 1 and {SYNC_EVENTS_PER_BATCH_LIMIT}"),
+            ));
+        }
         if self.idempotency_window_s > 366 * 24 * 3600 {
             return Err(invalid("idempotency_window_s", "must be at most a year"));
         }
@@ -290,8 +306,18 @@ impl Config {
                 .unwrap_or(i64::MAX),
             hold_ttl_ms_default: self.hold_ttl_ms_default,
             hold_ttl_ms_max: self.hold_ttl_ms_max,
+            sync_events_per_batch_max: self.sync_events_per_batch_max,
             ..RuleLimits::default()
         }
+    }
+
+    /// The gate's request limit: `request_bytes_max`, raised so that a full
+    /// sync batch of the largest events (every id and name at its maximum
+    /// length) fits. 1,000 events: 500 KiB. The admin service keeps
+    /// `request_bytes_max`.
+    pub fn gate_request_bytes_max(&self) -> usize {
+        self.request_bytes_max
+            .max(self.sync_events_per_batch_max * SYNC_EVENT_BYTES_MAX)
     }
 
     pub fn wal(&self) -> WalConfig {
@@ -331,6 +357,27 @@ mod tests {
         assert_eq!(config.metrics_addr.to_string(), "127.0.0.1:9464");
         assert_eq!(config.durability, Durability::Sync);
         assert_eq!(config.idempotency_window_s, 8 * 24 * 3600);
+        assert_eq!(config.sync_events_per_batch_max, 1_000);
+        assert_eq!(config.gate_request_bytes_max(), 512_000);
+    }
+
+    #[test]
+    fn the_sync_batch_limit_is_bounded_and_reaches_the_rules() {
+        for bad in [0, SYNC_EVENTS_PER_BATCH_LIMIT + 1] {
+            let config = Config {
+                sync_events_per_batch_max: bad,
+                ..Config::default()
+            };
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("sync_events_per_batch_max"), "{error}");
+        }
+        let config = Config {
+            sync_events_per_batch_max: 10,
+            ..Config::default()
+        };
+        assert_eq!(config.limits().sync_events_per_batch_max, 10);
+        // Small batches never lower the general request limit.
+        assert_eq!(config.gate_request_bytes_max(), config.request_bytes_max);
     }
 
     #[test]

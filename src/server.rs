@@ -296,7 +296,7 @@ async fn serve_grpc(
     health.set_serving::<QuotaGateServer<GateService>>().await;
     health.set_serving::<QuotaAdminServer<AdminService>>().await;
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
-        .max_decoding_message_size(config.request_bytes_max)
+        .max_decoding_message_size(config.gate_request_bytes_max())
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
     let admin = QuotaAdminServer::new(AdminService::new(engine.clone(), analytics))
         .max_decoding_message_size(config.request_bytes_max)

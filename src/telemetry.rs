@@ -113,6 +113,8 @@ pub const RPCS: &[(&str, &str)] = &[
     ("quotad.v1.QuotaGate", "Commit"),
     ("quotad.v1.QuotaGate", "Release"),
     ("quotad.v1.QuotaGate", "GetUsage"),
+    ("quotad.v1.QuotaGate", "SyncUsage"),
+    ("quotad.v1.QuotaGate", "BulkIncrement"),
     ("quotad.v1.QuotaAdmin", "CreateSchool"),
     ("quotad.v1.QuotaAdmin", "GetSchool"),
     ("quotad.v1.QuotaAdmin", "ListSchools"),
@@ -255,6 +257,12 @@ type DecisionKey = (&'static str, &'static str, ServiceType);
 static DECISION_COUNTERS: OnceLock<DashMap<DecisionKey, Counter>> = OnceLock::new();
 /// The service types given a label of their own so far, at most SERVICE_LABELS_MAX.
 static SERVICE_LABELS: Mutex<BTreeSet<ServiceType>> = Mutex::new(BTreeSet::new());
+
+/// A decision about an event too malformed to name a service type.
+pub fn decision_of_no_service(call: &'static str, outcome: &'static str) {
+    counter!(DECISIONS_TOTAL, "call" => call, "outcome" => outcome, "service" => OTHER_SERVICE_LABEL)
+        .increment(1);
+}
 
 pub fn decision(call: &'static str, outcome: &'static str, service: &ServiceType) {
     let counters = DECISION_COUNTERS.get_or_init(DashMap::new);

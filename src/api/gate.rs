@@ -170,4 +170,24 @@ impl QuotaGate for GateService {
         let view = self.engine.usage(&teacher).await.map_err(to_status)?;
         Ok(Response::new(convert::usage(view)))
     }
+
+    async fn sync_usage(
+        &self,
+        request: Request<SyncUsageRequest>,
+    ) -> Result<Response<SyncUsageResponse>, Status> {
+        let (caller, r) = caller_and(request)?;
+        super::sync::sync_usage(&self.engine, &caller, r)
+            .await
+            .map(Response::new)
+    }
+
+    async fn bulk_increment(
+        &self,
+        request: Request<BulkIncrementRequest>,
+    ) -> Result<Response<BulkIncrementResponse>, Status> {
+        let (caller, r) = caller_and(request)?;
+        super::sync::bulk_increment(&self.engine, &caller, r)
+            .await
+            .map(Response::new)
+    }
 }

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod gate;
 pub mod rpc_metrics;
 pub mod status;
+pub mod sync;
 
 pub use admin::AdminService;
 pub use gate::GateService;

@@ -25,6 +25,8 @@ pub struct RuleLimits {
     pub service_types_per_school_max: usize,
     /// The most live holds one teacher may have at once (default 10,000).
     pub holds_per_teacher_max: usize,
+    /// The most events one SyncUsage batch may carry (default 1,000).
+    pub sync_events_per_batch_max: usize,
 }
 
 impl Default for RuleLimits {
@@ -38,6 +40,7 @@ impl Default for RuleLimits {
             hold_ttl_ms_max: 3_600_000,
             service_types_per_school_max: 32,
             holds_per_teacher_max: 10_000,
+            sync_events_per_batch_max: 1_000,
         }
     }
 }
@@ -105,6 +108,23 @@ impl RuleLimits {
             ));
         }
         Ok(occurred_at_ms)
+    }
+
+    /// A sync batch: at least one event, at most `sync_events_per_batch_max`.
+    pub fn check_sync_batch(&self, events: usize) -> Result<usize, InvalidInput> {
+        if events == 0 {
+            return Err(InvalidInput::new("events", "must hold at least one event"));
+        }
+        if events > self.sync_events_per_batch_max {
+            return Err(InvalidInput::new(
+                "events",
+                format!(
+                    "holds {events} events; one batch may hold at most {} (split it)",
+                    self.sync_events_per_batch_max
+                ),
+            ));
+        }
+        Ok(events)
     }
 
     /// A hold's lifetime: 0 means the default; at most the maximum.

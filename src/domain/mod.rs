@@ -13,11 +13,14 @@ pub mod requests;
 pub mod school;
 pub mod slice;
 pub mod state;
+pub mod sync;
 
 #[cfg(test)]
 mod admin_tests;
 #[cfg(test)]
 mod analytics_tests;
+#[cfg(test)]
+mod sync_tests;
 #[cfg(test)]
 mod tests;
 
@@ -35,6 +38,7 @@ pub use requests::{IncreaseRequest, RequestOutcome, RequestStatus};
 pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};
 pub use slice::{DenyReason, Priority, Slice, SliceStatus};
 pub use state::{ApplyError, State};
+pub use sync::{SyncEvent, SyncOutcome, SyncRejection, SyncStep};
 
 /// The service types a school gets when it names none.
 pub const DEFAULT_SERVICE_TYPES: [&str; 6] = [

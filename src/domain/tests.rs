@@ -8,16 +8,16 @@ use proptest::prelude::*;
 use super::cycle::ms;
 use super::*;
 
-const SCHOOL: &str = "school-1";
+pub(super) const SCHOOL: &str = "school-1";
 const SERVICE: &str = "claude_messages";
 
-fn service() -> ServiceType {
+pub(super) fn service() -> ServiceType {
     ServiceType::parse(SERVICE).unwrap()
 }
-fn teacher(name: &str) -> TeacherId {
+pub(super) fn teacher(name: &str) -> TeacherId {
     TeacherId::parse(name).unwrap()
 }
-fn event(id: &str) -> EventId {
+pub(super) fn event(id: &str) -> EventId {
     EventId::parse(id).unwrap()
 }
 fn reservation(id: &str) -> ReservationId {
@@ -27,22 +27,22 @@ fn reservation(id: &str) -> ReservationId {
 /// The decision flow of the engine, without actors: decide on the live state,
 /// turn the decision into a record, apply it. Every applied record is kept so
 /// that replay can be checked against the live state.
-struct Sim {
-    state: State,
+pub(super) struct Sim {
+    pub(super) state: State,
     log: Vec<(u64, Record)>,
-    limits: RuleLimits,
+    pub(super) limits: RuleLimits,
 }
 
 #[derive(Debug, PartialEq, Eq)]
-struct Answer {
-    allowed: bool,
+pub(super) struct Answer {
+    pub(super) allowed: bool,
     reason: Option<DenyReason>,
     borrowed: u64,
-    duplicate: bool,
+    pub(super) duplicate: bool,
 }
 
 impl Sim {
-    fn new(cycle_units: u64, borrowing: bool, now_ms: TimestampMs) -> Self {
+    pub(super) fn new(cycle_units: u64, borrowing: bool, now_ms: TimestampMs) -> Self {
         let mut sim = Sim {
             state: State::default(),
             log: Vec::new(),
@@ -66,23 +66,23 @@ impl Sim {
         sim
     }
 
-    fn record(&mut self, record: Record) {
+    pub(super) fn record(&mut self, record: Record) {
         let seq = self.log.len() as u64 + 1;
         self.state.apply(seq, &record).unwrap();
         self.log.push((seq, record));
     }
 
-    fn school(&self) -> &SchoolState {
+    pub(super) fn school(&self) -> &SchoolState {
         self.state.schools.values().next().unwrap()
     }
 
-    fn account(&self, name: &str) -> Option<&TeacherAccount> {
+    pub(super) fn account(&self, name: &str) -> Option<&TeacherAccount> {
         self.state
             .accounts
             .get(&(SchoolId::parse(SCHOOL).unwrap(), teacher(name)))
     }
 
-    fn account_or_new(&self, name: &str) -> TeacherAccount {
+    pub(super) fn account_or_new(&self, name: &str) -> TeacherAccount {
         self.account(name).cloned().unwrap_or_else(|| {
             let school = self.school();
             TeacherAccount::new(
@@ -94,7 +94,7 @@ impl Sim {
         })
     }
 
-    fn roll_if_due(&mut self, now_ms: TimestampMs) {
+    pub(super) fn roll_if_due(&mut self, now_ms: TimestampMs) {
         if let Some(cycle) = self.school().due_cycle(now_ms).unwrap() {
             let record = Record::CycleRolledOver {
                 school_id: self.school().config.id.clone(),
@@ -106,7 +106,7 @@ impl Sim {
         }
     }
 
-    fn allocate(
+    pub(super) fn allocate(
         &mut self,
         name: &str,
         units: u64,
@@ -138,7 +138,7 @@ impl Sim {
         Ok(())
     }
 
-    fn set_status(&mut self, name: &str, status: SliceStatus, now_ms: TimestampMs) {
+    pub(super) fn set_status(&mut self, name: &str, status: SliceStatus, now_ms: TimestampMs) {
         self.record(Record::AllocationStatusSet {
             school_id: self.school().config.id.clone(),
             teacher_id: teacher(name),
@@ -149,7 +149,13 @@ impl Sim {
         });
     }
 
-    fn consume(&mut self, name: &str, units: u64, event_id: &str, now_ms: TimestampMs) -> Answer {
+    pub(super) fn consume(
+        &mut self,
+        name: &str,
+        units: u64,
+        event_id: &str,
+        now_ms: TimestampMs,
+    ) -> Answer {
         self.roll_if_due(now_ms);
         let mut account = self.account_or_new(name);
         account.roll_if_due(now_ms).unwrap();
@@ -294,11 +300,45 @@ impl Sim {
         }
     }
 
-    fn slice(&self, name: &str) -> Slice {
+    pub(super) fn slice(&self, name: &str) -> Slice {
         self.account(name).unwrap().slices[&service()].clone()
     }
 
-    fn replayed(&self) -> State {
+    /// Syncs one event the way the teacher actor does: housekeeping first,
+    /// then the sync rule, then the record (none for a duplicate or a rejection).
+    pub(super) fn sync(
+        &mut self,
+        name: &str,
+        units: u64,
+        event_id: &str,
+        occurred_at_ms: TimestampMs,
+        now_ms: TimestampMs,
+    ) -> SyncOutcome {
+        self.roll_if_due(now_ms);
+        let Some(account) = self.account(name) else {
+            return SyncOutcome::rejected(SyncRejection::UnknownAllocation, "no account");
+        };
+        let mut account = account.clone();
+        account.roll_if_due(now_ms).unwrap();
+        let sync_event = SyncEvent {
+            service: service(),
+            units,
+            event_id: event(event_id),
+            occurred_at_ms,
+            model: Arc::from("m"),
+        };
+        match account.sync_step(&sync_event, &self.limits, now_ms) {
+            SyncStep::Duplicate(_) => SyncOutcome::Duplicate,
+            SyncStep::Reject(outcome) => outcome,
+            SyncStep::Charge(usage) => {
+                let outcome = SyncOutcome::of_charge(&usage);
+                self.record(Record::UsageCharged(usage));
+                outcome
+            }
+        }
+    }
+
+    pub(super) fn replayed(&self) -> State {
         let mut state = State::default();
         for (seq, record) in &self.log {
             state.apply(*seq, record).unwrap();
@@ -307,7 +347,7 @@ impl Sim {
     }
 }
 
-fn change(at_ms: TimestampMs) -> Change {
+pub(super) fn change(at_ms: TimestampMs) -> Change {
     Change {
         by: Arc::from("principal"),
         reason: Arc::from("test"),
@@ -315,7 +355,7 @@ fn change(at_ms: TimestampMs) -> Change {
     }
 }
 
-fn now() -> TimestampMs {
+pub(super) fn now() -> TimestampMs {
     ms("2026-11-10T12:00:00Z")
 }
 
@@ -776,6 +816,17 @@ enum Op {
     Advance {
         ms: i64,
     },
+    /// Usage that happened `back_ms` ago, reported late.
+    Sync {
+        teacher: usize,
+        units: u64,
+        back_ms: i64,
+    },
+    /// A consumed or synced event reported again by a sync.
+    SyncRetry {
+        teacher: usize,
+        back: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -787,8 +838,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (teacher.clone(), 0u64..30).prop_map(|(teacher, actual)| Op::Commit { teacher, actual: actual + 1 }),
         1 => teacher.clone().prop_map(|teacher| Op::Release { teacher }),
         2 => (teacher.clone(), 0u64..60, any::<bool>()).prop_map(|(teacher, units, high)| Op::Allocate { teacher, units, high }),
-        1 => (teacher, any::<bool>()).prop_map(|(teacher, suspended)| Op::Suspend { teacher, suspended }),
+        1 => (teacher.clone(), any::<bool>()).prop_map(|(teacher, suspended)| Op::Suspend { teacher, suspended }),
         1 => (0i64..3_000_000_000).prop_map(|ms| Op::Advance { ms }),
+        2 => (teacher.clone(), 1u64..30, 0i64..900_000_000).prop_map(|(teacher, units, back_ms)| Op::Sync { teacher, units, back_ms }),
+        1 => (teacher.clone(), 0usize..5).prop_map(|(teacher, back)| Op::SyncRetry { teacher, back }),
     ]
 }
 
@@ -850,6 +903,24 @@ proptest! {
                     if sim.account(&format!("t{teacher}")).is_some_and(|a| a.slices.contains_key(&service())) {
                         let status = if suspended { SliceStatus::Suspended } else { SliceStatus::Active };
                         sim.set_status(&format!("t{teacher}"), status, now_ms);
+                    }
+                }
+                Op::Sync { teacher, units, back_ms } => {
+                    let id = format!("s{counter}");
+                    sim.sync(&format!("t{teacher}"), units, &id, now_ms - back_ms, now_ms);
+                    events[teacher].push(id);
+                }
+                Op::SyncRetry { teacher, back } => {
+                    if let Some(id) = events[teacher].iter().rev().nth(back).cloned() {
+                        sim.roll_if_due(now_ms);
+                        let name = format!("t{teacher}");
+                        let seen = sim.account(&name).is_some_and(|a| a.events.contains_key(&event(&id)));
+                        let before = sim.account(&name).map(|a| a.slices.clone());
+                        let outcome = sim.sync(&name, 7, &id, now_ms, now_ms);
+                        if seen {
+                            prop_assert_eq!(outcome, SyncOutcome::Duplicate);
+                            prop_assert_eq!(before, sim.account(&name).map(|a| a.slices.clone()));
+                        }
                     }
                 }
                 Op::Advance { ms } => {

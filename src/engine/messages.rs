@@ -12,7 +12,7 @@ use crate::domain::audit::Broken;
 use crate::domain::{
     AuditEntry, BillingAnchor, Change, CommitOutcome, EventId, Grant, HistoryFilter, HoldRequest,
     IncreaseRequest, Priority, Record, ReservationId, ServiceType, SliceSet, SliceStatus,
-    TeacherId, TimestampMs,
+    SyncEvent, SyncOutcome, TeacherId, TimestampMs,
 };
 
 pub type Reply<T> = Result<T, EngineError>;
@@ -68,6 +68,14 @@ pub struct Release {
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<UsageView>")]
 pub struct GetUsage;
+
+/// Charge usage that already happened (synced from a device's journal), one
+/// answer per event in order. All records are appended in one handler call,
+/// so one group commit covers them; `wal_seq` is the last position to wait
+/// for (duplicates included, whose first record may still be in flight).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Durable<Vec<SyncOutcome>>>")]
+pub struct SyncUsage(pub Vec<SyncEvent>);
 
 /// Create or change the teacher's slice (sent to the teacher, which asks its school).
 #[derive(Message, Debug, Clone)]

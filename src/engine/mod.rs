@@ -26,8 +26,8 @@ use thiserror::Error;
 use crate::domain::audit::Broken;
 use crate::domain::{
     AuditEntry, Change, DenyReason, IncreaseRequest, InvalidInput, Priority, Record, RuleError,
-    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, TeacherAccount, TeacherId,
-    Tier, TimestampMs,
+    RuleLimits, SchoolConfig, SchoolId, SchoolState, ServiceType, State, SyncEvent, SyncOutcome,
+    SyncRejection, TeacherAccount, TeacherId, Tier, TimestampMs,
 };
 use crate::storage::{Wal, WalError};
 use crate::telemetry;
@@ -500,6 +500,87 @@ impl Engine {
         addr.send(GetUsage).await.map_err(EngineError::mailbox)?
     }
 
+    /// Charges usage that already happened (a device's journal, an old
+    /// client's counts): one outcome per event, in the batch's order. Each
+    /// teacher's events go to its actor in one message; the answer waits for
+    /// the last record any of them needs, so every outcome told is durable.
+    pub async fn sync_usage(
+        &self,
+        school_id: &SchoolId,
+        events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+    ) -> Result<Vec<SyncOutcome>, EngineError> {
+        self.limits().check_sync_batch(events.len())?;
+        let school = self.school(school_id)?;
+        let event_count = events.len();
+        let services: Vec<Option<ServiceType>> = events
+            .iter()
+            .map(|e| e.as_ref().ok().map(|(_, event)| event.service.clone()))
+            .collect();
+        let (mut outcomes, by_teacher) = group_sync_events(&school, school_id, events);
+        let sends = by_teacher
+            .into_iter()
+            .map(|(teacher_id, (indexes, batch))| {
+                let teacher = TeacherRef {
+                    school_id: school_id.clone(),
+                    teacher_id,
+                };
+                async move { (indexes, self.sync_teacher(&teacher, batch).await) }
+            });
+        let mut last_seq = 0;
+        for (indexes, answer) in futures::future::join_all(sends).await {
+            let durable = answer?;
+            // Answers are matched to events by position: a short answer
+            // would shift them, so it is refused rather than trusted.
+            if durable.value.len() != indexes.len() {
+                return Err(EngineError::Internal(format!(
+                    "a teacher actor answered {} outcomes for {} synced events",
+                    durable.value.len(),
+                    indexes.len()
+                )));
+            }
+            last_seq = last_seq.max(durable.wal_seq.unwrap_or(0));
+            for (index, outcome) in indexes.into_iter().zip(durable.value) {
+                outcomes[index] = Some(outcome);
+            }
+        }
+        self.core.shared.wal.wait_durable(last_seq).await?;
+        let outcomes: Vec<SyncOutcome> = outcomes.into_iter().flatten().collect();
+        if outcomes.len() != event_count {
+            return Err(EngineError::Internal(
+                "a synced event got no outcome".into(),
+            ));
+        }
+        for (outcome, service) in outcomes.iter().zip(&services) {
+            match service {
+                Some(service) => telemetry::decision("sync_usage", outcome.as_str(), service),
+                None => telemetry::decision_of_no_service("sync_usage", outcome.as_str()),
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// One teacher's share of a sync batch. A teacher without any slice in
+    /// the school has no actor: each event is an unknown allocation.
+    async fn sync_teacher(
+        &self,
+        teacher: &TeacherRef,
+        events: Vec<SyncEvent>,
+    ) -> Result<Durable<Vec<SyncOutcome>>, EngineError> {
+        let Some(addr) = self.route(teacher, None)? else {
+            let unknown = SyncOutcome::rejected(
+                SyncRejection::UnknownAllocation,
+                format!(
+                    "teacher {} has no allocation in school {}",
+                    teacher.teacher_id, teacher.school_id
+                ),
+            );
+            return Ok(Durable::read(vec![unknown; events.len()]));
+        };
+        addr.send(SyncUsage(events))
+            .await
+            .map_err(EngineError::mailbox)?
+    }
+
     /// Creates a school and its actor. The record is written before the
     /// school is visible, so no call can reach a school the log does not hold.
     pub async fn create_school(&self, new: NewSchool) -> Result<SchoolView, EngineError> {
@@ -944,6 +1025,40 @@ impl Engine {
             .ok_or_else(|| Self::teacher_not_found(teacher))?;
         addr.send(InjectPanic).await.map_err(EngineError::mailbox)?
     }
+}
+
+/// Per teacher: the positions in the batch of its events, and the events.
+type SyncByTeacher = BTreeMap<TeacherId, (Vec<usize>, Vec<SyncEvent>)>;
+
+/// The outcomes already known (bad input, a service type the school lacks)
+/// and, per teacher, the events left for its actor.
+fn group_sync_events(
+    school: &registry::SchoolHandle,
+    school_id: &SchoolId,
+    events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+) -> (Vec<Option<SyncOutcome>>, SyncByTeacher) {
+    let mut outcomes: Vec<Option<SyncOutcome>> = vec![None; events.len()];
+    let mut by_teacher = SyncByTeacher::new();
+    for (index, item) in events.into_iter().enumerate() {
+        match item {
+            Err(error) => outcomes[index] = Some(SyncOutcome::bad_input(&error)),
+            Ok((_, event)) if !school.has_service(&event.service) => {
+                outcomes[index] = Some(SyncOutcome::rejected(
+                    SyncRejection::UnknownAllocation,
+                    format!(
+                        "service type {} is not configured for school {school_id}",
+                        event.service
+                    ),
+                ))
+            }
+            Ok((teacher_id, event)) => {
+                let (indexes, batch) = by_teacher.entry(teacher_id).or_default();
+                indexes.push(index);
+                batch.push(event);
+            }
+        }
+    }
+    (outcomes, by_teacher)
 }
 
 fn outcome(decision: &Decision) -> &'static str {

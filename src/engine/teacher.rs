@@ -14,7 +14,7 @@ use super::views::{AllocationView, Decision, Durable, UsageView};
 use super::{EngineError, Shared};
 use crate::domain::{
     Change, CommitStep, DenyReason, EventEntry, Gate, HoldState, Record, Reservation, RuleError,
-    ServiceType, Step, TeacherAccount, TimestampMs,
+    ServiceType, Step, SyncEvent, SyncOutcome, SyncStep, TeacherAccount, TimestampMs,
 };
 use crate::telemetry;
 
@@ -441,6 +441,52 @@ impl Handler<GetUsage> for TeacherActor {
                 teacher_id: act.account.teacher_id.clone(),
                 services: act.account.usage(),
                 cycle: act.account.cycle()?,
+            })
+        })
+    }
+}
+
+impl TeacherActor {
+    /// Decides and writes one synced event. `last_seq` collects the log
+    /// position the answer must wait for.
+    fn sync_one(
+        &mut self,
+        event: &SyncEvent,
+        now_ms: TimestampMs,
+        last_seq: &mut u64,
+    ) -> Reply<SyncOutcome> {
+        match self.account.sync_step(event, &self.shared.limits, now_ms) {
+            SyncStep::Duplicate(entry) => {
+                *last_seq = (*last_seq).max(entry.wal_seq);
+                Ok(SyncOutcome::Duplicate)
+            }
+            SyncStep::Reject(outcome) => Ok(outcome),
+            SyncStep::Charge(usage) => {
+                let outcome = SyncOutcome::of_charge(&usage);
+                *last_seq = (*last_seq).max(self.write(&Record::UsageCharged(usage))?);
+                Ok(outcome)
+            }
+        }
+    }
+}
+
+/// Appends every record of the batch before anyone waits, so that one group
+/// commit covers them all instead of one flush per event.
+impl Handler<SyncUsage> for TeacherActor {
+    type Result = Reply<Durable<Vec<SyncOutcome>>>;
+
+    fn handle(&mut self, SyncUsage(events): SyncUsage, ctx: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.shared.clock.now_ms();
+        self.guarded(ctx, |act| {
+            act.housekeep(now_ms)?;
+            let mut last_seq = 0;
+            let outcomes = events
+                .iter()
+                .map(|event| act.sync_one(event, now_ms, &mut last_seq))
+                .collect::<Reply<Vec<_>>>()?;
+            Ok(Durable {
+                value: outcomes,
+                wal_seq: (last_seq > 0).then_some(last_seq),
             })
         })
     }

@@ -646,3 +646,152 @@ async fn a_changed_anchor_moves_the_next_rollover_and_teachers_follow() {
         (0, 2)
     );
 }
+
+fn synced(
+    teacher: &str,
+    units: u64,
+    event: &str,
+    occurred_at_ms: i64,
+) -> Result<(TeacherId, SyncEvent), InvalidInput> {
+    Ok((
+        TeacherId::parse(teacher).unwrap(),
+        SyncEvent {
+            service: service(),
+            units,
+            event_id: EventId::parse(event).unwrap(),
+            occurred_at_ms,
+            model: Arc::from("m"),
+        },
+    ))
+}
+
+#[actix_rt::test]
+async fn a_late_event_is_charged_to_last_cycle_and_recovery_keeps_it_there() {
+    let store = MemoryLog::default();
+    let november_ms = crate::domain::cycle::ms("2026-11-30T20:00:00Z");
+    let clock = Clock::manual(november_ms);
+    let school_id = SchoolId::parse("school").unwrap();
+    let report = |previous| UsageReport {
+        teacher_id: None,
+        service: None,
+        previous,
+    };
+    {
+        let h = start(store.clone(), clock.clone()).await;
+        school(&h, 100, false).await;
+        allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+        h.engine
+            .consume(&teacher("t1"), consume(8, "online"))
+            .await
+            .unwrap();
+        clock.advance(2 * 24 * 3600 * 1000);
+        let outcomes = h
+            .engine
+            .sync_usage(
+                &school_id,
+                vec![synced("t1", 5, "offline", november_ms + 1)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            outcomes,
+            vec![SyncOutcome::AcceptedOverQuota {
+                cycle_start_ms: crate::domain::cycle::ms("2026-11-01T00:00:00Z"),
+                overage_units: 3
+            }]
+        );
+    }
+    let h = start(store.crash(), clock).await;
+    let before = h
+        .engine
+        .usage_report(&school_id, report(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        (before.rows[0].used_units, before.rows[0].overage_units),
+        (13, 3)
+    );
+    let now = h
+        .engine
+        .usage_report(&school_id, report(false))
+        .await
+        .unwrap();
+    assert_eq!(now.rows[0].used_units, 0);
+}
+
+#[actix_rt::test]
+async fn concurrent_syncs_of_the_same_events_count_each_once() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 1_000, false).await;
+    for t in 0..4 {
+        allocate(&h, &format!("t{t}"), 50, Priority::Normal)
+            .await
+            .unwrap();
+    }
+    let school_id = SchoolId::parse("school").unwrap();
+    // 32 tasks send overlapping batches: every event is in 4 of them, and
+    // half are also consumed online. Each must count once.
+    let tasks: Vec<_> = (0..32)
+        .map(|task| {
+            let (engine, school_id) = (h.engine.clone(), school_id.clone());
+            tokio::spawn(async move {
+                let batch: Vec<_> = (0..40)
+                    .map(|n| {
+                        let event = (task / 4) * 40 + n;
+                        synced(
+                            &format!("t{}", event % 4),
+                            1,
+                            &format!("e{event}"),
+                            START_MS,
+                        )
+                    })
+                    .collect();
+                if task % 2 == 0 {
+                    let who = teacher(&format!("t{}", task % 4));
+                    engine
+                        .consume(&who, consume(1, &format!("e{task}")))
+                        .await
+                        .unwrap();
+                }
+                engine.sync_usage(&school_id, batch).await.unwrap()
+            })
+        })
+        .collect();
+    let mut counted = 0;
+    for task in tasks {
+        let outcomes = task.await.unwrap();
+        counted += outcomes
+            .iter()
+            .filter(|o| !matches!(o, SyncOutcome::Duplicate))
+            .count();
+    }
+    // 8 distinct batches of 40 events; consumes of e0..e31 overlap them.
+    let mut total = 0;
+    for t in 0..4 {
+        total += used(&h, &format!("t{t}")).await.0;
+    }
+    assert_eq!(total, 320, "320 distinct events of 1 unit");
+    assert!(counted <= 320, "{counted} synced answers charged");
+}
+
+#[actix_rt::test]
+async fn a_sync_batch_is_limited_and_an_unknown_school_is_not_found() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 100, false).await;
+    let school_id = SchoolId::parse("school").unwrap();
+    let limit = h.engine.limits().sync_events_per_batch_max;
+    let too_many: Vec<_> = (0..=limit)
+        .map(|n| synced("t1", 1, &format!("e{n}"), START_MS))
+        .collect();
+    let error = h.engine.sync_usage(&school_id, too_many).await.unwrap_err();
+    assert!(error.to_string().contains("at most 1000"), "{error}");
+    let error = h.engine.sync_usage(&school_id, vec![]).await.unwrap_err();
+    assert!(error.to_string().contains("at least one"), "{error}");
+    let nowhere = SchoolId::parse("nowhere").unwrap();
+    let error = h
+        .engine
+        .sync_usage(&nowhere, vec![synced("t1", 1, "e1", START_MS)])
+        .await
+        .unwrap_err();
+    assert!(matches!(error, EngineError::Rule(RuleError::NotFound(_))));
+}

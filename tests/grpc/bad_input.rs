@@ -479,8 +479,11 @@ async fn an_oversized_message_is_refused_before_it_is_read() {
     let server = TestServer::start(&data).await;
     setup(&server).await;
     let mut gate = server.gate().await;
+    // The gate's limit is raised so that a full SyncUsage batch fits; the
+    // admin service keeps request_bytes_max.
+    let config = quotad::config::Config::default();
     let huge = ConsumeRequest {
-        model: "m".repeat(100 * 1024),
+        model: "m".repeat(config.gate_request_bytes_max() + 1),
         ..consume("oak", "ms-lee", 1, "huge")
     };
     let status = gate.consume(huge).await.unwrap_err();
@@ -490,6 +493,16 @@ async fn an_oversized_message_is_refused_before_it_is_read() {
         "{:?}",
         status.message()
     );
+    let mut admin = server.admin().await;
+    let huge_reason = SetPoolRequest {
+        school_id: "oak".into(),
+        service_type: SERVICE.into(),
+        cycle_units: 1,
+        changed_by: String::new(),
+        reason: "r".repeat(config.request_bytes_max + 1),
+    };
+    let status = admin.set_pool(huge_reason).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert_unchanged(&server).await;
     server.stop().await;
 }

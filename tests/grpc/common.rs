@@ -176,6 +176,16 @@ impl ProcessServer {
     }
 
     pub fn start_with_args(data_dir: &Path, durability: Durability, extra: &[&str]) -> Self {
+        Self::spawn(data_dir, durability, "127.0.0.1:0", extra)
+    }
+
+    /// quotad on a fixed address, so that a client can find it again after
+    /// a restart (see [`free_addr`]).
+    pub fn start_at(data_dir: &Path, addr: SocketAddr) -> Self {
+        Self::spawn(data_dir, Durability::Sync, &addr.to_string(), &[])
+    }
+
+    fn spawn(data_dir: &Path, durability: Durability, grpc_addr: &str, extra: &[&str]) -> Self {
         let durability = match durability {
             Durability::Sync => "sync",
             Durability::Batched => "batched",
@@ -184,7 +194,7 @@ impl ProcessServer {
             .args([
                 "serve",
                 "--grpc-addr",
-                "127.0.0.1:0",
+                grpc_addr,
                 "--no-metrics",
                 "--durability",
                 durability,
@@ -382,4 +392,17 @@ pub async fn scrape(metrics_addr: SocketAddr) -> String {
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.0 200"), "{head}");
     body.to_string()
+}
+
+/// The wall clock in milliseconds, for the times synced events carry.
+pub fn now_ms() -> i64 {
+    quotad::engine::system_now_ms()
+}
+
+/// A local address nothing listens on now (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }

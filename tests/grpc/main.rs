@@ -9,6 +9,8 @@ mod crash;
 mod gate;
 mod idempotency;
 mod metrics;
+mod offline_client;
 mod quotactl;
 mod stress;
+mod sync;
 mod tenants;

@@ -210,3 +210,73 @@ async fn a_csv_with_bad_lines_is_refused_whole_with_every_line_named() {
     assert_eq!(csv.lines().count(), 1, "nothing was imported: {csv}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_sends_a_file_of_events_and_reports_each_answer() {
+    let (dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "oak", 100, false).await;
+    allocate(&mut admin, "oak", "ms-lee", 10, "normal")
+        .await
+        .unwrap();
+    let now = now_ms();
+    let line = |id: &str, teacher: &str, units: u64| {
+        format!(
+            r#"{{"event_id":"{id}","teacher_id":"{teacher}","service_type":"{SERVICE}","units":{units},"occurred_at_ms":{now}}}"#
+        )
+    };
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        &format!("{}\n{{\"units\":1}}\n", line("e1", "ms-lee", 1)),
+    );
+    let refused = quotactl(
+        server.addr,
+        &admin_token(),
+        &["sync", "--school-id", "oak", &bad],
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(2), "{:?}", text(&refused));
+    assert!(text(&refused).1.contains("line 2"), "{:?}", text(&refused));
+    assert_eq!(
+        used_units(&mut server.gate().await, "oak", "ms-lee").await,
+        0
+    );
+
+    let body = [
+        line("e1", "ms-lee", 4),
+        line("e1", "ms-lee", 4),
+        line("e2", "nobody", 1),
+    ]
+    .join("\n");
+    let file = write(dir.path(), "events.jsonl", &body);
+    let output = quotactl(
+        server.addr,
+        &admin_token(),
+        &["sync", "--school-id", "oak", &file],
+    )
+    .await;
+    assert!(output.status.success(), "{:?}", text(&output));
+    let (stdout, _) = text(&output);
+    assert!(
+        stdout.starts_with("1 accepted, 0 accepted over quota, 1 duplicates, 1 rejected"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("e2: rejected (SYNC_REJECT_REASON_UNKNOWN_ALLOCATION)"),
+        "{stdout}"
+    );
+    let json = quotactl(
+        server.addr,
+        &admin_token(),
+        &["--json", "sync", "--school-id", "oak", &file],
+    )
+    .await;
+    let answer: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(answer["results"][0]["status"], "duplicate");
+    assert_eq!(
+        used_units(&mut server.gate().await, "oak", "ms-lee").await,
+        4
+    );
+}

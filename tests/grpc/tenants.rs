@@ -72,6 +72,34 @@ pub(crate) async fn call(
             })
             .await
             .map(drop),
+        Rpc::SyncUsage => gate
+            .sync_usage(SyncUsageRequest {
+                school_id: s(),
+                events: vec![UsageEvent {
+                    event_id: "matrix-sync".into(),
+                    teacher_id: t1(),
+                    service_type: svc(),
+                    units: 1,
+                    model: String::new(),
+                    occurred_at_ms: now_ms(),
+                }],
+            })
+            .await
+            .map(drop),
+        Rpc::BulkIncrement => gate
+            .bulk_increment(BulkIncrementRequest {
+                school_id: s(),
+                teacher_id: t1(),
+                batch_id: "matrix-bulk".into(),
+                counts: vec![FeatureCount {
+                    feature: svc(),
+                    count: 1,
+                }],
+                occurred_at_ms: 0,
+                model: String::new(),
+            })
+            .await
+            .map(drop),
         Rpc::CreateSchool => admin
             .create_school(CreateSchoolRequest {
                 school_id: format!("{school}-new"),
@@ -262,7 +290,14 @@ enum Expect {
 fn gate_call(rpc: Rpc) -> bool {
     matches!(
         rpc,
-        Rpc::Consume | Rpc::Check | Rpc::Reserve | Rpc::Commit | Rpc::Release | Rpc::GetUsage
+        Rpc::Consume
+            | Rpc::Check
+            | Rpc::Reserve
+            | Rpc::Commit
+            | Rpc::Release
+            | Rpc::GetUsage
+            | Rpc::SyncUsage
+            | Rpc::BulkIncrement
     )
 }
 

@@ -1,0 +1,465 @@
+//! The device's durable journal of usage the server has not acknowledged.
+//!
+//! One append-only file of lines `<crc32 hex> <json>\n`. An `add` line holds
+//! one pending usage; a `done` line names the entries the server answered
+//! for, by key (kind and id: an event and a reservation may share an id). Every
+//! write is fsync'd before the call returns, so an entry reported as recorded
+//! survives a crash, and an entry leaves the journal only after the server's
+//! answer about it. A crash between the server's answer and the `done` line
+//! means the entry is sent again; the server answers `duplicate` (ids are its
+//! idempotency keys), so nothing is counted twice.
+//!
+//! Opening reads the file back: a torn last line (a crash mid-write) is cut
+//! off, a line whose checksum fails is skipped and counted. When `done` lines
+//! outnumber pending entries the file is rewritten with the pending ones only
+//! (to a temporary file, fsync'd, renamed over the journal, directory fsync'd).
+
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ClientError;
+
+const JOURNAL_FILE: &str = "journal.log";
+const COMPACT_FILE: &str = "journal.compact";
+/// A line longer than this is not one this code wrote: four ids and names of
+/// at most 128 bytes each, JSON quoting included, fit well inside it.
+const LINE_BYTES_MAX: usize = 8 * 1024;
+
+/// What kind of call the pending usage came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingKind {
+    /// A consume (or a commit of a hold made offline): synced as a usage event.
+    Event,
+    /// A commit of a hold the server may know: replayed with Commit first.
+    Commit,
+}
+
+/// One usage the server has not acknowledged yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingUsage {
+    pub kind: PendingKind,
+    /// The event id (or, for a commit, the reservation id).
+    pub id: String,
+    pub service_type: String,
+    pub units: u64,
+    pub model: String,
+    /// When the usage happened on the device.
+    pub occurred_at_ms: i64,
+}
+
+impl PendingUsage {
+    /// The entry's key in the journal: its kind and its id.
+    pub fn key(&self) -> String {
+        let kind = match self.kind {
+            PendingKind::Event => "event",
+            PendingKind::Commit => "commit",
+        };
+        format!("{kind}:{}", self.id)
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Add(PendingUsage),
+    Done(Vec<String>),
+}
+
+/// The journal file and its pending entries, in the order they were recorded.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    file: File,
+    pending: VecDeque<PendingUsage>,
+    keys: HashSet<String>,
+    done_lines: usize,
+    entries_max: usize,
+    /// Lines skipped on open because their checksum or JSON was bad.
+    pub corrupt_lines: usize,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `dir`, holding at most `entries_max`
+    /// pending entries.
+    pub fn open(dir: &Path, entries_max: usize) -> Result<Self, ClientError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_error("create the journal directory", e))?;
+        let path = dir.join(JOURNAL_FILE);
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            file: open_append(&path)?,
+            pending: VecDeque::new(),
+            keys: HashSet::new(),
+            done_lines: 0,
+            entries_max,
+            corrupt_lines: 0,
+        };
+        let good_bytes = journal.read_back(&path)?;
+        let file_bytes = std::fs::metadata(&path)
+            .map_err(|e| io_error("read the journal's size", e))?
+            .len();
+        if good_bytes < file_bytes {
+            tracing::warn!(
+                cut_bytes = file_bytes - good_bytes,
+                "the journal ended in a torn line (a crash mid-write); it is cut off"
+            );
+            journal
+                .file
+                .set_len(good_bytes)
+                .and_then(|()| journal.file.sync_all())
+                .map_err(|e| io_error("cut the journal's torn tail", e))?;
+        }
+        Ok(journal)
+    }
+
+    /// Replays the file; returns the length of its complete lines.
+    fn read_back(&mut self, path: &Path) -> Result<u64, ClientError> {
+        let mut reader =
+            BufReader::new(File::open(path).map_err(|e| io_error("read the journal", e))?);
+        let mut good_bytes = 0u64;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| io_error("read the journal", e))?;
+            if read == 0 || line.last() != Some(&b'\n') {
+                return Ok(good_bytes);
+            }
+            good_bytes += read as u64;
+            match decode(&line) {
+                Some(Line::Add(usage)) => self.remember(usage),
+                Some(Line::Done(keys)) => {
+                    self.forget(&keys);
+                    self.done_lines += 1;
+                }
+                None => {
+                    self.corrupt_lines += 1;
+                    tracing::error!(
+                        offset = good_bytes - read as u64,
+                        "a journal line is damaged and skipped"
+                    );
+                }
+            }
+        }
+    }
+
+    fn remember(&mut self, usage: PendingUsage) {
+        if self.keys.insert(usage.key()) {
+            self.pending.push_back(usage);
+        }
+    }
+
+    fn forget(&mut self, keys: &[String]) {
+        let gone: HashSet<&str> = keys.iter().map(String::as_str).collect();
+        self.pending.retain(|u| !gone.contains(u.key().as_str()));
+        for key in keys {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Records a usage durably (written and fsync'd) before it returns. The
+    /// same id twice is kept once: the server would count it once anyway.
+    pub fn record(&mut self, usage: PendingUsage) -> Result<(), ClientError> {
+        if self.keys.contains(&usage.key()) {
+            return Ok(());
+        }
+        if self.pending.len() >= self.entries_max {
+            return Err(ClientError::JournalFull {
+                entries_max: self.entries_max,
+            });
+        }
+        self.append(&Line::Add(usage.clone()))?;
+        self.remember(usage);
+        Ok(())
+    }
+
+    /// Removes entries the server answered for (by [`PendingUsage::key`]),
+    /// durably, then compacts the file when it holds more answered than
+    /// pending entries.
+    pub fn remove(&mut self, keys: Vec<String>) -> Result<(), ClientError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.append(&Line::Done(keys.clone()))?;
+        self.forget(&keys);
+        self.done_lines += 1;
+        if self.done_lines > self.pending.len() {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// The pending entries, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &PendingUsage> {
+        self.pending.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn append(&mut self, line: &Line) -> Result<(), ClientError> {
+        let bytes = encode(line)?;
+        self.file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_error("write the journal", e))
+    }
+
+    /// Writes the pending entries to a new file and renames it over the
+    /// journal: a crash leaves either the old file or the new one, both whole.
+    fn compact(&mut self) -> Result<(), ClientError> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let compact = self.dir.join(COMPACT_FILE);
+        let mut bytes = Vec::new();
+        for usage in &self.pending {
+            bytes.extend(encode(&Line::Add(usage.clone()))?);
+        }
+        let written = File::create(&compact)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&compact, &path))
+            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
+        written.map_err(|e| io_error("compact the journal", e))?;
+        self.file = open_append(&path)?;
+        self.done_lines = 0;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, ClientError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_error("open the journal", e))
+}
+
+fn encode(line: &Line) -> Result<Vec<u8>, ClientError> {
+    let json =
+        serde_json::to_vec(line).map_err(|e| ClientError::Journal(format!("encode: {e}")))?;
+    let mut bytes = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
+    bytes.extend(json);
+    bytes.push(b'\n');
+    if bytes.len() > LINE_BYTES_MAX {
+        return Err(ClientError::Journal(format!(
+            "an entry of {} bytes is longer than the {LINE_BYTES_MAX} a journal line may hold",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A line's entry, or None when its checksum or JSON is bad.
+fn decode(line: &[u8]) -> Option<Line> {
+    let line = line.strip_suffix(b"\n")?;
+    let (crc, json) = (line.get(..8)?, line.get(9..)?);
+    let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
+    if crc != crc32fast::hash(json) {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
+fn io_error(what: &str, error: std::io::Error) -> ClientError {
+    ClientError::Journal(format!("{what}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(id: &str) -> PendingUsage {
+        PendingUsage {
+            kind: PendingKind::Event,
+            id: id.into(),
+            service_type: "claude_messages".into(),
+            units: 2,
+            model: "m".into(),
+            occurred_at_ms: 1_794_000_000_000,
+        }
+    }
+
+    fn ids(journal: &Journal) -> Vec<String> {
+        journal.pending().map(|u| u.id.clone()).collect()
+    }
+
+    #[test]
+    fn recorded_entries_survive_a_reopen_and_removed_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        for id in ["a", "b", "c"] {
+            journal.record(usage(id)).unwrap();
+        }
+        journal.record(usage("b")).unwrap();
+        journal.remove(vec![usage("b").key()]).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a", "c"]);
+        assert_eq!(journal.pending().next(), Some(&usage("a")));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_later_writes_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        journal.record(usage("a")).unwrap();
+        drop(journal);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"1234abcd {\"add\":{\"kind\":\"ev").unwrap();
+        drop(file);
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a"]);
+        journal.record(usage("b")).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a", "b"]);
+        assert_eq!(journal.corrupt_lines, 0);
+    }
+
+    #[test]
+    fn a_damaged_line_is_skipped_and_counted_without_losing_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        for id in ["a", "b", "c"] {
+            journal.record(usage(id)).unwrap();
+        }
+        drop(journal);
+        let path = dir.path().join(JOURNAL_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let damaged = text.replacen("\"b\"", "\"x\"", 1);
+        std::fs::write(&path, damaged).unwrap();
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a", "c"]);
+        assert_eq!(journal.corrupt_lines, 1);
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_pending_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 1000).unwrap();
+        for n in 0..50 {
+            journal.record(usage(&format!("e{n}"))).unwrap();
+        }
+        for n in 0..48 {
+            journal.remove(vec![usage(&format!("e{n}")).key()]).unwrap();
+        }
+        let lines = std::fs::read_to_string(dir.path().join(JOURNAL_FILE))
+            .unwrap()
+            .lines()
+            .count();
+        assert!(lines < 50, "compacted to {lines} lines");
+        drop(journal);
+        let journal = Journal::open(dir.path(), 1000).unwrap();
+        assert_eq!(ids(&journal), ["e48", "e49"]);
+        assert!(!dir.path().join(COMPACT_FILE).exists());
+    }
+
+    #[test]
+    fn an_event_and_a_commit_may_share_an_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        let commit = PendingUsage {
+            kind: PendingKind::Commit,
+            ..usage("x")
+        };
+        journal.record(usage("x")).unwrap();
+        journal.record(commit.clone()).unwrap();
+        assert_eq!(journal.len(), 2);
+        journal.remove(vec![usage("x").key()]).unwrap();
+        assert_eq!(journal.pending().collect::<Vec<_>>(), [&commit]);
+    }
+
+    #[test]
+    fn a_full_journal_refuses_instead_of_dropping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 2).unwrap();
+        journal.record(usage("a")).unwrap();
+        journal.record(usage("b")).unwrap();
+        let refused = journal.record(usage("c")).unwrap_err();
+        assert!(matches!(
+            refused,
+            ClientError::JournalFull { entries_max: 2 }
+        ));
+        assert_eq!(ids(&journal), ["a", "b"]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Record(u8),
+        /// Remove the pending entries whose index is in the mask.
+        Remove(u16),
+        /// Close and open again, as after a clean restart.
+        Reopen,
+        /// A crash mid-write: a partial line at the end, then a reopen.
+        TornWrite(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0u8..40).prop_map(Op::Record),
+            2 => any::<u16>().prop_map(Op::Remove),
+            1 => Just(Op::Reopen),
+            1 => (1usize..60).prop_map(Op::TornWrite),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the order of records, removals, restarts and torn writes,
+        /// the journal holds exactly what was recorded and not yet removed,
+        /// in recording order: nothing lost, nothing twice.
+        #[test]
+        fn the_journal_holds_exactly_the_unanswered_entries(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut journal = Journal::open(dir.path(), 1000).unwrap();
+            let mut model: Vec<String> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Record(n) => {
+                        let id = format!("e{n}");
+                        journal.record(usage(&id)).unwrap();
+                        if !model.contains(&id) {
+                            model.push(id);
+                        }
+                    }
+                    Op::Remove(mask) => {
+                        let gone: Vec<String> = model
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i < 16 && mask & (1 << i) != 0)
+                            .map(|(_, id)| id.clone())
+                            .collect();
+                        journal.remove(gone.iter().map(|id| usage(id).key()).collect()).unwrap();
+                        model.retain(|id| !gone.contains(id));
+                    }
+                    Op::Reopen => {
+                        drop(journal);
+                        journal = Journal::open(dir.path(), 1000).unwrap();
+                    }
+                    Op::TornWrite(bytes) => {
+                        drop(journal);
+                        let line = encode(&Line::Add(usage("torn"))).unwrap();
+                        let mut file = OpenOptions::new().append(true).open(dir.path().join(JOURNAL_FILE)).unwrap();
+                        file.write_all(&line[..bytes.min(line.len() - 1)]).unwrap();
+                        drop(file);
+                        journal = Journal::open(dir.path(), 1000).unwrap();
+                    }
+                }
+                proptest::prop_assert_eq!(ids(&journal), model.clone());
+                proptest::prop_assert_eq!(journal.corrupt_lines, 0);
+            }
+        }
+    }
+}
