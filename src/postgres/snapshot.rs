@@ -282,6 +282,10 @@ impl Follower for PostgresFollower {
         self.report_lag(applied_seq);
     }
 
+    fn refresh(&mut self, applied_seq: u64) {
+        self.report_lag(applied_seq);
+    }
+
     fn truncate_floor(&self) -> u64 {
         if self.detached.is_some() {
             return 0;

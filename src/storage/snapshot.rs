@@ -36,7 +36,12 @@ pub trait Follower: Send + 'static {
     fn truncate_floor(&self) -> u64;
     /// The WAL writer has stopped; `applied_seq` is the last record. Called once.
     fn finish(&mut self, state: &mut State, applied_seq: u64);
+    /// Called about every [`REFRESH_INTERVAL`], between ticks: for gauges.
+    fn refresh(&mut self, _applied_seq: u64) {}
 }
+
+/// How often [`Follower::refresh`] is called.
+pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Worker {
     store: Arc<dyn LogStore>,
@@ -105,6 +110,7 @@ impl Worker {
         // The follower's first tick comes at once: a Postgres that is behind
         // the recovered state should catch up without waiting an interval.
         let mut follower_last: Option<Instant> = None;
+        let mut refreshed = Instant::now();
         loop {
             let wait = self.next_wait(last, follower_last);
             match self.batches.recv_timeout(wait) {
@@ -129,6 +135,9 @@ impl Worker {
                     follower.tick(&mut self.state, self.applied_seq);
                     follower_last = Some(Instant::now());
                     self.truncate();
+                } else if refreshed.elapsed() >= REFRESH_INTERVAL {
+                    follower.refresh(self.applied_seq);
+                    refreshed = Instant::now();
                 }
             }
         }
