@@ -557,3 +557,41 @@ async fn concurrent_consumes_and_retries_reach_the_usage_log_once_each() {
         allowed as i64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_quotad_on_the_same_database_cannot_overwrite_the_first_ones_snapshots() {
+    let (db, url) = fresh_database().await;
+    let (_dir_a, data_a) = temp_dir();
+    let a = start_server(&data_a, &url).await;
+    let (mut admin, mut gate_a) = (a.admin().await, a.gate().await);
+    school_with_usage(&mut admin, &mut gate_a, 3, 1, "a").await;
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 3).await;
+
+    // B starts from Postgres (its data directory is empty) while A runs on.
+    let (_dir_b, data_b) = temp_dir();
+    let b = start_server(&data_b, &url).await;
+    let mut gate_b = b.gate().await;
+    consume_n(&mut gate_a, 2, 1, "after-b-started-").await;
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
+    assert!(
+        decide(&mut gate_b, common::consume("s1", "t1", 1, "from-b"))
+            .await
+            .allowed
+    );
+
+    // B's snapshot finds a position it did not write and is refused; A's go on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    consume_n(&mut gate_a, 1, 1, "a-again-").await;
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 6).await;
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM ai_usage_logs WHERE event_id = 'from-b'"
+        )
+        .await,
+        0,
+        "the second writer wrote nothing"
+    );
+    b.stop().await;
+    a.stop().await;
+}
