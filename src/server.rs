@@ -20,14 +20,13 @@ use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::Secret;
 use crate::config::{Config, ConfigError};
-use crate::domain::Record;
 use crate::engine::{system_now_ms, Clock, Engine, EngineError};
 use crate::postgres::Reader;
 use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
 use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
-use crate::storage::{codec, recover, LogStore, Recovered, SledLog, StorageError, Wal};
+use crate::storage::{recover, LogStore, Recovered, SledLog, StorageError, Wal};
 use crate::telemetry;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
@@ -240,7 +239,7 @@ fn start_without_postgres(
 
 /// What Postgres lacks when the data directory is ahead of it: every school
 /// and teacher (rewritten whole) and the usage rows of the WAL records after
-/// its position.
+/// its position, which the writer reads from the WAL in pieces.
 fn catch_up(
     store: &dyn LogStore,
     local: &Recovered,
@@ -248,8 +247,8 @@ fn catch_up(
     history_written: std::collections::HashMap<crate::domain::SchoolId, u64>,
 ) -> Result<Changes, ServeError> {
     let mut changes = Changes::everything(&local.state, history_written);
-    let entries = store.read_after(pg_seq)?;
-    let first = entries.first().map(|(seq, _)| *seq);
+    changes.take_usage_from_wal();
+    let first = store.read_range(pg_seq, 1)?.first().map(|(seq, _)| *seq);
     if first.is_none_or(|first| first > pg_seq + 1) {
         tracing::warn!(
             postgres_wal_seq = pg_seq,
@@ -258,10 +257,6 @@ fn catch_up(
              without Postgres): the state is written whole, but the usage log rows of the \
              missing records will not be in ai_usage_logs"
         );
-    }
-    for (wal_seq, bytes) in entries {
-        let record: Record = codec::decode(&bytes)?;
-        changes.add_usage(wal_seq, &record);
     }
     tracing::info!(
         postgres_wal_seq = pg_seq,

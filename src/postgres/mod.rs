@@ -55,6 +55,8 @@ pub enum PostgresError {
     Encode(String),
     #[error("the Postgres writer: {0}")]
     Thread(String),
+    #[error("cannot read the WAL for a snapshot: {0}")]
+    Wal(String),
 }
 
 /// Connects and applies missing migrations: what the server does on start.

@@ -141,6 +141,9 @@ pub struct Delta {
     pub requests: Vec<(SchoolId, IncreaseRequest)>,
     pub history: Vec<(SchoolId, AuditEntry)>,
     pub usage: Vec<UsageRow>,
+    /// Set when the usage rows were not kept in memory: the writer reads the
+    /// WAL records in `(after, through]` and writes their rows instead.
+    pub usage_from_wal: Option<(u64, u64)>,
     /// A school's state without its audit trail (the trail is in the audit table).
     pub school_states: Vec<(SchoolId, Vec<u8>)>,
     pub account_states: Vec<(SchoolId, TeacherId, Vec<u8>)>,
@@ -212,6 +215,13 @@ impl Changes {
         self.usage_in_wal_only
     }
 
+    /// The usage rows of the next delta are to be read from the WAL: for a
+    /// catch-up, whose records may be far too many to hold.
+    pub fn take_usage_from_wal(&mut self) {
+        self.usage = Vec::new();
+        self.usage_in_wal_only = true;
+    }
+
     /// Adds the usage row of a record whose other changes are already noted.
     pub fn add_usage(&mut self, wal_seq: u64, record: &Record) {
         if self.usage_in_wal_only {
@@ -219,8 +229,7 @@ impl Changes {
         }
         if let Some(row) = UsageRow::from_record(wal_seq, record) {
             if self.usage.len() >= USAGE_ROWS_IN_MEMORY_MAX {
-                self.usage = Vec::new();
-                self.usage_in_wal_only = true;
+                self.take_usage_from_wal();
                 return;
             }
             self.usage.push(row);

@@ -62,8 +62,6 @@ pub struct PostgresFollower {
     done: crossbeam_channel::Receiver<()>,
     /// Set while Postgres has not answered since the start: see [`PostgresFollower::start_detached`].
     detached: Option<crossbeam_channel::Receiver<Attach>>,
-    /// The WAL, for usage rows not kept in memory.
-    store: Arc<dyn LogStore>,
 }
 
 /// What the writer found when Postgres first answered.
@@ -122,6 +120,7 @@ impl PostgresFollower {
             url,
             client: None,
             shared: shared.clone(),
+            store,
         };
         let thread = std::thread::Builder::new()
             .name("quotad-postgres".into())
@@ -140,7 +139,6 @@ impl PostgresFollower {
             thread: Some(thread),
             done,
             detached: None,
-            store,
         })
     }
 
@@ -165,9 +163,7 @@ impl PostgresFollower {
             return;
         }
         let mut changes = Changes::everything(state, attach.history_written);
-        for (wal_seq, record) in self.records_after(attach.committed_seq, applied_seq) {
-            changes.add_usage(wal_seq, &record);
-        }
+        changes.take_usage_from_wal();
         tracing::info!(
             postgres_wal_seq = attach.committed_seq,
             local_wal_seq = applied_seq,
@@ -176,24 +172,6 @@ impl PostgresFollower {
         self.changes = changes;
         self.unsent_since = Some(Instant::now());
         self.detached = None;
-    }
-
-    /// The WAL records in `(after, through]`. The WAL holds them: it is never
-    /// truncated past what Postgres committed. A record that cannot be read
-    /// stops snapshots (loudly) rather than leave a hole in the usage log.
-    fn records_after(&mut self, after: u64, through: u64) -> Vec<(u64, Record)> {
-        let decoded = self.store.read_after(after).and_then(|entries| {
-            entries
-                .into_iter()
-                .take_while(|(seq, _)| *seq <= through)
-                .map(|(seq, bytes)| codec::decode::<Record>(&bytes).map(|r| (seq, r)))
-                .collect::<Result<Vec<_>, _>>()
-        });
-        decoded.unwrap_or_else(|error| {
-            tracing::error!(%error, "cannot read the WAL for Postgres; snapshots stopped, the WAL keeps everything");
-            self.sender = None;
-            Vec::new()
-        })
     }
 
     fn committed_seq(&self) -> u64 {
@@ -229,11 +207,7 @@ impl PostgresFollower {
             }
         };
         if usage_in_wal_only {
-            delta.usage = self
-                .records_after(self.committed_seq(), applied_seq)
-                .iter()
-                .filter_map(|(seq, record)| UsageRow::from_record(*seq, record))
-                .collect();
+            delta.usage_from_wal = Some((self.committed_seq(), applied_seq));
         }
         let Some(sender) = &self.sender else { return };
         if let Err(e) = sender.try_send(delta) {
@@ -332,6 +306,8 @@ struct Writer {
     url: Secret,
     client: Option<Client>,
     shared: Arc<Shared>,
+    /// The WAL, for usage rows a delta did not carry (see [`Delta::usage_from_wal`]).
+    store: Arc<dyn LogStore>,
 }
 
 impl Writer {
@@ -483,11 +459,11 @@ impl Writer {
             .query_opt("SELECT wal_seq FROM quotad_snapshot WHERE id = 1", &[])
             .await?
             .map(|row| row.get(0));
-        let found = found.map_or(0, db_u64);
-        if found != expected {
-            return Err(PostgresError::Fenced { found, expected });
+        match fence(found.map_or(0, db_u64), expected, delta.wal_seq)? {
+            Fence::AlreadyCommitted => return Ok(()),
+            Fence::Write => {}
         }
-        write_delta(&tx, delta).await?;
+        write_delta(&tx, delta, self.store.as_ref()).await?;
         tx.execute(
             "INSERT INTO quotad_snapshot (id, wal_seq, taken_at) VALUES (1, $1, now())
              ON CONFLICT (id) DO UPDATE SET wal_seq = EXCLUDED.wal_seq, taken_at = EXCLUDED.taken_at",
@@ -496,6 +472,27 @@ impl Writer {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// What a snapshot transaction finds at its start.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Fence {
+    Write,
+    /// An earlier attempt of this very snapshot committed, but its answer was
+    /// lost with the connection: nothing to write again.
+    AlreadyCommitted,
+}
+
+/// Postgres must hold the position this quotad committed last (`expected`);
+/// anything else means another writer, and nothing is written.
+pub(crate) fn fence(found: u64, expected: u64, delta_seq: u64) -> Result<Fence, PostgresError> {
+    if found == expected {
+        Ok(Fence::Write)
+    } else if found == delta_seq && found > expected {
+        Ok(Fence::AlreadyCommitted)
+    } else {
+        Err(PostgresError::Fenced { found, expected })
     }
 }
 
@@ -557,12 +554,16 @@ pub(crate) fn db_ms(at: SystemTime) -> TimestampMs {
 /// Every row of the delta, one statement per table (arrays unnested on the
 /// server side) and COPY for the usage log: a handful of round trips
 /// whatever the size of the snapshot.
-async fn write_delta(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
+async fn write_delta(
+    tx: &Transaction<'_>,
+    delta: &Delta,
+    wal: &dyn LogStore,
+) -> Result<(), PostgresError> {
     write_subscriptions(tx, delta).await?;
     write_allocations(tx, delta).await?;
     write_requests(tx, delta).await?;
     write_history(tx, delta).await?;
-    write_usage(tx, delta).await?;
+    write_usage(tx, delta, wal, WAL_READ_RECORDS_MAX).await?;
     write_states(tx, delta).await
 }
 
@@ -813,10 +814,21 @@ async fn write_history(tx: &Transaction<'_>, delta: &Delta) -> Result<(), Postgr
     Ok(())
 }
 
+/// WAL records read back per piece when a delta's usage rows are in the WAL only.
+const WAL_READ_RECORDS_MAX: usize = 10_000;
+
 /// The usage log goes in with binary COPY: it is the one table that grows
-/// with traffic, thousands of rows per snapshot under load.
-async fn write_usage(tx: &Transaction<'_>, delta: &Delta) -> Result<(), PostgresError> {
-    if delta.usage.is_empty() {
+/// with traffic, thousands of rows per snapshot under load. Rows the delta
+/// did not carry (a catch-up, or more than memory holds) are read from the
+/// WAL piece by piece into the same COPY, so memory stays bounded however far
+/// behind Postgres is.
+async fn write_usage(
+    tx: &Transaction<'_>,
+    delta: &Delta,
+    wal: &dyn LogStore,
+    wal_read_records_max: usize,
+) -> Result<(), PostgresError> {
+    if delta.usage.is_empty() && delta.usage_from_wal.is_none() {
         return Ok(());
     }
     let sink = tx
@@ -845,25 +857,52 @@ async fn write_usage(tx: &Transaction<'_>, delta: &Delta) -> Result<(), Postgres
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures::pin_mut!(writer);
     for row in &delta.usage {
-        let values: [&(dyn ToSql + Sync); 14] = [
-            &db_i64(row.wal_seq),
-            &row.event_id,
-            &row.reservation_id,
-            &row.school_id.as_str(),
-            &row.teacher_id.as_str(),
-            &row.service.as_str(),
-            &db_i64(row.units),
-            &db_i64(row.borrowed_units),
-            &db_i64(row.overage_units),
-            &row.model,
-            &row.decision,
-            &db_time(row.cycle_start_ms),
-            &db_time(row.occurred_at_ms),
-            &db_time(row.recorded_at_ms),
-        ];
-        writer.as_mut().write(&values).await?;
+        write_usage_row(writer.as_mut(), row).await?;
+    }
+    if let Some((after, through)) = delta.usage_from_wal {
+        let mut cursor = after;
+        while cursor < through {
+            let entries = wal
+                .read_range(cursor, wal_read_records_max)
+                .map_err(|e| PostgresError::Wal(e.to_string()))?;
+            let Some(last) = entries.last().map(|(seq, _)| *seq) else {
+                break;
+            };
+            for (seq, bytes) in entries.iter().filter(|(seq, _)| *seq <= through) {
+                let record: Record = codec::decode(bytes)
+                    .map_err(|e| PostgresError::Wal(format!("record {seq}: {e}")))?;
+                if let Some(row) = UsageRow::from_record(*seq, &record) {
+                    write_usage_row(writer.as_mut(), &row).await?;
+                }
+            }
+            cursor = last;
+        }
     }
     writer.finish().await?;
+    Ok(())
+}
+
+async fn write_usage_row(
+    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    row: &UsageRow,
+) -> Result<(), PostgresError> {
+    let values: [&(dyn ToSql + Sync); 14] = [
+        &db_i64(row.wal_seq),
+        &row.event_id,
+        &row.reservation_id,
+        &row.school_id.as_str(),
+        &row.teacher_id.as_str(),
+        &row.service.as_str(),
+        &db_i64(row.units),
+        &db_i64(row.borrowed_units),
+        &db_i64(row.overage_units),
+        &row.model,
+        &row.decision,
+        &db_time(row.cycle_start_ms),
+        &db_time(row.occurred_at_ms),
+        &db_time(row.recorded_at_ms),
+    ];
+    writer.write(&values).await?;
     Ok(())
 }
 
@@ -900,3 +939,6 @@ async fn write_states(tx: &Transaction<'_>, delta: &Delta) -> Result<(), Postgre
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

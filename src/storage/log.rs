@@ -18,7 +18,12 @@ pub trait LogStore: Send + Sync + 'static {
     /// Makes everything written so far durable (fsync).
     fn flush(&self) -> Result<(), StorageError>;
     /// Records after `wal_seq`, in order.
-    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError>;
+    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError> {
+        self.read_range(wal_seq, usize::MAX)
+    }
+    /// At most `limit` records after `wal_seq`, in order: for reading a long
+    /// log in bounded pieces.
+    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError>;
     /// Replaces the snapshot; it covers every record up to `wal_seq`.
     fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError>;
     fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
@@ -79,12 +84,13 @@ impl LogStore for SledLog {
         Ok(())
     }
 
-    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError> {
+    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
         let Some(from) = wal_seq.checked_add(1) else {
             return Ok(Vec::new());
         };
         self.wal
             .range(from.to_be_bytes()..)
+            .take(limit)
             .map(|item| {
                 let (key, value) = item?;
                 let seq = <[u8; 8]>::try_from(key.as_ref())
@@ -200,11 +206,12 @@ impl LogStore for MemoryLog {
         Ok(())
     }
 
-    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError> {
+    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
         let inner = self.lock();
         Ok(inner
             .written
             .range(wal_seq.saturating_add(1)..)
+            .take(limit)
             .map(|(k, v)| (*k, v.clone()))
             .collect())
     }

@@ -44,8 +44,8 @@ impl<S: LogStore> LogStore for CountingStore<S> {
         std::thread::sleep(Duration::from_millis(2));
         self.inner.flush()
     }
-    fn read_after(&self, wal_seq: u64) -> Result<Vec<Entry>, StorageError> {
-        self.inner.read_after(wal_seq)
+    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
+        self.inner.read_range(wal_seq, limit)
     }
     fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
         self.inner.write_snapshot(wal_seq, bytes)
