@@ -512,9 +512,16 @@ impl Engine {
         self.limits().check_sync_batch(events.len())?;
         let school = self.school(school_id)?;
         let event_count = events.len();
+        // Decisions are labelled by service type only for the school's own
+        // types: a device naming any type it likes must not take a label.
         let services: Vec<Option<ServiceType>> = events
             .iter()
-            .map(|e| e.as_ref().ok().map(|(_, event)| event.service.clone()))
+            .map(|e| {
+                e.as_ref()
+                    .ok()
+                    .map(|(_, event)| event.service.clone())
+                    .filter(|service| school.has_service(service))
+            })
             .collect();
         let (mut outcomes, by_teacher) = group_sync_events(&school, school_id, events);
         let sends = by_teacher

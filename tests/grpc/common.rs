@@ -406,3 +406,33 @@ pub fn free_addr() -> SocketAddr {
         .local_addr()
         .unwrap()
 }
+
+/// A new, empty database on the test server, and its URL.
+pub async fn fresh_database() -> (tokio_postgres::Client, String) {
+    let url = std::env::var("QUOTAD_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "QUOTAD_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts a \
+             throwaway Postgres, or point it at a Postgres you own"
+        )
+    });
+    let admin = quotad::postgres::connect(&url)
+        .await
+        .expect("connect to the test Postgres");
+    let name = format!(
+        "quotad_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a database name at the end of the URL");
+    let url = format!("{base}/{name}");
+    (quotad::postgres::connect(&url).await.unwrap(), url)
+}

@@ -119,14 +119,17 @@ async fn drive_traffic(server: &TestServer) {
 
 /// Scrapes until the pool gauges have been refreshed since the schools were made.
 async fn scrape_after_pool_refresh(server: &TestServer) -> String {
-    for _ in 0..200 {
+    for _ in 0..400 {
         let text = scrape(server.metrics_addr).await;
-        if text.contains("quotad_pool_schools_omitted 2") {
+        let postgres_written = text.contains("quotad_postgres_snapshot_wal_seq")
+            && text.contains("quotad_postgres_snapshot_rows_total")
+            && text.contains("quotad_alerts_active");
+        if text.contains("quotad_pool_schools_omitted 2") && postgres_written {
             return text;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("the pool gauges were never refreshed");
+    panic!("the pool gauges, a Postgres snapshot or an alert pass never showed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,6 +140,10 @@ async fn after_traffic_on_every_rpc_the_metrics_show_every_family_and_pass_promt
         auth_key: Some(Secret(KEY.into())),
         metrics_schools_max: 2,
         metrics_refresh_interval_ms: 20,
+        // With Postgres, so that the snapshot and alert families are linted too.
+        postgres_url: Some(Secret(fresh_database().await.1)),
+        postgres_snapshot_interval_s: 1,
+        alerts_interval_s: 1,
         ..Config::default()
     })
     .await;
@@ -181,7 +188,11 @@ fn assert_decisions(all: &[Sample]) {
     assert!(decisions("duplicate").unwrap() >= 1.0);
     assert!(decisions("exhausted").unwrap() >= 1.0);
     let calls = label_values(all, telemetry::DECISIONS_TOTAL, "call");
-    assert!(calls.is_superset(&["check", "consume", "reserve"].map(String::from).into()));
+    assert!(calls.is_superset(
+        &["check", "consume", "reserve", "sync_usage"]
+            .map(String::from)
+            .into()
+    ));
 }
 
 fn assert_rpc_latencies(all: &[Sample]) {

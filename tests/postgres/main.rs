@@ -2,6 +2,7 @@
 //! (or any named by QUOTAD_TEST_DATABASE_URL). Each test gets a database of
 //! its own. Without a Postgres these tests fail and say why; they never skip.
 
+use common::fresh_database;
 use quotad::postgres::{connect, migrate, MIGRATIONS};
 use tokio_postgres::Client;
 
@@ -11,34 +12,6 @@ mod analytics;
 #[path = "../grpc/common.rs"]
 mod common;
 mod snapshots;
-
-/// A new, empty database on the test server, and its URL.
-async fn fresh_database() -> (Client, String) {
-    let url = std::env::var("QUOTAD_TEST_DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "QUOTAD_TEST_DATABASE_URL is not set: run the tests with scripts/test, which starts a \
-             throwaway Postgres, or point it at a Postgres you own"
-        )
-    });
-    let admin = connect(&url).await.expect("connect to the test Postgres");
-    let name = format!(
-        "quotad_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (base, _) = url
-        .rsplit_once('/')
-        .expect("a database name at the end of the URL");
-    let url = format!("{base}/{name}");
-    (connect(&url).await.unwrap(), url)
-}
 
 async fn relations(client: &Client) -> Vec<String> {
     client
