@@ -60,7 +60,8 @@ pub enum SyncOutcome {
         cycle_start_ms: TimestampMs,
         overage_units: u64,
     },
-    /// The id was seen before (by Consume or an earlier sync): nothing changed.
+    /// The id was charged before (by Consume or an earlier sync): nothing
+    /// changed. (An id Consume denied counted nothing: synced, it is charged.)
     Duplicate,
     Rejected {
         reason: SyncRejection,
@@ -130,7 +131,11 @@ impl TeacherAccount {
         limits: &RuleLimits,
         now_ms: TimestampMs,
     ) -> SyncStep {
-        if let Some(entry) = self.events.get(&event.event_id) {
+        // A denied id counted nothing. A device syncs an id only when it
+        // never got the answer (the server was out of reach) and went ahead,
+        // so the usage happened: it is charged now. An id that was charged is
+        // a duplicate.
+        if let Some(entry) = self.events.get(&event.event_id).filter(|e| e.allowed) {
             return SyncStep::Duplicate(*entry);
         }
         if let Err(rejection) = check_sync_time(event.occurred_at_ms, limits, now_ms) {

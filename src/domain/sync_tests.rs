@@ -227,3 +227,28 @@ fn a_skipped_cycle_is_not_mistaken_for_the_previous_one() {
     );
     assert_eq!(sim.slice("t1").previous.used_units, 1);
 }
+
+#[test]
+fn an_event_denied_online_is_charged_when_synced_because_the_device_went_ahead() {
+    let mut sim = sim_with_slice(10);
+    assert!(sim.consume("t1", 8, "before", now()).allowed);
+    // Denied, but the answer never reached the device, which journaled it.
+    assert!(!sim.consume("t1", 5, "lost-answer", now()).allowed);
+    let outcome = sim.sync("t1", 5, "lost-answer", now(), now());
+    assert!(matches!(
+        outcome,
+        SyncOutcome::AcceptedOverQuota {
+            overage_units: 3,
+            ..
+        }
+    ));
+    assert_eq!(sim.slice("t1").used_units, 13);
+    // Charged once: a second sync and a consume retry are duplicates now.
+    assert_eq!(
+        sim.sync("t1", 5, "lost-answer", now(), now()),
+        SyncOutcome::Duplicate
+    );
+    assert!(sim.consume("t1", 5, "lost-answer", now()).duplicate);
+    assert_eq!(sim.slice("t1").used_units, 13);
+    assert_eq!(sim.replayed(), sim.state);
+}

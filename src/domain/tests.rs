@@ -914,7 +914,11 @@ proptest! {
                     if let Some(id) = events[teacher].iter().rev().nth(back).cloned() {
                         sim.roll_if_due(now_ms);
                         let name = format!("t{teacher}");
-                        let seen = sim.account(&name).is_some_and(|a| a.events.contains_key(&event(&id)));
+                        // Charged before: a duplicate that changes nothing. (An id
+                        // that was denied is charged by a sync: see sync_tests.)
+                        let seen = sim
+                            .account(&name)
+                            .is_some_and(|a| a.events.get(&event(&id)).is_some_and(|e| e.allowed));
                         let before = sim.account(&name).map(|a| a.slices.clone());
                         let outcome = sim.sync(&name, 7, &id, now_ms, now_ms);
                         if seen {
