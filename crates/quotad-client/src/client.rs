@@ -262,6 +262,8 @@ impl QuotaClient {
             Err(status) if is_unreachable(&status) => {
                 let pending = PendingUsage {
                     kind: PendingKind::Event,
+                    school_id: config.school_id.clone(),
+                    teacher_id: config.teacher_id.clone(),
                     id: event_id.into(),
                     service_type: service_type.into(),
                     units,
@@ -335,6 +337,8 @@ impl QuotaClient {
     ) -> Result<CommitAnswer, ClientError> {
         let mut pending = PendingUsage {
             kind: PendingKind::Commit,
+            school_id: self.inner.config.school_id.clone(),
+            teacher_id: self.inner.config.teacher_id.clone(),
             id: hold.reservation_id.clone(),
             service_type: hold.service_type.clone(),
             units: actual_units,

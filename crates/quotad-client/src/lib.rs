@@ -43,6 +43,9 @@ pub enum ClientError {
         "the local journal is full ({entries_max} pending entries); sync before recording more"
     )]
     JournalFull { entries_max: usize },
+    /// Another client (in this process or another) has the journal directory open.
+    #[error("the journal directory {} is in use by another client; one client per journal_dir", dir.display())]
+    JournalInUse { dir: PathBuf },
     /// The server answered with a refusal (bad input, not found, denied...).
     #[error("the server refused the call: {0}")]
     Server(tonic::Status),
