@@ -330,6 +330,10 @@ impl QuotaClient {
     /// Charges the real units of a hold. A hold the server knows is
     /// committed there (or journaled as a commit, replayed by the sync); an
     /// offline hold is journaled as a usage event with the reservation id.
+    ///
+    /// A commit journaled offline is replayed with Commit, which charges the
+    /// billing cycle current at replay time: one made before a cycle
+    /// rollover and synced after it lands in the new cycle (known limitation).
     pub async fn commit(
         &self,
         hold: &Hold,
