@@ -434,3 +434,39 @@ async fn the_background_sync_delivers_offline_usage_exactly_once_when_the_server
     assert_eq!(server_used(&server).await, 12);
     assert_eq!(client.stats().synced_events, 4);
 }
+
+#[tokio::test]
+async fn a_caller_the_server_refuses_keeps_the_whole_journal_for_a_later_run() {
+    let (dir, data) = temp_dir();
+    let server = ProcessServer::start(&data, quotad::storage::Durability::Sync);
+    set_up_school(&server, 100).await;
+    let journal_dir = dir.path().join("device");
+    journal_offline(&journal_dir, TEACHER, 3, 2).await;
+
+    // A token for another school: PERMISSION_DENIED is about the caller,
+    // not the entries, so nothing is dropped.
+    let mut wrong_token = ClientConfig::new(
+        format!("http://{}", server.addr),
+        token("proxy", Role::Service, &["other-school"]),
+        SCHOOL,
+        TEACHER,
+        &journal_dir,
+    );
+    wrong_token.sync_attempts_max = 1;
+    let refused = QuotaClient::open(wrong_token).unwrap();
+    let report = refused.sync_now().await;
+    assert_eq!((report.rejected, report.still_queued), (0, 3), "{report:?}");
+    assert!(
+        report
+            .stopped
+            .as_deref()
+            .unwrap()
+            .contains("PermissionDenied"),
+        "{report:?}"
+    );
+    drop(refused);
+
+    let report = device(server.addr, &journal_dir).sync_now().await;
+    assert_eq!((report.accepted, report.still_queued), (3, 0), "{report:?}");
+    assert_eq!(server_used(&server).await, 6);
+}

@@ -186,7 +186,9 @@ impl QuotaClient {
     /// Opens the journal and prepares the connection (made on first use, and
     /// again after the server comes back). Runs inside a Tokio runtime, which
     /// drives the connection. One client per `journal_dir`: the journal
-    /// file has one writer.
+    /// file has one writer, so a second open (here or in another process)
+    /// fails with [`ClientError::JournalInUse`] until the first client and
+    /// all its clones (the background sync task holds one) are dropped.
     pub fn open(config: ClientConfig) -> Result<Self, ClientError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ClientError::Config(
