@@ -1,7 +1,10 @@
 //! The three scenarios of the original fix, with the real quotad binary and
 //! the real client library (quotad-client) with journals on disk:
 //! cross-device usage, offline usage synced exactly once, and a server
-//! killed during a run of consumes. Plus a flush interrupted by a crash.
+//! killed during a run of consumes. Plus a flush interrupted by a crash,
+//! refusals that must not block the rest of the journal, a server with a
+//! smaller batch limit than the client's, journals reopened as another
+//! teacher, and the background sync.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quotad::auth::Role;
-use quotad_client::{ClientConfig, ConsumeAnswer, QuotaClient};
+use quotad_client::{ClientConfig, ClientError, ConsumeAnswer, QuotaClient};
 
 use crate::common::*;
 
@@ -17,11 +20,15 @@ const SCHOOL: &str = "s";
 const TEACHER: &str = "t1";
 
 fn device(addr: std::net::SocketAddr, journal_dir: &Path) -> QuotaClient {
+    device_of(addr, journal_dir, TEACHER)
+}
+
+fn device_of(addr: std::net::SocketAddr, journal_dir: &Path, teacher_id: &str) -> QuotaClient {
     let mut config = ClientConfig::new(
         format!("http://{addr}"),
         token("proxy", Role::Service, &[SCHOOL]),
         SCHOOL,
-        TEACHER,
+        teacher_id,
         journal_dir,
     );
     // Short waits, so that the retries of a run end quickly; the schedule
@@ -270,4 +277,196 @@ async fn holds_committed_offline_are_charged_once_whether_the_server_knew_them_o
     let again = client.commit(&known, 6).await.unwrap();
     assert!(matches!(again, quotad_client::CommitAnswer::Committed(r) if r.duplicate));
     assert_eq!(server_used(&server).await, 13);
+}
+
+/// Journals `count` consumes of `units` each through a client whose server
+/// is down (nothing listens at a fresh address), then closes it.
+async fn journal_offline(journal_dir: &Path, teacher_id: &str, count: usize, units: u64) {
+    let client = device_of(free_addr(), journal_dir, teacher_id);
+    for n in 0..count {
+        let answer = client
+            .consume(
+                SERVICE,
+                units,
+                &format!("{teacher_id}-offline-{n}"),
+                "claude",
+            )
+            .await
+            .unwrap();
+        assert!(answer.is_recorded_offline());
+    }
+}
+
+#[tokio::test]
+async fn a_journaled_commit_the_server_refuses_is_dropped_and_does_not_block_the_rest() {
+    let (dir, data) = temp_dir();
+    let addr = free_addr();
+    let server = ProcessServer::start_at(&data, addr);
+    set_up_school(&server, 100).await;
+    let client = device(addr, &dir.path().join("device"));
+    let hold = client.reserve(SERVICE, 5, "r-bad", "claude").await.unwrap();
+    assert!(hold.authoritative);
+    server.kill();
+    // More units than one call may use: INVALID_ARGUMENT whenever it is replayed.
+    assert!(!client
+        .commit(&hold, u64::MAX)
+        .await
+        .unwrap()
+        .is_authoritative());
+    for n in 0..3 {
+        let event = format!("after-{n}");
+        assert!(client
+            .consume(SERVICE, 2, &event, "claude")
+            .await
+            .unwrap()
+            .is_recorded_offline());
+    }
+
+    let server = ProcessServer::start_at(&data, addr);
+    let report = client.sync_now().await;
+    assert_eq!(
+        (
+            report.accepted,
+            report.rejected,
+            report.still_queued,
+            report.stopped.as_deref()
+        ),
+        (3, 1, 0, None),
+        "{report:?}"
+    );
+    assert_eq!(client.stats().rejected_events, 1);
+    assert_eq!(server_used(&server).await, 6);
+}
+
+#[tokio::test]
+async fn a_server_with_a_smaller_batch_limit_still_gets_every_event_once() {
+    let (dir, data) = temp_dir();
+    let config = dir.path().join("quotad.toml");
+    std::fs::write(&config, "sync_events_per_batch_max = 2\n").unwrap();
+    let config = config.to_str().unwrap();
+    let server = ProcessServer::start_with_args(
+        &data,
+        quotad::storage::Durability::Sync,
+        &["--config", config],
+    );
+    set_up_school(&server, 100).await;
+    let journal_dir = dir.path().join("device");
+    journal_offline(&journal_dir, TEACHER, 7, 1).await;
+
+    // The client sends up to 500 events per call; this server takes 2.
+    let client = device(server.addr, &journal_dir);
+    let report = client.sync_now().await;
+    assert_eq!(
+        (
+            report.accepted,
+            report.rejected,
+            report.still_queued,
+            report.stopped.as_deref()
+        ),
+        (7, 0, 0, None),
+        "{report:?}"
+    );
+    assert_eq!(server_used(&server).await, 7);
+}
+
+#[tokio::test]
+async fn a_journal_reopened_as_another_teacher_still_charges_the_teacher_who_used_it() {
+    let (dir, data) = temp_dir();
+    let server = ProcessServer::start(&data, quotad::storage::Durability::Sync);
+    let mut admin = server.admin().await;
+    create_school(&mut admin, SCHOOL, 100, false).await;
+    for teacher_id in [TEACHER, "t2"] {
+        allocate(&mut admin, SCHOOL, teacher_id, 50, "normal")
+            .await
+            .unwrap();
+    }
+    let journal_dir = dir.path().join("shared-device");
+    journal_offline(&journal_dir, TEACHER, 2, 3).await;
+
+    let second_teacher = device_of(server.addr, &journal_dir, "t2");
+    let token = token("proxy", Role::Service, &[SCHOOL]);
+    let endpoint = format!("http://{}", server.addr);
+    let first_teacher = ClientConfig::new(endpoint, token, SCHOOL, TEACHER, &journal_dir);
+    let refused = QuotaClient::open(first_teacher).err().unwrap();
+    assert!(
+        matches!(refused, ClientError::JournalInUse { .. }),
+        "a second client on the same journal is refused: {refused}"
+    );
+    let report = second_teacher.sync_now().await;
+    assert_eq!((report.accepted, report.still_queued), (2, 0), "{report:?}");
+    let mut gate = server.gate().await;
+    assert_eq!(used_units(&mut gate, SCHOOL, TEACHER).await, 6);
+    assert_eq!(used_units(&mut gate, SCHOOL, "t2").await, 0);
+}
+
+#[tokio::test]
+async fn the_background_sync_delivers_offline_usage_exactly_once_when_the_server_comes_back() {
+    let (dir, data) = temp_dir();
+    let addr = free_addr();
+    let server = ProcessServer::start_at(&data, addr);
+    set_up_school(&server, 100).await;
+    server.kill();
+    let client = device(addr, &dir.path().join("device"));
+    for n in 0..4 {
+        let event = format!("bg-{n}");
+        assert!(client
+            .consume(SERVICE, 3, &event, "claude")
+            .await
+            .unwrap()
+            .is_recorded_offline());
+    }
+    let interval = Duration::from_millis(50);
+    let background = client.start_background_sync(interval);
+
+    let server = ProcessServer::start_at(&data, addr);
+    // Wait (bounded) for the task to flush the journal: no sync_now here.
+    for _ in 0..1200 {
+        if client.stats().queued_events == 0 {
+            break;
+        }
+        tokio::time::sleep(interval).await;
+    }
+    assert_eq!(client.stats().queued_events, 0, "{:?}", client.stats());
+    // Later runs find nothing to send: the usage stays counted once.
+    tokio::time::sleep(interval * 10).await;
+    assert!(!background.is_finished(), "the task keeps running");
+    background.abort();
+    assert_eq!(server_used(&server).await, 12);
+    assert_eq!(client.stats().synced_events, 4);
+}
+
+#[tokio::test]
+async fn a_caller_the_server_refuses_keeps_the_whole_journal_for_a_later_run() {
+    let (dir, data) = temp_dir();
+    let server = ProcessServer::start(&data, quotad::storage::Durability::Sync);
+    set_up_school(&server, 100).await;
+    let journal_dir = dir.path().join("device");
+    journal_offline(&journal_dir, TEACHER, 3, 2).await;
+
+    // A token for another school: PERMISSION_DENIED is about the caller,
+    // not the entries, so nothing is dropped.
+    let mut wrong_token = ClientConfig::new(
+        format!("http://{}", server.addr),
+        token("proxy", Role::Service, &["other-school"]),
+        SCHOOL,
+        TEACHER,
+        &journal_dir,
+    );
+    wrong_token.sync_attempts_max = 1;
+    let refused = QuotaClient::open(wrong_token).unwrap();
+    let report = refused.sync_now().await;
+    assert_eq!((report.rejected, report.still_queued), (0, 3), "{report:?}");
+    assert!(
+        report
+            .stopped
+            .as_deref()
+            .unwrap()
+            .contains("PermissionDenied"),
+        "{report:?}"
+    );
+    drop(refused);
+
+    let report = device(server.addr, &journal_dir).sync_now().await;
+    assert_eq!((report.accepted, report.still_queued), (3, 0), "{report:?}");
+    assert_eq!(server_used(&server).await, 6);
 }

@@ -186,7 +186,9 @@ impl QuotaClient {
     /// Opens the journal and prepares the connection (made on first use, and
     /// again after the server comes back). Runs inside a Tokio runtime, which
     /// drives the connection. One client per `journal_dir`: the journal
-    /// file has one writer.
+    /// file has one writer, so a second open (here or in another process)
+    /// fails with [`ClientError::JournalInUse`] until the first client and
+    /// all its clones (the background sync task holds one) are dropped.
     pub fn open(config: ClientConfig) -> Result<Self, ClientError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(ClientError::Config(
@@ -262,6 +264,8 @@ impl QuotaClient {
             Err(status) if is_unreachable(&status) => {
                 let pending = PendingUsage {
                     kind: PendingKind::Event,
+                    school_id: config.school_id.clone(),
+                    teacher_id: config.teacher_id.clone(),
                     id: event_id.into(),
                     service_type: service_type.into(),
                     units,
@@ -328,6 +332,10 @@ impl QuotaClient {
     /// Charges the real units of a hold. A hold the server knows is
     /// committed there (or journaled as a commit, replayed by the sync); an
     /// offline hold is journaled as a usage event with the reservation id.
+    ///
+    /// A commit journaled offline is replayed with Commit, which charges the
+    /// billing cycle current at replay time: one made before a cycle
+    /// rollover and synced after it lands in the new cycle (known limitation).
     pub async fn commit(
         &self,
         hold: &Hold,
@@ -335,6 +343,8 @@ impl QuotaClient {
     ) -> Result<CommitAnswer, ClientError> {
         let mut pending = PendingUsage {
             kind: PendingKind::Commit,
+            school_id: self.inner.config.school_id.clone(),
+            teacher_id: self.inner.config.teacher_id.clone(),
             id: hold.reservation_id.clone(),
             service_type: hold.service_type.clone(),
             units: actual_units,

@@ -1,11 +1,18 @@
 //! The device's durable journal of usage the server has not acknowledged.
 //!
-//! One append-only file of lines `<crc32 hex> <json>\n`. An `add` line holds
-//! one pending usage; a `done` line names the entries the server answered
-//! for, by key (kind and id: an event and a reservation may share an id). Every
-//! write is fsync'd before the call returns, so an entry reported as recorded
-//! survives a crash, and an entry leaves the journal only after the server's
-//! answer about it. A crash between the server's answer and the `done` line
+//! One append-only file of lines `<crc32 hex> <json>\n`, the JSON being
+//! `[<format version>, <line>]`. An `add` line holds one pending usage with
+//! the school and teacher it belongs to; a `done` line names the entries the
+//! server answered for, by key (kind and id: an event and a reservation may
+//! share an id). Every write is fsync'd before the call returns, so an entry
+//! reported as recorded survives a crash, and an entry leaves the journal only
+//! after the server's answer about it. A write that fails part-way is cut back
+//! off the file (else the next line would be glued to its bytes and both read
+//! back as one damaged line); if even that fails, the journal refuses every
+//! further write rather than acknowledge a usage it may lose.
+//!
+//! One process at a time: the directory's lock file is held (an exclusive
+//! advisory lock) for as long as the journal is open. A crash between the server's answer and the `done` line
 //! means the entry is sent again; the server answers `duplicate` (ids are its
 //! idempotency keys), so nothing is counted twice.
 //!
@@ -13,6 +20,8 @@
 //! off, a line whose checksum fails is skipped and counted. When `done` lines
 //! outnumber pending entries the file is rewritten with the pending ones only
 //! (to a temporary file, fsync'd, renamed over the journal, directory fsync'd).
+//! A line of another format version makes opening fail: skipping it would
+//! drop usage this code does not understand.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -25,6 +34,9 @@ use crate::ClientError;
 
 const JOURNAL_FILE: &str = "journal.log";
 const COMPACT_FILE: &str = "journal.compact";
+const LOCK_FILE: &str = "journal.lock";
+/// The version of the line format this code writes and reads.
+const FORMAT_VERSION: u32 = 1;
 /// A line longer than this is not one this code wrote: four ids and names of
 /// at most 128 bytes each, JSON quoting included, fit well inside it.
 const LINE_BYTES_MAX: usize = 8 * 1024;
@@ -43,6 +55,10 @@ pub enum PendingKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingUsage {
     pub kind: PendingKind,
+    /// Whose usage it is: synced as this school and teacher, whatever the
+    /// client is configured for when the sync runs.
+    pub school_id: String,
+    pub teacher_id: String,
     /// The event id (or, for a commit, the reservation id).
     pub id: String,
     pub service_type: String,
@@ -75,6 +91,14 @@ enum Line {
 pub struct Journal {
     dir: PathBuf,
     file: File,
+    /// Held locked (exclusive) while the journal is open; unlocked on drop.
+    _lock: File,
+    /// The length of the file's complete lines: what a failed write is cut back to.
+    good_bytes: u64,
+    /// Why the journal refuses writes, after a failed write could not be cut off.
+    broken: Option<String>,
+    #[cfg(test)]
+    faults: Faults,
     pending: VecDeque<PendingUsage>,
     keys: HashSet<String>,
     done_lines: usize,
@@ -88,10 +112,16 @@ impl Journal {
     /// pending entries.
     pub fn open(dir: &Path, entries_max: usize) -> Result<Self, ClientError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error("create the journal directory", e))?;
+        let lock = lock_dir(dir)?;
         let path = dir.join(JOURNAL_FILE);
         let mut journal = Journal {
             dir: dir.to_path_buf(),
             file: open_append(&path)?,
+            _lock: lock,
+            good_bytes: 0,
+            broken: None,
+            #[cfg(test)]
+            faults: Faults::default(),
             pending: VecDeque::new(),
             keys: HashSet::new(),
             done_lines: 0,
@@ -113,6 +143,7 @@ impl Journal {
                 .and_then(|()| journal.file.sync_all())
                 .map_err(|e| io_error("cut the journal's torn tail", e))?;
         }
+        journal.good_bytes = good_bytes;
         Ok(journal)
     }
 
@@ -131,7 +162,7 @@ impl Journal {
                 return Ok(good_bytes);
             }
             good_bytes += read as u64;
-            match decode(&line) {
+            match decode(&line)? {
                 Some(Line::Add(usage)) => self.remember(usage),
                 Some(Line::Done(keys)) => {
                     self.forget(&keys);
@@ -207,12 +238,48 @@ impl Journal {
         self.pending.is_empty()
     }
 
+    /// Appends one line durably. On failure the file is cut back to its last
+    /// complete line; when that fails too, the journal is marked broken.
     fn append(&mut self, line: &Line) -> Result<(), ClientError> {
+        if let Some(why) = &self.broken {
+            return Err(ClientError::Journal(format!(
+                "the journal refuses writes since a failed write could not be undone: {why}"
+            )));
+        }
         let bytes = encode(line)?;
-        self.file
-            .write_all(&bytes)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io_error("write the journal", e))
+        match self.write_line(&bytes) {
+            Ok(()) => {
+                self.good_bytes += bytes.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(cut) = self.cut_back() {
+                    tracing::error!(%error, %cut, "a failed journal write could not be cut off; the journal refuses further writes");
+                    self.broken = Some(format!("{error}; cutting it off: {cut}"));
+                }
+                Err(io_error("write the journal", error))
+            }
+        }
+    }
+
+    fn write_line(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(written_bytes) = self.faults.write_fails_after_bytes.take() {
+            self.file
+                .write_all(&bytes[..written_bytes.min(bytes.len())])?;
+            return Err(std::io::Error::other("injected: no space left on device"));
+        }
+        self.file.write_all(bytes)?;
+        self.file.sync_data()
+    }
+
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.faults.cut_back_fails {
+            return Err(std::io::Error::other("injected: the cut failed too"));
+        }
+        self.file.set_len(self.good_bytes)?;
+        self.file.sync_data()
     }
 
     /// Writes the pending entries to a new file and renames it over the
@@ -229,7 +296,12 @@ impl Journal {
             .and_then(|()| std::fs::rename(&compact, &path))
             .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
         written.map_err(|e| io_error("compact the journal", e))?;
-        self.file = open_append(&path)?;
+        // The old handle now points at the replaced file: writing through it
+        // would be lost, so without a new one the journal takes no writes.
+        self.file = open_append(&path).inspect_err(|e| {
+            self.broken = Some(format!("reopening the compacted journal: {e}"));
+        })?;
+        self.good_bytes = bytes.len() as u64;
         self.done_lines = 0;
         Ok(())
     }
@@ -243,9 +315,27 @@ fn open_append(path: &Path) -> Result<File, ClientError> {
         .map_err(|e| io_error("open the journal", e))
 }
 
+/// Takes the directory's lock, or says another client holds it.
+fn lock_dir(dir: &Path) -> Result<File, ClientError> {
+    let path = dir.join(LOCK_FILE);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error("open the journal's lock file", e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ClientError::JournalInUse {
+            dir: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error("lock the journal", e)),
+    }
+}
+
 fn encode(line: &Line) -> Result<Vec<u8>, ClientError> {
-    let json =
-        serde_json::to_vec(line).map_err(|e| ClientError::Journal(format!("encode: {e}")))?;
+    let json = serde_json::to_vec(&(FORMAT_VERSION, line))
+        .map_err(|e| ClientError::Journal(format!("encode: {e}")))?;
     let mut bytes = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
     bytes.extend(json);
     bytes.push(b'\n');
@@ -258,19 +348,44 @@ fn encode(line: &Line) -> Result<Vec<u8>, ClientError> {
     Ok(bytes)
 }
 
-/// A line's entry, or None when its checksum or JSON is bad.
-fn decode(line: &[u8]) -> Option<Line> {
+/// A line's entry, None when its checksum or JSON is bad, an error when it
+/// is whole but of a format version this code does not know.
+fn decode(line: &[u8]) -> Result<Option<Line>, ClientError> {
+    let Some(json) = checked_json(line) else {
+        return Ok(None);
+    };
+    let Ok((version, line)) = serde_json::from_slice::<(u32, serde_json::Value)>(json) else {
+        return Ok(None);
+    };
+    if version != FORMAT_VERSION {
+        return Err(ClientError::Journal(format!(
+            "a journal line is in format version {version}; this client reads version \
+             {FORMAT_VERSION} only (was the journal written by a newer client?)"
+        )));
+    }
+    Ok(serde_json::from_value(line).ok())
+}
+
+/// The JSON of a line whose checksum holds.
+fn checked_json(line: &[u8]) -> Option<&[u8]> {
     let line = line.strip_suffix(b"\n")?;
     let (crc, json) = (line.get(..8)?, line.get(9..)?);
     let crc = u32::from_str_radix(std::str::from_utf8(crc).ok()?, 16).ok()?;
-    if crc != crc32fast::hash(json) {
-        return None;
-    }
-    serde_json::from_slice(json).ok()
+    (crc == crc32fast::hash(json)).then_some(json)
 }
 
 fn io_error(what: &str, error: std::io::Error) -> ClientError {
     ClientError::Journal(format!("{what}: {error}"))
+}
+
+/// Failures a test injects at the journal's write points.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Faults {
+    /// The next write stops after this many bytes and fails.
+    write_fails_after_bytes: Option<usize>,
+    /// Cutting a failed write off fails too.
+    cut_back_fails: bool,
 }
 
 #[cfg(test)]
@@ -280,6 +395,8 @@ mod tests {
     fn usage(id: &str) -> PendingUsage {
         PendingUsage {
             kind: PendingKind::Event,
+            school_id: "s".into(),
+            teacher_id: "t1".into(),
             id: id.into(),
             service_type: "claude_messages".into(),
             units: 2,
@@ -391,6 +508,89 @@ mod tests {
             ClientError::JournalFull { entries_max: 2 }
         ));
         assert_eq!(ids(&journal), ["a", "b"]);
+    }
+
+    #[test]
+    fn a_write_that_fails_part_way_is_cut_off_and_the_next_entry_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        journal.record(usage("a")).unwrap();
+        journal.faults.write_fails_after_bytes = Some(20);
+        let failed = journal.record(usage("b")).unwrap_err();
+        assert!(failed.to_string().contains("no space left"), "{failed}");
+        assert_eq!(ids(&journal), ["a"], "a failed record is not pending");
+        journal.record(usage("c")).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a", "c"], "the acknowledged c is kept");
+        assert_eq!(journal.corrupt_lines, 0);
+    }
+
+    #[test]
+    fn when_a_failed_write_cannot_be_cut_off_the_journal_refuses_further_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        journal.record(usage("a")).unwrap();
+        journal.faults.write_fails_after_bytes = Some(20);
+        journal.faults.cut_back_fails = true;
+        journal.record(usage("b")).unwrap_err();
+        let refused = journal.record(usage("c")).unwrap_err();
+        assert!(refused.to_string().contains("refuses writes"), "{refused}");
+        assert!(journal.remove(vec![usage("a").key()]).is_err());
+        assert_eq!(ids(&journal), ["a"]);
+        drop(journal);
+        // Reopening cuts the partial line off as a torn tail: usable again.
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(ids(&journal), ["a"]);
+        journal.record(usage("d")).unwrap();
+        assert_eq!(ids(&journal), ["a", "d"]);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        let refused = Journal::open(dir.path(), 100).unwrap_err();
+        assert!(
+            matches!(&refused, ClientError::JournalInUse { dir: d } if d == dir.path()),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("in use by another client"));
+        drop(journal);
+        Journal::open(dir.path(), 100).unwrap();
+    }
+
+    #[test]
+    fn entries_keep_their_school_and_teacher_and_an_unknown_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        let other_teacher = PendingUsage {
+            teacher_id: "t2".into(),
+            school_id: "s2".into(),
+            ..usage("a")
+        };
+        journal.record(other_teacher.clone()).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(journal.pending().collect::<Vec<_>>(), [&other_teacher]);
+        drop(journal);
+
+        let json = serde_json::to_vec(&(2u32, Line::Add(usage("b")))).unwrap();
+        let mut line = format!("{:08x} ", crc32fast::hash(&json)).into_bytes();
+        line.extend(json);
+        line.push(b'\n');
+        let path = dir.path().join(JOURNAL_FILE);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&line)
+            .unwrap();
+        let refused = Journal::open(dir.path(), 100).unwrap_err();
+        assert!(
+            refused.to_string().contains("format version 2"),
+            "{refused}"
+        );
     }
 
     #[derive(Debug, Clone)]

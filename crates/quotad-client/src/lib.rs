@@ -14,6 +14,11 @@
 //! interval. An entry leaves the journal only after the server answered for
 //! it; ids are the server's idempotency keys, so a flush interrupted by a
 //! crash is re-sent and counted once.
+//!
+//! Known limitation: a commit of a hold the server knows, journaled while
+//! the server was unreachable, is replayed with Commit, which charges the
+//! billing cycle current at replay time. A commit made before a cycle
+//! rollover and synced after it lands in the new cycle.
 #![deny(clippy::unwrap_used)]
 
 mod client;
@@ -43,6 +48,9 @@ pub enum ClientError {
         "the local journal is full ({entries_max} pending entries); sync before recording more"
     )]
     JournalFull { entries_max: usize },
+    /// Another client (in this process or another) has the journal directory open.
+    #[error("the journal directory {} is in use by another client; one client per journal_dir", dir.display())]
+    JournalInUse { dir: PathBuf },
     /// The server answered with a refusal (bad input, not found, denied...).
     #[error("the server refused the call: {0}")]
     Server(tonic::Status),

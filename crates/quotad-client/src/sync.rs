@@ -1,8 +1,16 @@
 //! Flushing the journal: commits first (replayed with Commit), then usage
-//! events in SyncUsage batches. Each batch is retried with exponential
-//! backoff and jitter while the server cannot be reached, a bounded number of
-//! times per run; entries leave the journal only after the server answered
-//! for them.
+//! events in SyncUsage batches, each entry as the school and teacher it was
+//! recorded for. Each call is retried with exponential backoff and jitter
+//! while the server cannot be reached, a bounded number of times per run;
+//! entries leave the journal only after the server answered for them. An
+//! entry the server refuses for good is dropped (logged, counted as
+//! rejected) so that it cannot block the others; a refusal of the caller
+//! (auth) keeps everything and stops the run.
+//!
+//! Known limitation: a commit journaled offline is replayed with Commit,
+//! which charges the billing cycle current when the replay reaches the
+//! server. A hold committed before a cycle rollover and synced after it is
+//! charged to the new cycle.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -76,25 +84,52 @@ impl QuotaClient {
             .collect()
     }
 
+    /// The oldest pending events of the oldest pending event's school: one
+    /// SyncUsage call is about one school.
+    fn next_event_batch(&self, max: usize) -> Vec<PendingUsage> {
+        let journal = lock(&self.inner.journal);
+        let mut events = journal.pending().filter(|p| p.kind == PendingKind::Event);
+        let Some(first) = events.next() else {
+            return Vec::new();
+        };
+        let same_school = events.filter(|p| p.school_id == first.school_id);
+        std::iter::once(first)
+            .chain(same_school)
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
+    /// Sends the events in batches. A batch refused as a whole (a server whose
+    /// `sync_events_per_batch_max` is below ours, or one bad entry) is halved
+    /// and sent again, down to one entry, which is then dropped as refused.
+    /// The smaller size holds for the rest of the run.
     async fn sync_events(&self, report: &mut SyncReport) -> Result<(), String> {
-        let batch_max = self.inner.config.sync_batch_events_max.max(1);
+        let mut batch_max = self.inner.config.sync_batch_events_max.max(1);
         loop {
-            let batch = self.pending_of(PendingKind::Event, batch_max);
-            if batch.is_empty() {
+            let batch = self.next_event_batch(batch_max);
+            let Some(first) = batch.first() else {
                 return Ok(());
+            };
+            match self.send_with_retries(&batch).await? {
+                Ok(results) => self.settle(&batch, &results, report).await?,
+                Err(status) if batch.len() > 1 => {
+                    batch_max = batch.len() / 2;
+                    tracing::warn!(%status, batch_max, "sync: the server refused a whole batch; sending smaller ones");
+                }
+                Err(status) => self.drop_refused(first, &status, report).await?,
             }
-            let results = self.send_with_retries(&batch).await?;
-            self.settle(&batch, &results, report).await?;
         }
     }
 
-    /// Replays journaled commits. A reservation the server does not know (the
-    /// reserve never reached it) is synced as a usage event with its id.
+    /// Replays journaled commits, each as the school and teacher it was
+    /// made for. A reservation the server does not know (the reserve never
+    /// reached it) is synced as a usage event with its id.
     async fn sync_commits(&self, report: &mut SyncReport) -> Result<(), String> {
         for pending in self.pending_of(PendingKind::Commit, usize::MAX) {
             let request = proto::CommitRequest {
-                school_id: self.inner.config.school_id.clone(),
-                teacher_id: self.inner.config.teacher_id.clone(),
+                school_id: pending.school_id.clone(),
+                teacher_id: pending.teacher_id.clone(),
                 reservation_id: pending.id.clone(),
                 actual_units: pending.units,
             };
@@ -108,33 +143,51 @@ impl QuotaClient {
                     self.forget(vec![pending.key()]).await?;
                 }
                 Err(status) if status.code() == Code::NotFound => {
-                    let results = self
-                        .send_with_retries(std::slice::from_ref(&pending))
-                        .await?;
-                    self.settle(std::slice::from_ref(&pending), &results, report)
-                        .await?;
+                    self.sync_as_event(&pending, report).await?;
                 }
-                Err(status) => return Err(stop_reason(&status)),
+                Err(status) if stops_the_run(&status) => return Err(stop_reason(&status)),
+                Err(status) => self.drop_refused(&pending, &status, report).await?,
             }
         }
         Ok(())
     }
 
+    async fn sync_as_event(
+        &self,
+        pending: &PendingUsage,
+        report: &mut SyncReport,
+    ) -> Result<(), String> {
+        let batch = std::slice::from_ref(pending);
+        match self.send_with_retries(batch).await? {
+            Ok(results) => self.settle(batch, &results, report).await,
+            Err(status) => self.drop_refused(pending, &status, report).await,
+        }
+    }
+
+    /// The server's results for `batch`; `Ok(Err)` when it refused the call
+    /// for good (about the entries sent), `Err` when the run must stop.
     async fn send_with_retries(
         &self,
         batch: &[PendingUsage],
-    ) -> Result<Vec<proto::SyncResult>, String> {
+    ) -> Result<Result<Vec<proto::SyncResult>, Status>, String> {
         let request = proto::SyncUsageRequest {
-            school_id: self.inner.config.school_id.clone(),
-            events: batch.iter().map(|p| self.usage_event(p)).collect(),
+            school_id: batch
+                .first()
+                .map(|p| p.school_id.clone())
+                .unwrap_or_default(),
+            events: batch.iter().map(usage_event).collect(),
         };
         let answer = self
             .with_retries(|mut gate| {
                 let request = request.clone();
                 async move { gate.sync_usage(request).await.map(|r| r.into_inner()) }
             })
-            .await
-            .map_err(|status| stop_reason(&status))?;
+            .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(status) if stops_the_run(&status) => return Err(stop_reason(&status)),
+            Err(status) => return Ok(Err(status)),
+        };
         if answer.results.len() != batch.len() {
             return Err(format!(
                 "the server answered {} results for {} events; nothing removed",
@@ -142,7 +195,37 @@ impl QuotaClient {
                 batch.len()
             ));
         }
-        Ok(answer.results)
+        Ok(Ok(answer.results))
+    }
+
+    /// Drops an entry the server refused for good, so that it does not
+    /// block the entries after it.
+    async fn drop_refused(
+        &self,
+        pending: &PendingUsage,
+        status: &Status,
+        report: &mut SyncReport,
+    ) -> Result<(), String> {
+        self.count_rejected(report);
+        tracing::error!(
+            id = %pending.id,
+            kind = ?pending.kind,
+            school_id = %pending.school_id,
+            teacher_id = %pending.teacher_id,
+            units = pending.units,
+            code = ?status.code(),
+            message = status.message(),
+            "sync: the server refused a journaled usage for good; it is dropped from the journal"
+        );
+        self.forget(vec![pending.key()]).await
+    }
+
+    fn count_rejected(&self, report: &mut SyncReport) {
+        report.rejected += 1;
+        self.inner
+            .counters
+            .rejected_events
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Calls `call` until the server answers, at most `sync_attempts_max`
@@ -188,11 +271,7 @@ impl QuotaClient {
         for (pending, result) in batch.iter().zip(results) {
             match result.status() {
                 SyncStatus::Rejected | SyncStatus::Unspecified => {
-                    report.rejected += 1;
-                    self.inner
-                        .counters
-                        .rejected_events
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.count_rejected(report);
                     tracing::error!(
                         id = %pending.id,
                         units = pending.units,
@@ -226,17 +305,30 @@ impl QuotaClient {
             .fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
+}
 
-    fn usage_event(&self, pending: &PendingUsage) -> proto::UsageEvent {
-        proto::UsageEvent {
-            event_id: pending.id.clone(),
-            teacher_id: self.inner.config.teacher_id.clone(),
-            service_type: pending.service_type.clone(),
-            units: pending.units,
-            model: pending.model.clone(),
-            occurred_at_ms: pending.occurred_at_ms,
-        }
+fn usage_event(pending: &PendingUsage) -> proto::UsageEvent {
+    proto::UsageEvent {
+        event_id: pending.id.clone(),
+        teacher_id: pending.teacher_id.clone(),
+        service_type: pending.service_type.clone(),
+        units: pending.units,
+        model: pending.model.clone(),
+        occurred_at_ms: pending.occurred_at_ms,
     }
+}
+
+/// True when a refusal is not about the entries sent: the server could not
+/// be asked, or it refuses this caller (its token) or the call itself.
+/// Everything stays in the journal for a later run (with a new token, or a
+/// newer server). Other refusals (bad input, not found, a rule) are final
+/// answers about the entries: those entries are dropped, the rest go on.
+fn stops_the_run(status: &Status) -> bool {
+    is_unreachable(status)
+        || matches!(
+            status.code(),
+            Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented
+        )
 }
 
 fn tally(report: &mut SyncReport, duplicate: bool, over_quota: bool) {
