@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "snapshot_state",
         include_str!("migrations/0002_snapshot_state.sql"),
     ),
+    (
+        3,
+        "snapshot_writer",
+        include_str!("migrations/0003_snapshot_writer.sql"),
+    ),
 ];
 
 /// An arbitrary, fixed key for `pg_advisory_xact_lock`.

@@ -272,28 +272,28 @@ impl Changes {
     }
 
     /// The rows of everything changed, as of `wal_seq` (the position `state`
-    /// is at); the changes start over empty.
+    /// is at); the changes start over empty. On an error nothing is taken:
+    /// the changes stay for the next try.
     pub fn take(&mut self, state: &mut State, wal_seq: u64) -> Result<Delta, StorageError> {
         let mut delta = Delta {
             wal_seq,
-            usage: std::mem::take(&mut self.usage),
             ..Delta::default()
         };
-        self.usage_in_wal_only = false;
-        for school_id in std::mem::take(&mut self.schools) {
-            let Some(school) = state.schools.get_mut(&school_id) else {
+        let mut history_written = Vec::new();
+        for school_id in &self.schools {
+            let Some(school) = state.schools.get_mut(school_id) else {
                 continue;
             };
-            let written = self.history_written.entry(school_id.clone()).or_default();
+            let written = self.history_written.get(school_id).copied().unwrap_or(0);
             delta.history.extend(
                 school
                     .history
                     .entries()
                     .iter()
-                    .filter(|e| e.seq > *written)
+                    .filter(|e| e.seq > written)
                     .map(|e| (school_id.clone(), e.clone())),
             );
-            *written = school.history.len() as u64;
+            history_written.push((school_id.clone(), school.history.len() as u64));
             delta
                 .school_states
                 .push((school_id.clone(), encode_without_history(school)?));
@@ -303,7 +303,7 @@ impl Changes {
                 delta.subscriptions.extend(subscriptions(school, state)?);
             }
         }
-        for (school_id, teacher_id) in std::mem::take(&mut self.accounts) {
+        for (school_id, teacher_id) in &self.accounts {
             let Some(account) = state.accounts.get(&(school_id.clone(), teacher_id.clone())) else {
                 continue;
             };
@@ -321,17 +321,24 @@ impl Changes {
                 teacher_id.clone(),
                 codec::encode(account)?,
             ));
-            delta.teachers.push((school_id, teacher_id));
+            delta.teachers.push((school_id.clone(), teacher_id.clone()));
         }
-        for (school_id, request_id) in std::mem::take(&mut self.requests) {
+        for (school_id, request_id) in &self.requests {
             if let Some(request) = state
                 .schools
-                .get(&school_id)
-                .and_then(|s| s.requests.get(&request_id))
+                .get(school_id)
+                .and_then(|s| s.requests.get(request_id))
             {
-                delta.requests.push((school_id, request.clone()));
+                delta.requests.push((school_id.clone(), request.clone()));
             }
         }
+        // Everything that could fail is done: now the changes are taken.
+        delta.usage = std::mem::take(&mut self.usage);
+        self.usage_in_wal_only = false;
+        self.schools.clear();
+        self.accounts.clear();
+        self.requests.clear();
+        self.history_written.extend(history_written);
         Ok(delta)
     }
 }

@@ -117,6 +117,7 @@ impl PostgresFollower {
         let (sender, receiver) = mpsc::channel(1);
         let (done_tx, done) = crossbeam_channel::bounded(1);
         let writer = Writer {
+            writer_id: writer_id(),
             url,
             client: None,
             shared: shared.clone(),
@@ -303,6 +304,8 @@ impl Follower for PostgresFollower {
 }
 
 struct Writer {
+    /// This process's name in `quotad_snapshot.writer`.
+    writer_id: String,
     url: Secret,
     client: Option<Client>,
     shared: Arc<Shared>,
@@ -345,6 +348,7 @@ impl Writer {
         loop {
             match self.find_position().await {
                 Ok(found) => {
+                    self.warn_if_wal_misses_records_after(found.committed_seq);
                     self.shared
                         .committed_seq
                         .store(found.committed_seq, Ordering::Release);
@@ -360,6 +364,24 @@ impl Writer {
             }
             self.sleep(with_jitter(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Says so when the WAL no longer holds the record right after Postgres's
+    /// position (quotad ran without Postgres, or this is another database):
+    /// the state is written whole, but those records' usage rows are gone.
+    fn warn_if_wal_misses_records_after(&self, committed_seq: u64) {
+        let first = self
+            .store
+            .read_range(committed_seq, 1)
+            .ok()
+            .and_then(|e| e.first().map(|(seq, _)| *seq));
+        if first.is_some_and(|first| first > committed_seq + 1) {
+            tracing::warn!(
+                postgres_wal_seq = committed_seq,
+                "the WAL no longer holds every record after the Postgres snapshot: the state is \
+                 written whole, but the usage log rows of the missing records will not be in ai_usage_logs"
+            );
         }
     }
 
@@ -455,19 +477,25 @@ impl Writer {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SNAPSHOT_LOCK])
             .await?;
-        let found: Option<i64> = tx
-            .query_opt("SELECT wal_seq FROM quotad_snapshot WHERE id = 1", &[])
+        let found: Option<(i64, String)> = tx
+            .query_opt(
+                "SELECT wal_seq, writer FROM quotad_snapshot WHERE id = 1",
+                &[],
+            )
             .await?
-            .map(|row| row.get(0));
-        match fence(found.map_or(0, db_u64), expected, delta.wal_seq)? {
+            .map(|row| (row.get(0), row.get(1)));
+        let (found_seq, found_writer) = found.map_or((0, String::new()), |(s, w)| (db_u64(s), w));
+        let written_by_us = found_writer == self.writer_id;
+        match fence(found_seq, written_by_us, expected, delta.wal_seq)? {
             Fence::AlreadyCommitted => return Ok(()),
             Fence::Write => {}
         }
         write_delta(&tx, delta, self.store.as_ref()).await?;
         tx.execute(
-            "INSERT INTO quotad_snapshot (id, wal_seq, taken_at) VALUES (1, $1, now())
-             ON CONFLICT (id) DO UPDATE SET wal_seq = EXCLUDED.wal_seq, taken_at = EXCLUDED.taken_at",
-            &[&db_i64(delta.wal_seq)],
+            "INSERT INTO quotad_snapshot (id, wal_seq, taken_at, writer) VALUES (1, $1, now(), $2)
+             ON CONFLICT (id) DO UPDATE SET wal_seq = EXCLUDED.wal_seq,
+                 taken_at = EXCLUDED.taken_at, writer = EXCLUDED.writer",
+            &[&db_i64(delta.wal_seq), &self.writer_id],
         )
         .await?;
         tx.commit().await?;
@@ -485,15 +513,31 @@ pub(crate) enum Fence {
 }
 
 /// Postgres must hold the position this quotad committed last (`expected`);
-/// anything else means another writer, and nothing is written.
-pub(crate) fn fence(found: u64, expected: u64, delta_seq: u64) -> Result<Fence, PostgresError> {
+/// anything else means another writer, and nothing is written. The one
+/// exception is this very snapshot, written by this process (`written_by_us`):
+/// an earlier attempt committed and its answer was lost.
+pub(crate) fn fence(
+    found: u64,
+    written_by_us: bool,
+    expected: u64,
+    delta_seq: u64,
+) -> Result<Fence, PostgresError> {
     if found == expected {
         Ok(Fence::Write)
-    } else if found == delta_seq && found > expected {
+    } else if found == delta_seq && found > expected && written_by_us {
         Ok(Fence::AlreadyCommitted)
     } else {
         Err(PostgresError::Fenced { found, expected })
     }
+}
+
+/// A name no other quotad process uses: the host's process id and the start
+/// time in nanoseconds.
+fn writer_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
 }
 
 fn is_connection_lost(error: &PostgresError) -> bool {

@@ -252,3 +252,30 @@ fn past_the_memory_bound_usage_rows_are_left_to_the_wal() {
     changes.add_usage(9, &record);
     assert_eq!(changes.take(&mut state, 9).unwrap().usage.len(), 1);
 }
+
+#[test]
+fn a_delta_that_cannot_be_built_takes_nothing_so_the_next_try_has_it_all() {
+    let mut state = State::default();
+    let mut changes = Changes::default();
+    let last = run(
+        &mut state,
+        &mut changes,
+        1,
+        &[
+            school_created(),
+            allocation("t1", 100),
+            charged("t1", "e1", 10),
+        ],
+    );
+    let school_id = id(SchoolId::parse("s1"));
+    let good_start = state.schools[&school_id].cycle_start_ms;
+    // A cycle that cannot be computed makes the school's rows fail.
+    state.schools.get_mut(&school_id).unwrap().cycle_start_ms = i64::MAX;
+    assert!(changes.take(&mut state, last).is_err());
+    state.schools.get_mut(&school_id).unwrap().cycle_start_ms = good_start;
+    let delta = changes.take(&mut state, last).unwrap();
+    assert_eq!(delta.usage.len(), 1, "the usage row was kept");
+    assert_eq!(delta.school_states.len(), 1);
+    assert_eq!(delta.account_states.len(), 1);
+    assert_eq!(delta.history.len(), 2);
+}

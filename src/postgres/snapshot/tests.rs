@@ -6,19 +6,31 @@ use crate::storage::MemoryLog;
 
 #[test]
 fn the_fence_lets_through_only_the_position_this_quotad_wrote() {
-    assert_eq!(fence(7, 7, 12).unwrap(), Fence::Write);
-    // The commit of 12 went through but its answer was lost: done already.
-    assert_eq!(fence(12, 7, 12).unwrap(), Fence::AlreadyCommitted);
+    assert_eq!(fence(7, true, 7, 12).unwrap(), Fence::Write);
+    assert_eq!(fence(7, false, 7, 12).unwrap(), Fence::Write);
+    assert_eq!(fence(0, false, 0, 3).unwrap(), Fence::Write);
+    // Our commit of 12 went through but its answer was lost: done already.
+    assert_eq!(fence(12, true, 7, 12).unwrap(), Fence::AlreadyCommitted);
+    // Another quotad reached the same position: refused, not taken as ours.
+    assert!(matches!(
+        fence(12, false, 7, 12),
+        Err(PostgresError::Fenced {
+            found: 12,
+            expected: 7
+        })
+    ));
     // Someone else moved it, forward or back.
     assert!(matches!(
-        fence(9, 7, 12),
+        fence(9, true, 7, 12),
         Err(PostgresError::Fenced {
             found: 9,
             expected: 7
         })
     ));
-    assert!(matches!(fence(3, 7, 12), Err(PostgresError::Fenced { .. })));
-    assert!(matches!(fence(12, 12, 12), Ok(Fence::Write)));
+    assert!(matches!(
+        fence(3, false, 7, 12),
+        Err(PostgresError::Fenced { .. })
+    ));
 }
 
 fn usage_record(i: u64) -> Record {
