@@ -69,13 +69,18 @@ pub struct PendingUsage {
 }
 
 impl PendingUsage {
-    /// The entry's key in the journal: its kind and its id.
+    /// The entry's key in the journal: its school, teacher, kind and id. The
+    /// server counts an id once per teacher, so two teachers' entries with
+    /// the same id are two entries here too. (Ids and names hold no `\n`.)
     pub fn key(&self) -> String {
         let kind = match self.kind {
             PendingKind::Event => "event",
             PendingKind::Commit => "commit",
         };
-        format!("{kind}:{}", self.id)
+        format!(
+            "{}\n{}\n{kind}\n{}",
+            self.school_id, self.teacher_id, self.id
+        )
     }
 }
 
@@ -291,11 +296,19 @@ impl Journal {
         for usage in &self.pending {
             bytes.extend(encode(&Line::Add(usage.clone()))?);
         }
-        let written = File::create(&compact)
+        File::create(&compact)
             .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
             .and_then(|()| std::fs::rename(&compact, &path))
-            .and_then(|()| File::open(&self.dir).and_then(|d| d.sync_all()));
-        written.map_err(|e| io_error("compact the journal", e))?;
+            .map_err(|e| io_error("compact the journal", e))?;
+        // From the rename on, the old handle points at the replaced file: a
+        // failure now must not leave the journal writing through it.
+        let synced = File::open(&self.dir).and_then(|d| d.sync_all());
+        if let Err(e) = synced {
+            self.broken = Some(format!(
+                "syncing the journal's directory after compaction: {e}"
+            ));
+            return Err(io_error("compact the journal", e));
+        }
         // The old handle now points at the replaced file: writing through it
         // would be lost, so without a new one the journal takes no writes.
         self.file = open_append(&path).inspect_err(|e| {
@@ -407,6 +420,27 @@ mod tests {
 
     fn ids(journal: &Journal) -> Vec<String> {
         journal.pending().map(|u| u.id.clone()).collect()
+    }
+
+    #[test]
+    fn the_same_id_of_two_teachers_is_two_entries_and_removing_one_keeps_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(dir.path(), 100).unwrap();
+        let other = PendingUsage {
+            teacher_id: "t2".into(),
+            ..usage("42")
+        };
+        journal.record(usage("42")).unwrap();
+        journal.record(other.clone()).unwrap();
+        assert_eq!(
+            journal.pending().count(),
+            2,
+            "t2's usage is not taken for t1's"
+        );
+        journal.remove(vec![usage("42").key()]).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path(), 100).unwrap();
+        assert_eq!(journal.pending().cloned().collect::<Vec<_>>(), [other]);
     }
 
     #[test]
