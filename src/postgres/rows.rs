@@ -14,8 +14,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::domain::{
-    AuditEntry, AuditTrail, Cycle, DenyReason, IncreaseRequest, Pool, Record, SchoolId,
-    SchoolState, ServiceType, Slice, State, TeacherId, TimestampMs, UsageSource,
+    AuditEntry, AuditTrail, Cycle, IncreaseRequest, Pool, Record, SchoolId, SchoolState,
+    ServiceType, Slice, State, TeacherId, TimestampMs, UsageSource,
 };
 use crate::storage::{codec, StorageError};
 
@@ -115,7 +115,7 @@ impl UsageRow {
                 borrowed_units: 0,
                 overage_units: 0,
                 model: String::new(),
-                decision: deny_decision(*reason),
+                decision: reason.as_str(),
                 cycle_start_ms: *cycle_start_ms,
                 occurred_at_ms: *occurred_at_ms,
                 recorded_at_ms: *recorded_at_ms,
@@ -123,10 +123,6 @@ impl UsageRow {
             _ => None,
         }
     }
-}
-
-fn deny_decision(reason: DenyReason) -> &'static str {
-    reason.as_str()
 }
 
 /// Everything one snapshot transaction writes.
@@ -223,7 +219,7 @@ impl Changes {
     }
 
     /// Adds the usage row of a record whose other changes are already noted.
-    pub fn add_usage(&mut self, wal_seq: u64, record: &Record) {
+    fn add_usage(&mut self, wal_seq: u64, record: &Record) {
         if self.usage_in_wal_only {
             return;
         }
