@@ -90,6 +90,11 @@ pub struct Config {
     /// The signing key itself (from `QUOTAD_AUTH_KEY`; never from the file).
     #[serde(skip)]
     pub auth_key: Option<Secret>,
+    /// Serve what a damaged log still holds instead of refusing to start.
+    /// Only from the command line (`--accept-data-loss`), for one start: in a
+    /// config file it would silently accept every later loss too.
+    #[serde(skip)]
+    pub accept_data_loss: bool,
     /// Postgres, the long-term store (`postgres://user@host:port/db`). None:
     /// sled alone, no analytics.
     pub postgres_url: Option<Secret>,
@@ -148,6 +153,7 @@ impl Default for Config {
                 .collect(),
             auth_key_file: None,
             insecure_dev: false,
+            accept_data_loss: false,
             auth_key: None,
             postgres_url: None,
             postgres_snapshot_interval_s: 10,

@@ -102,6 +102,10 @@ struct ServeArgs {
     /// Accept every call without a token, as an admin: for a first run on a laptop only.
     #[arg(long)]
     insecure_dev: bool,
+    /// Start even though the write-ahead log is damaged, serving what it still holds
+    /// (logged loudly and written in every school's audit trail). For this start only.
+    #[arg(long)]
+    accept_data_loss: bool,
     /// Postgres for snapshots, recovery and analytics (postgres://user@host:port/db).
     #[arg(long, env = "QUOTAD_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
@@ -146,6 +150,7 @@ impl ServeArgs {
             config.auth_key = Some(quotad::config::Secret(key.clone()));
         }
         config.insecure_dev |= self.insecure_dev;
+        config.accept_data_loss |= self.accept_data_loss;
         config.validate()?;
         Ok(config)
     }

@@ -26,7 +26,7 @@ use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresE
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
 use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
-use crate::storage::{recover, LogStore, Recovered, SledLog, StorageError, Wal};
+use crate::storage::{recover_with, LogStore, OnDamage, Recovered, SledLog, StorageError, Wal};
 use crate::telemetry;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
@@ -36,10 +36,13 @@ const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot open the data directory {path} (is another quotad using it?): {source}")]
+    #[error(
+        "cannot open the data directory {path}: {source}{}",
+        recovery_advice(source)
+    )]
     Open { path: PathBuf, source: StorageError },
-    #[error("recovery failed: {0}")]
-    Recover(StorageError),
+    #[error("recovery refused: {source}{}", recovery_advice(source))]
+    Recover { source: StorageError },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -57,6 +60,23 @@ pub enum ServeError {
          quotad will not start from nothing while the state may be there"
     )]
     NoState(String),
+}
+
+/// How to go on from damage, for the refusal's message.
+fn recovery_advice(error: &StorageError) -> &'static str {
+    match error {
+        StorageError::Damaged(_)
+        | StorageError::Corrupt { .. }
+        | StorageError::LogEndsEarly { .. }
+        | StorageError::LogGap { .. }
+        | StorageError::Sled(sled::Error::Corruption { .. }) => {
+            ". Nothing was served. To go on: recover from Postgres (move this data directory \
+             aside and start with --database-url: Postgres holds everything up to its last \
+             snapshot), or serve what the log still holds with --accept-data-loss (the loss is \
+             logged and written in every school's audit trail)"
+        }
+        _ => "",
+    }
 }
 
 /// How long start-up waits for Postgres before serving from the data
@@ -95,7 +115,7 @@ pub async fn serve(
         );
     let (recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
-        None => (recover_local(store.as_ref())?, None),
+        None => (recover_local(store.as_ref(), &config)?, None),
     };
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
     let snapshotter = Snapshotter::start(
@@ -141,8 +161,40 @@ pub async fn serve(
     served
 }
 
-fn recover_local(store: &dyn LogStore) -> Result<Recovered, ServeError> {
-    let recovered = recover(store).map_err(ServeError::Recover)?;
+/// Recovers from the data directory. Damage refuses to start unless the
+/// operator accepted the loss for this start; then the state up to the last
+/// whole record is written down as the snapshot and everything after it is
+/// dropped, so that new records follow it without a gap.
+fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, ServeError> {
+    let on_damage = if config.accept_data_loss {
+        OnDamage::AcceptLoss
+    } else {
+        OnDamage::Refuse
+    };
+    // sled has been seen to panic on a damaged log while reading it.
+    let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        recover_with(store, on_damage)
+    }))
+    .map_err(|panic| {
+        StorageError::Damaged(format!(
+            "sled panicked while reading the log: {}",
+            crate::storage::log::panic_message(&panic)
+        ))
+    })
+    .and_then(|recovered| recovered)
+    .map_err(|source| ServeError::Recover { source })?;
+    if let Some(lost) = &recovered.lost {
+        tracing::error!(
+            %lost,
+            served_through_wal_seq = recovered.last_seq,
+            "DATA LOSS ACCEPTED (--accept-data-loss): serving the state up to the last whole \
+             record; every record after it is gone"
+        );
+        write_snapshot(store, recovered.last_seq, &recovered.state)?;
+        store.truncate_through(u64::MAX)?;
+        store.mark_durable(recovered.last_seq)?;
+        store.flush()?;
+    }
     tracing::info!(
         schools = recovered.state.schools.len(),
         teachers = recovered.state.accounts.len(),
@@ -172,15 +224,15 @@ async fn recover_with_postgres(
     let connected = tokio::time::timeout(POSTGRES_START_WAIT, postgres::prepare(&url.0)).await;
     let mut client = match connected {
         Ok(Ok(client)) => client,
-        Ok(Err(error)) => return start_without_postgres(store, url, interval, error.to_string()),
+        Ok(Err(error)) => return start_without_postgres(store, url, config, error.to_string()),
         Err(_) => {
             let waited = format!("no answer within {} s", POSTGRES_START_WAIT.as_secs());
-            return start_without_postgres(store, url, interval, waited);
+            return start_without_postgres(store, url, config, waited);
         }
     };
     let store_arc = store.clone();
     let store = store.as_ref();
-    let local = recover_local(store)?;
+    let local = recover_local(store, config)?;
     let pg_seq = postgres::recover::snapshot_seq(&client).await?;
     let history_written = postgres::recover::history_written(&client).await?;
     let (recovered, changes) = if local.last_seq >= pg_seq {
@@ -211,6 +263,7 @@ async fn recover_with_postgres(
             snapshot_seq: loaded.wal_seq,
             last_seq: loaded.wal_seq,
             replayed_records: 0,
+            lost: None,
         };
         (recovered, Changes::new(history_written))
     };
@@ -221,10 +274,10 @@ async fn recover_with_postgres(
 fn start_without_postgres(
     store: &Arc<dyn LogStore>,
     url: &Secret,
-    interval: Duration,
+    config: &Config,
     error: String,
 ) -> Result<(Recovered, Option<Box<dyn Follower>>), ServeError> {
-    let local = recover_local(store.as_ref())?;
+    let local = recover_local(store.as_ref(), config)?;
     if local.last_seq == 0 {
         return Err(ServeError::NoState(error));
     }
@@ -233,6 +286,7 @@ fn start_without_postgres(
         "Postgres does not answer: serving from the data directory; the WAL is kept whole and \
          Postgres is caught up once it answers"
     );
+    let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
     let follower = PostgresFollower::start_detached(url.clone(), interval, store.clone())?;
     Ok((local, Some(Box::new(follower))))
 }

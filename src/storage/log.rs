@@ -29,13 +29,36 @@ pub trait LogStore: Send + Sync + 'static {
     fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
     /// Drops records up to and including `wal_seq` (a snapshot covers them).
     fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError>;
+    /// Records that every position up to `wal_seq` is durable: recovery
+    /// refuses a log that ends before it (a damaged or lost record), where it
+    /// would otherwise serve less than was acknowledged. Called by the WAL
+    /// writer after each group commit; the mark itself may reach the disk a
+    /// little later, so after a power cut it is a lower bound, never more
+    /// than what was durable.
+    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError>;
+    /// The last mark, as found at open or set since; None when none was ever
+    /// written (a new data directory, or one from before the mark existed).
+    fn durable_mark(&self) -> Result<Option<u64>, StorageError>;
 }
 
 /// The embedded default: sled, under the data directory.
+///
+/// sled's own flush is not an fsync on Linux: it writes with `pwrite` and
+/// waits with `sync_file_range`, which persists neither a grown file's size
+/// nor the drive's write cache, and it never syncs a directory. So
+/// [`SledLog::flush`] follows sled's flush with an `fdatasync` of the log file
+/// and an fsync of every file sled created since the last flush (blobs: values
+/// too large to sit in the log, such as the local snapshot; its own snapshot
+/// files; the config), and of the directories that gained or lost entries.
 pub struct SledLog {
     db: sled::Db,
     wal: sled::Tree,
     meta: sled::Tree,
+    /// sled's log file, opened a second time: an `fdatasync` of any
+    /// descriptor of a file makes its written data durable.
+    log_file: std::fs::File,
+    files: Mutex<DirectoryListing>,
+    mark: Mutex<DurableMark>,
 }
 
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
@@ -44,28 +67,172 @@ const SNAPSHOT_KEY: &[u8] = b"snapshot";
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl SledLog {
-    /// Opens (or creates) the database. sled holds an exclusive file lock;
-    /// a quotad that has just stopped may take a moment to let go of it (its
-    /// last I/O finishes on sled's own threads), so a held lock is waited for
-    /// up to [`LOCK_WAIT`] before the open fails.
+    /// Opens (or creates) the database and makes the directory itself
+    /// durable, so that a newly created data directory cannot vanish whole.
+    /// sled holds an exclusive file lock; a quotad that has just stopped may
+    /// take a moment to let go of it (its last I/O finishes on sled's own
+    /// threads), so a held lock is waited for up to [`LOCK_WAIT`].
+    ///
+    /// A panic inside sled while opening (seen with a damaged log) is
+    /// returned as [`StorageError::Damaged`], not a backtrace.
     pub fn open(path: &Path) -> Result<Self, StorageError> {
-        let started = std::time::Instant::now();
-        let db = loop {
-            // sled flushes on its own every 500 ms by default; quotad flushes
-            // itself (group commit), so that a flush means "these are durable".
-            match sled::Config::new().path(path).flush_every_ms(None).open() {
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && started.elapsed() < LOCK_WAIT =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                opened => break opened?,
-            }
-        };
+        let created = missing_ancestors(path);
+        let db = open_sled(path)?;
         let wal = db.open_tree("wal")?;
         let meta = db.open_tree("meta")?;
-        Ok(Self { db, wal, meta })
+        let log_file = std::fs::File::open(path.join("db"))
+            .map_err(|e| io_error(&format!("open {}", path.join("db").display()), e))?;
+        let files = DirectoryListing::new(path);
+        let mark = DurableMark::open(&path.join(DURABLE_MARK_FILE))?;
+        let log = Self {
+            db,
+            wal,
+            meta,
+            log_file,
+            files: Mutex::new(files),
+            mark: Mutex::new(mark),
+        };
+        log.flush()?;
+        // Directories created for the data directory: each is an entry of its parent.
+        for dir in created {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        Ok(log)
+    }
+}
+
+fn open_sled(path: &Path) -> Result<sled::Db, StorageError> {
+    let started = std::time::Instant::now();
+    loop {
+        // sled flushes on its own every 500 ms by default; quotad flushes
+        // itself (group commit), so that a flush means "these are durable".
+        let config = sled::Config::new().path(path).flush_every_ms(None);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|panic| {
+                StorageError::Damaged(format!(
+                    "sled panicked while opening: {}",
+                    panic_message(&panic)
+                ))
+            })?;
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StorageError::Locked(e.to_string()))
+            }
+            Err(sled::Error::Corruption { at, .. }) => {
+                return Err(StorageError::Damaged(format!(
+                    "sled found a damaged page at {at:?}"
+                )))
+            }
+            opened => return Ok(opened?),
+        }
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_string()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
+/// `path` and those of its ancestors that do not exist yet (deepest first).
+fn missing_ancestors(path: &Path) -> Vec<std::path::PathBuf> {
+    path.ancestors()
+        .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+fn io_error(what: &str, error: std::io::Error) -> StorageError {
+    StorageError::Io(format!("{what}: {error}"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(&format!("fsync the directory {}", dir.display()), e))
+}
+
+/// The entries of the data directory and of its `blobs/`, as last synced.
+/// Every flush compares them with the directories as they are now: a new
+/// file is fsynced, and a directory that gained or lost an entry is fsynced
+/// too (a rename or a removal is an entry of the directory, not of the file).
+struct DirectoryListing {
+    root: std::path::PathBuf,
+    known: std::collections::BTreeSet<std::path::PathBuf>,
+}
+
+impl DirectoryListing {
+    fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            known: Default::default(),
+        }
+    }
+
+    fn sync_changes(&mut self) -> Result<(), StorageError> {
+        let blobs = self.root.join("blobs");
+        for dir in [self.root.clone(), blobs] {
+            let now = list(&dir)?;
+            let before: std::collections::BTreeSet<_> = self
+                .known
+                .iter()
+                .filter(|p| p.parent() == Some(dir.as_path()))
+                .cloned()
+                .collect();
+            if now == before {
+                continue;
+            }
+            for file in now.difference(&before) {
+                sync_file(file)?;
+            }
+            if dir.exists() {
+                sync_dir(&dir)?;
+            }
+            self.known.retain(|p| p.parent() != Some(dir.as_path()));
+            self.known.extend(now);
+        }
+        Ok(())
+    }
+}
+
+/// The files (not directories) in `dir`; none when it does not exist.
+fn list(dir: &Path) -> Result<std::collections::BTreeSet<std::path::PathBuf>, StorageError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(io_error(&format!("list {}", dir.display()), e)),
+    };
+    let mut files = std::collections::BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(&format!("list {}", dir.display()), e))?;
+        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if is_file {
+            files.insert(entry.path());
+        }
+    }
+    Ok(files)
+}
+
+/// fsync of a file that may have been removed meanwhile (sled drops
+/// superseded blobs and snapshot files on its own threads).
+fn sync_file(path: &Path) -> Result<(), StorageError> {
+    match std::fs::File::open(path).and_then(|f| f.sync_all()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(&format!("fsync {}", path.display()), e)),
     }
 }
 
@@ -79,9 +246,15 @@ impl LogStore for SledLog {
         Ok(())
     }
 
+    /// The durability point: sled's flush writes every pending record, then
+    /// `fdatasync` makes them (and the file's size) durable, then new files
+    /// and changed directories are synced.
     fn flush(&self) -> Result<(), StorageError> {
         self.db.flush()?;
-        Ok(())
+        self.log_file
+            .sync_data()
+            .map_err(|e| io_error("fdatasync the log file", e))?;
+        lock(&self.files).sync_changes()
     }
 
     fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
@@ -135,6 +308,14 @@ impl LogStore for SledLog {
         self.wal.apply_batch(batch)?;
         Ok(())
     }
+
+    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
+        lock(&self.mark).set(wal_seq)
+    }
+
+    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
+        lock(&self.mark).get()
+    }
 }
 
 /// Keeps everything in memory: for tests, and to show what the trait promises.
@@ -152,6 +333,7 @@ struct MemoryInner {
     /// Appended since the last flush (a flush moves them into `durable`).
     unflushed: Vec<Entry>,
     snapshot: Option<(u64, Vec<u8>)>,
+    mark: Option<u64>,
 }
 
 impl MemoryLog {
@@ -167,6 +349,7 @@ impl MemoryLog {
             durable: inner.durable.clone(),
             unflushed: Vec::new(),
             snapshot: inner.snapshot.clone(),
+            mark: inner.mark,
         };
         MemoryLog {
             inner: Arc::new(Mutex::new(copy)),
@@ -233,4 +416,131 @@ impl LogStore for MemoryLog {
         inner.unflushed.retain(|(k, _)| *k > wal_seq);
         Ok(())
     }
+
+    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
+        self.check()?;
+        self.lock().mark = Some(wal_seq);
+        Ok(())
+    }
+
+    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
+        Ok(self.lock().mark)
+    }
+}
+
+/// A lock whose holder panicked still guards whole values: every writer
+/// replaces them in one step.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The file, in the data directory, that holds the durable mark.
+pub const DURABLE_MARK_FILE: &str = "quotad-durable-mark";
+/// The mark is written in two slots in turn, so that a torn write of one
+/// leaves the other whole; each is a sector apart.
+const MARK_SLOT_BYTES: u64 = 512;
+const MARK_MAGIC: &[u8; 4] = b"QDMK";
+const MARK_VERSION: u8 = 1;
+/// magic, version, 3 bytes of padding, generation, position, crc32.
+const MARK_BYTES: usize = 4 + 1 + 3 + 8 + 8 + 4;
+/// The mark is synced at most this often: it is written after every group
+/// commit, and an `fdatasync` per commit would double the cost of each. So
+/// after a power cut the mark may be up to this much behind what was durable
+/// (a damaged record acknowledged in that last moment goes unnoticed);
+/// after a process crash the page cache holds it exactly.
+const MARK_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where the log must reach (see [`LogStore::mark_durable`]).
+struct DurableMark {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    generation: u64,
+    /// Err: the file exists but neither slot is whole.
+    wal_seq: Result<Option<u64>, String>,
+    synced_at: std::time::Instant,
+}
+
+impl DurableMark {
+    fn open(path: &Path) -> Result<Self, StorageError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io_error(&format!("open {}", path.display()), e))?;
+        let mut bytes = Vec::new();
+        use std::io::Read;
+        (&file)
+            .read_to_end(&mut bytes)
+            .map_err(|e| io_error(&format!("read {}", path.display()), e))?;
+        let slots = [0, MARK_SLOT_BYTES as usize].map(|at| decode_mark(bytes.get(at..)?));
+        let newest = slots
+            .into_iter()
+            .flatten()
+            .max_by_key(|(generation, _)| *generation);
+        let (generation, wal_seq) = match newest {
+            Some((generation, wal_seq)) => (generation, Ok(Some(wal_seq))),
+            None if bytes.iter().all(|b| *b == 0) => (0, Ok(None)),
+            None => (
+                0,
+                Err(format!(
+                    "{} is damaged: neither copy of the mark is whole",
+                    path.display()
+                )),
+            ),
+        };
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            generation,
+            wal_seq,
+            synced_at: std::time::Instant::now(),
+        })
+    }
+
+    fn get(&self) -> Result<Option<u64>, StorageError> {
+        self.wal_seq.clone().map_err(StorageError::Damaged)
+    }
+
+    fn set(&mut self, wal_seq: u64) -> Result<(), StorageError> {
+        use std::os::unix::fs::FileExt;
+        self.generation += 1;
+        let at = (self.generation % 2) * MARK_SLOT_BYTES;
+        self.file
+            .write_all_at(&encode_mark(self.generation, wal_seq), at)
+            .map_err(|e| io_error(&format!("write {}", self.path.display()), e))?;
+        self.wal_seq = Ok(Some(wal_seq));
+        if self.synced_at.elapsed() >= MARK_SYNC_INTERVAL {
+            self.file
+                .sync_data()
+                .map_err(|e| io_error(&format!("fdatasync {}", self.path.display()), e))?;
+            self.synced_at = std::time::Instant::now();
+        }
+        Ok(())
+    }
+}
+
+fn encode_mark(generation: u64, wal_seq: u64) -> [u8; MARK_BYTES] {
+    let mut bytes = [0u8; MARK_BYTES];
+    bytes[..4].copy_from_slice(MARK_MAGIC);
+    bytes[4] = MARK_VERSION;
+    bytes[8..16].copy_from_slice(&generation.to_le_bytes());
+    bytes[16..24].copy_from_slice(&wal_seq.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..24]);
+    bytes[24..].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// (generation, position) of a whole slot.
+fn decode_mark(bytes: &[u8]) -> Option<(u64, u64)> {
+    let bytes = bytes.get(..MARK_BYTES)?;
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(bytes[24..28].try_into().unwrap_or_default());
+    let whole = &bytes[..4] == MARK_MAGIC
+        && bytes[4] == MARK_VERSION
+        && crc32fast::hash(&bytes[..24]) == crc;
+    whole.then(|| (word(8), word(16)))
 }

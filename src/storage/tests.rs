@@ -56,6 +56,12 @@ impl<S: LogStore> LogStore for CountingStore<S> {
     fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
         self.inner.truncate_through(wal_seq)
     }
+    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
+        self.inner.mark_durable(wal_seq)
+    }
+    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
+        self.inner.durable_mark()
+    }
 }
 
 /// Runs a test body against sled (in a temp dir) and against memory.

@@ -356,12 +356,17 @@ impl Writer {
             .durable_seq
             .store(durable_seq, Ordering::Release);
         self.shared.flushed.notify_waiters();
+        // After the answers: the mark is not on the acknowledgement's path.
+        let marked = self.store.mark_durable(durable_seq);
         let bytes: usize = batch.iter().map(|(_, encoded)| encoded.len()).sum();
         telemetry::wal_flush(started.elapsed(), batch.len(), bytes, durable_seq);
         // The snapshotter must see every durable record. Its queue is
         // bounded, so if it falls far behind the writer waits for it rather
         // than let memory grow; a gone snapshotter (shut down) is ignored.
         let _ = self.durable_tx.send(batch);
+        if let Err(e) = marked {
+            self.poison(&e);
+        }
     }
 
     /// A failed write is fatal for writes: stop acknowledging, say so loudly.

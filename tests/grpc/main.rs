@@ -5,6 +5,7 @@
 mod admin;
 mod bad_input;
 mod common;
+mod corruption;
 mod crash;
 mod gate;
 mod idempotency;
