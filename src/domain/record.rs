@@ -18,6 +18,10 @@ use super::requests::RequestOutcome;
 use super::school::SchoolConfig;
 use super::slice::{DenyReason, Priority, SliceStatus};
 
+/// The longest `by` or `reason` of a [`Change`], in bytes: the API refuses
+/// longer text, so a record's size stays bounded (see `storage::codec`).
+pub const CHANGE_TEXT_BYTES_MAX: usize = 1024;
+
 /// Who made an administrative change, why, and when: kept for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
@@ -192,6 +196,11 @@ pub struct Grant {
     pub request_id: u64,
     pub units: u64,
 }
+
+/// The most slices one [`Record::AllocationsSet`] (one BulkSetAllocations
+/// call) may set. It bounds the largest record there is, and so the WAL's
+/// record limit (`storage::codec::RECORD_BYTES_MAX`) is derived from it.
+pub const BULK_SLICES_MAX: usize = 10_000;
 
 /// One slice's new terms in an [`Record::AllocationsSet`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

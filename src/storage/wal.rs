@@ -70,6 +70,15 @@ pub enum WalError {
     Closed,
     #[error("a record could not be encoded: {0}")]
     Encode(String),
+    /// The change would make a record larger than the log takes. Every call
+    /// the API allows fits (the limit is derived from the largest), so this is
+    /// a request beyond them: refused for good, nothing written.
+    #[error("the change is too large to record: a {kind} record of {bytes} bytes; at most {bytes_max} fit")]
+    RecordTooLarge {
+        kind: &'static str,
+        bytes: usize,
+        bytes_max: usize,
+    },
 }
 
 enum Message {
@@ -166,12 +175,14 @@ impl Wal {
     pub fn append(&self, record: &Record) -> Result<u64, WalError> {
         self.check_writable()?;
         let bytes = codec::encode(record).map_err(|e| WalError::Encode(e.to_string()))?;
-        assert!(
-            bytes.len() <= RECORD_BYTES_MAX,
-            "a {} record of {} bytes",
-            record.kind(),
-            bytes.len()
-        );
+        // Checked before a position is taken: a refused record leaves no gap.
+        if bytes.len() > RECORD_BYTES_MAX {
+            return Err(WalError::RecordTooLarge {
+                kind: record.kind(),
+                bytes: bytes.len(),
+                bytes_max: RECORD_BYTES_MAX,
+            });
+        }
         let seq = self.shared.next_seq.fetch_add(1, Ordering::AcqRel);
         self.tx
             .send(Message::Record((seq, bytes)))
@@ -373,5 +384,60 @@ impl Writer {
         self.shared.flushed.notify_waiters();
         telemetry::wal_poisoned();
         tracing::error!(%error, "WAL write failed: refusing every change until quotad restarts");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::{Change, Priority, SchoolId, ServiceType, SliceSet, TeacherId};
+    use crate::storage::MemoryLog;
+
+    fn allocations_set(slices: usize) -> Record {
+        let slices = (0..slices)
+            .map(|i| SliceSet {
+                teacher_id: TeacherId::parse(&format!("{i:0>128}")).unwrap(),
+                service: ServiceType::parse(&"s".repeat(64)).unwrap(),
+                allocated_units: 1,
+                priority: Priority::Normal,
+                auto_renew: false,
+            })
+            .collect();
+        Record::AllocationsSet {
+            school_id: SchoolId::parse("school").unwrap(),
+            slices,
+            cycle_start_ms: 0,
+            change: Change {
+                by: Arc::from("principal"),
+                reason: Arc::from(""),
+                at_ms: 0,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_over_the_limit_is_refused_with_its_size_and_leaves_no_gap() {
+        let store = MemoryLog::default();
+        let (wal, writer, _durable) =
+            Wal::start(Arc::new(store.clone()), WalConfig::default(), 0).unwrap();
+        let too_large = allocations_set(3 * crate::domain::record::BULK_SLICES_MAX);
+        match wal.append(&too_large) {
+            Err(WalError::RecordTooLarge {
+                kind,
+                bytes,
+                bytes_max,
+            }) => {
+                assert_eq!(kind, "allocations_set");
+                assert!(bytes > bytes_max && bytes_max == RECORD_BYTES_MAX);
+            }
+            other => panic!("{other:?}"),
+        }
+        let seq = wal.append(&allocations_set(1)).unwrap();
+        assert_eq!(seq, 1, "the refused record took no position");
+        wal.wait_durable(seq).await.unwrap();
+        writer.shutdown();
+        assert_eq!(store.read_after(0).unwrap().len(), 1);
     }
 }
