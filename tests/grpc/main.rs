@@ -8,6 +8,7 @@ mod common;
 mod crash;
 mod gate;
 mod idempotency;
+mod large_bulk;
 mod metrics;
 mod offline_client;
 mod quotactl;
