@@ -1,6 +1,7 @@
 //! Wires the parts together: storage and recovery, the engine, the gRPC
 //! services and the metrics endpoint. Tests call [`serve`] with listeners
-//! bound to 127.0.0.1:0 and their own shutdown signal.
+//! bound to 127.0.0.1:0 and their own shutdown signal, or [`serve_on_store`]
+//! with a log store that fails when they say so.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -10,7 +11,10 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use tonic::service::interceptor::InterceptedService;
 
@@ -57,6 +61,13 @@ pub enum ServeError {
          quotad will not start from nothing while the state may be there"
     )]
     NoState(String),
+    /// The WAL failed while serving: changes were refused from then on. The
+    /// exit is an error so that a supervisor notices and restarts quotad.
+    #[error(
+        "the write-ahead log failed ({0}); changes were refused from then on. Every \
+         acknowledged change is in the data directory: restart quotad"
+    )]
+    WalPoisoned(String),
 }
 
 /// How long start-up waits for Postgres before serving from the data
@@ -69,12 +80,30 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Runs quotad until `shutdown` resolves, then stops in the order that keeps
-/// every acknowledged change: stop answering, stop the actors, flush the WAL,
-/// write the final snapshot.
+/// Runs quotad on the sled log in `data_dir` until `shutdown` resolves, then
+/// stops in the order that keeps every acknowledged change: stop answering,
+/// stop the actors, flush the WAL, write the final snapshot. A WAL that
+/// failed meanwhile makes it return [`ServeError::WalPoisoned`].
 pub async fn serve(
     listeners: Listeners,
     config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    let store = SledLog::open(&config.data_dir).map_err(|source| ServeError::Open {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    serve_on_store(listeners, config, Arc::new(store), shutdown).await
+}
+
+/// [`serve`] on a log store the caller opened. quotad itself runs on sled;
+/// tests use this to run the real server on a store that fails or panics
+/// when they say so (a full disk, a bug inside sled).
+pub async fn serve_on_store(
+    listeners: Listeners,
+    config: Config,
+    store: Arc<dyn LogStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
@@ -86,13 +115,6 @@ pub async fn serve(
         );
     }
     let metrics = prometheus()?;
-    let store: Arc<dyn LogStore> =
-        Arc::new(
-            SledLog::open(&config.data_dir).map_err(|source| ServeError::Open {
-                path: config.data_dir.clone(),
-                source,
-            })?,
-        );
     let (recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
         None => (recover_local(store.as_ref())?, None),
@@ -108,8 +130,13 @@ pub async fn serve(
         system_now_ms,
         follower,
     )?;
-    let (engine, runtime) =
-        Engine::start(recovered.state, wal, config.engine()?, Clock::System).await?;
+    let (engine, runtime) = Engine::start(
+        recovered.state,
+        wal.clone(),
+        config.engine()?,
+        Clock::System,
+    )
+    .await?;
     let reader = analytics_reader(&config);
     let metrics_task = listeners
         .metrics
@@ -124,7 +151,13 @@ pub async fn serve(
         let interval = Duration::from_secs(config.alerts_interval_s);
         tokio::spawn(analytics.clone().run_alert_gauges(interval))
     });
-    let served = serve_grpc(listeners.grpc, engine, analytics, &config, auth, shutdown).await;
+    let grpc = Grpc {
+        engine,
+        analytics,
+        wal: wal.clone(),
+        auth,
+    };
+    let served = serve_grpc(listeners.grpc, grpc, &config, shutdown).await;
     for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }
@@ -138,7 +171,9 @@ pub async fn serve(
         tracing::error!("shutdown did not finish cleanly; the WAL holds every acknowledged change");
     }
     tracing::info!("quotad stopped");
-    served
+    served?;
+    wal.poisoned_because()
+        .map_or(Ok(()), |reason| Err(ServeError::WalPoisoned(reason)))
 }
 
 fn recover_local(store: &dyn LogStore) -> Result<Recovered, ServeError> {
@@ -281,15 +316,19 @@ fn analytics_reader(config: &Config) -> Option<Arc<Reader>> {
 /// the call never crosses threads; the other half costs one hop each way.
 async fn serve_grpc(
     listener: TcpListener,
-    engine: Engine,
-    analytics: Arc<Analytics>,
+    Grpc {
+        engine,
+        analytics,
+        wal,
+        auth,
+    }: Grpc,
     config: &Config,
-    auth: AuthMode,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QuotaGateServer<GateService>>().await;
     health.set_serving::<QuotaAdminServer<AdminService>>().await;
+    let health_follows_wal = tokio::spawn(follow_wal(health.clone(), wal));
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.gate_request_bytes_max())
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
@@ -344,7 +383,11 @@ async fn serve_grpc(
             (result, index, _) = first_exit => Some((index, flatten(result))),
         }
     };
+    health_follows_wal.abort();
+    set_not_serving(&health).await;
+    tracing::info!("health: NOT_SERVING, shutting down");
     let _ = stop_tx.send(true);
+    end_health_watches(health).await;
     // Graceful: each server finishes the calls in flight before it returns.
     let mut outcome = Ok(());
     for (i, server) in servers.into_iter().enumerate() {
@@ -362,6 +405,50 @@ async fn serve_grpc(
         Some((_, Ok(()))) => Err(ServeError::Listener(std::io::Error::other(
             "a gRPC server stopped unexpectedly",
         ))),
+    }
+}
+
+/// What the gRPC servers answer with.
+struct Grpc {
+    engine: Engine,
+    analytics: Arc<Analytics>,
+    /// Followed by the health service.
+    wal: Wal,
+    auth: AuthMode,
+}
+
+/// Every name the health service answers for: the server as a whole ("")
+/// and each service.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <QuotaGateServer<GateService> as NamedService>::NAME,
+    <QuotaAdminServer<AdminService> as NamedService>::NAME,
+];
+
+/// Says NOT_SERVING once the WAL is poisoned: every change would be refused,
+/// so a load balancer should send callers to another node.
+async fn follow_wal(health: HealthReporter, wal: Wal) {
+    let reason = wal.poisoned().await;
+    set_not_serving(&health).await;
+    tracing::error!(%reason, "health: NOT_SERVING, the write-ahead log failed");
+}
+
+/// For QuotaGate, QuotaAdmin and the server as a whole.
+async fn set_not_serving(health: &HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// A Watch stream never ends by itself, and a graceful stop waits for every
+/// open stream: a client watching health would hold quotad up forever.
+/// Dropping the statuses ends each stream after it has told NOT_SERVING
+/// (a Check from then on is NOT_FOUND, as for any unknown service).
+async fn end_health_watches(mut health: HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health.clear_service_status(service).await;
     }
 }
 

@@ -7,6 +7,7 @@ mod bad_input;
 mod common;
 mod crash;
 mod gate;
+mod health;
 mod idempotency;
 mod large_bulk;
 mod metrics;
