@@ -115,10 +115,12 @@ pub async fn serve_on_store(
         );
     }
     let metrics = prometheus()?;
+    telemetry::register_at_start(config.postgres_url.is_some());
     let (recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
         None => (recover_local(store.as_ref())?, None),
     };
+    telemetry::snapshot_recovered(recovered.snapshot_seq);
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
     let snapshotter = Snapshotter::start(
         store,
@@ -217,6 +219,7 @@ async fn recover_with_postgres(
     let store = store.as_ref();
     let local = recover_local(store)?;
     let pg_seq = postgres::recover::snapshot_seq(&client).await?;
+    telemetry::postgres_snapshot_recovered(pg_seq);
     let history_written = postgres::recover::history_written(&client).await?;
     let (recovered, changes) = if local.last_seq >= pg_seq {
         let changes = if local.last_seq == pg_seq {
@@ -506,8 +509,11 @@ fn serve_metrics(
     let pools = Arc::new(Mutex::new(String::new()));
     let refresh = Duration::from_millis(config.metrics_refresh_interval_ms);
     let schools_max = config.metrics_schools_max;
-    let refresher = refresh_pools(engine, schools_max, refresh, pools.clone());
     async move {
+        // The pool gauges are there from the first scrape: a scrape that
+        // comes now waits in the listener's backlog for this first read.
+        refresh_pools_once(&engine, schools_max, &pools).await;
+        let refresher = refresh_pools(engine, schools_max, refresh, pools.clone());
         let upkeep = handle.clone();
         // Dropped with this future (the server aborts it on shutdown), which
         // stops both tasks: neither outlives the engine it reads.
@@ -544,23 +550,28 @@ fn render_metrics(handle: &PrometheusHandle, pools: &Mutex<String>) -> String {
 }
 
 /// Renders the pool gauges of the first `schools_max` schools (in id order)
-/// every `interval`. A failed read keeps the previous text and is logged.
+/// every `interval`, the first time one `interval` from now.
 async fn refresh_pools(
     engine: Engine,
     schools_max: usize,
     interval: Duration,
     pools: Arc<Mutex<String>>,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match engine.pools_of_first_schools(schools_max).await {
-            Ok((schools, omitted)) => {
-                let text = telemetry::render_pools(&schools, omitted);
-                *pools.lock().unwrap_or_else(|p| p.into_inner()) = text;
-            }
-            Err(error) => tracing::warn!(%error, "the pool gauges were not refreshed"),
+        refresh_pools_once(&engine, schools_max, &pools).await;
+    }
+}
+
+/// A failed read keeps the previous text and is logged.
+async fn refresh_pools_once(engine: &Engine, schools_max: usize, pools: &Mutex<String>) {
+    match engine.pools_of_first_schools(schools_max).await {
+        Ok((schools, omitted)) => {
+            let text = telemetry::render_pools(&schools, omitted);
+            *pools.lock().unwrap_or_else(|p| p.into_inner()) = text;
         }
+        Err(error) => tracing::warn!(%error, "the pool gauges were not refreshed"),
     }
 }

@@ -153,6 +153,7 @@ impl Wal {
             .name("quotad-wal".into())
             .spawn(move || writer.run_until_shutdown())
             .map_err(|e| StorageError::Io(format!("start the WAL writer thread: {e}")))?;
+        telemetry::wal_started(last_seq);
         Ok((
             Wal {
                 shared,
