@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::common::*;
 
-/// Big enough for the request (about 2.3 MB with every id at its longest).
+/// Big enough for the request (about 2.1 MB with every id at its longest).
 const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// What the test client accepts: a list of 10,000 slices is close to 4 MiB.
 const CLIENT_DECODE_BYTES_MAX: usize = 16 * 1024 * 1024;
