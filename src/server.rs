@@ -24,13 +24,13 @@ use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::Secret;
 use crate::config::{Config, ConfigError};
-use crate::engine::{system_now_ms, Clock, Engine, EngineError};
+use crate::engine::{system_now_ms, Clock, Engine, EngineError, EngineRuntime};
 use crate::postgres::Reader;
 use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
 use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
-use crate::storage::{recover, LogStore, Recovered, SledLog, StorageError, Wal};
+use crate::storage::{recover, LogStore, Recovered, SledLog, StorageError, Wal, WalWriter};
 use crate::telemetry;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
@@ -108,12 +108,7 @@ pub async fn serve_on_store(
 ) -> Result<(), ServeError> {
     config.validate()?;
     let auth = config.auth_mode()?;
-    if matches!(auth, AuthMode::InsecureDev) {
-        tracing::warn!(
-            "INSECURE DEV MODE: every call is accepted without a token, as an admin. \
-             Never run this where anyone else can reach the port."
-        );
-    }
+    warn_if_insecure(&auth);
     let metrics = prometheus()?;
     telemetry::register_at_start(config.postgres_url.is_some());
     let (recovered, follower) = match &config.postgres_url {
@@ -163,6 +158,24 @@ pub async fn serve_on_store(
     for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }
+    stop_in_order(runtime, writer, snapshotter).await;
+    served?;
+    wal.poisoned_because()
+        .map_or(Ok(()), |reason| Err(ServeError::WalPoisoned(reason)))
+}
+
+fn warn_if_insecure(auth: &AuthMode) {
+    if matches!(auth, AuthMode::InsecureDev) {
+        tracing::warn!(
+            "INSECURE DEV MODE: every call is accepted without a token, as an admin. \
+             Never run this where anyone else can reach the port."
+        );
+    }
+}
+
+/// The actors first (no new records), then the WAL (flushes what they
+/// queued), then the snapshotter (writes the final snapshot of it all).
+async fn stop_in_order(runtime: EngineRuntime, writer: WalWriter, snapshotter: Snapshotter) {
     let stopped = tokio::task::spawn_blocking(move || {
         runtime.shutdown();
         writer.shutdown();
@@ -173,9 +186,6 @@ pub async fn serve_on_store(
         tracing::error!("shutdown did not finish cleanly; the WAL holds every acknowledged change");
     }
     tracing::info!("quotad stopped");
-    served?;
-    wal.poisoned_because()
-        .map_or(Ok(()), |reason| Err(ServeError::WalPoisoned(reason)))
 }
 
 fn recover_local(store: &dyn LogStore) -> Result<Recovered, ServeError> {
