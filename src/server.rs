@@ -1,6 +1,7 @@
 //! Wires the parts together: storage and recovery, the engine, the gRPC
 //! services and the metrics endpoint. Tests call [`serve`] with listeners
-//! bound to 127.0.0.1:0 and their own shutdown signal.
+//! bound to 127.0.0.1:0 and their own shutdown signal, or [`serve_on_store`]
+//! with a log store that fails when they say so.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -10,7 +11,10 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use tonic::service::interceptor::InterceptedService;
 
@@ -20,13 +24,15 @@ use crate::api::{AdminService, GateService};
 use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::Secret;
 use crate::config::{Config, ConfigError};
-use crate::engine::{system_now_ms, Clock, Engine, EngineError};
+use crate::engine::{system_now_ms, Clock, Engine, EngineError, EngineRuntime};
 use crate::postgres::Reader;
 use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
 use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
-use crate::storage::{recover_with, LogStore, OnDamage, Recovered, SledLog, StorageError, Wal};
+use crate::storage::{
+    recover_with, LogStore, OnDamage, Recovered, SledLog, StorageError, Wal, WalWriter,
+};
 use crate::telemetry;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
@@ -60,6 +66,13 @@ pub enum ServeError {
          quotad will not start from nothing while the state may be there"
     )]
     NoState(String),
+    /// The WAL failed while serving: changes were refused from then on. The
+    /// exit is an error so that a supervisor notices and restarts quotad.
+    #[error(
+        "the write-ahead log failed ({0}); changes were refused from then on. Every \
+         acknowledged change is in the data directory: restart quotad"
+    )]
+    WalPoisoned(String),
 }
 
 /// How to go on from damage, for the refusal's message.
@@ -89,34 +102,42 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Runs quotad until `shutdown` resolves, then stops in the order that keeps
-/// every acknowledged change: stop answering, stop the actors, flush the WAL,
-/// write the final snapshot.
+/// Runs quotad on the sled log in `data_dir` until `shutdown` resolves, then
+/// stops in the order that keeps every acknowledged change: stop answering,
+/// stop the actors, flush the WAL, write the final snapshot. A WAL that
+/// failed meanwhile makes it return [`ServeError::WalPoisoned`].
 pub async fn serve(
     listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate()?;
+    let store = SledLog::open(&config.data_dir).map_err(|source| ServeError::Open {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    serve_on_store(listeners, config, Arc::new(store), shutdown).await
+}
+
+/// [`serve`] on a log store the caller opened. quotad itself runs on sled;
+/// tests use this to run the real server on a store that fails or panics
+/// when they say so (a full disk, a bug inside sled).
+pub async fn serve_on_store(
+    listeners: Listeners,
+    config: Config,
+    store: Arc<dyn LogStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
     let auth = config.auth_mode()?;
-    if matches!(auth, AuthMode::InsecureDev) {
-        tracing::warn!(
-            "INSECURE DEV MODE: every call is accepted without a token, as an admin. \
-             Never run this where anyone else can reach the port."
-        );
-    }
+    warn_if_insecure(&auth);
     let metrics = prometheus()?;
-    let store: Arc<dyn LogStore> =
-        Arc::new(
-            SledLog::open(&config.data_dir).map_err(|source| ServeError::Open {
-                path: config.data_dir.clone(),
-                source,
-            })?,
-        );
+    telemetry::register_at_start(config.postgres_url.is_some());
     let (recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
         None => (recover_local(store.as_ref(), &config)?, None),
     };
+    telemetry::snapshot_recovered(recovered.snapshot_seq);
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
     let snapshotter = Snapshotter::start(
         store,
@@ -128,8 +149,13 @@ pub async fn serve(
         system_now_ms,
         follower,
     )?;
-    let (engine, runtime) =
-        Engine::start(recovered.state, wal, config.engine()?, Clock::System).await?;
+    let (engine, runtime) = Engine::start(
+        recovered.state,
+        wal.clone(),
+        config.engine()?,
+        Clock::System,
+    )
+    .await?;
     let reader = analytics_reader(&config);
     let metrics_task = listeners
         .metrics
@@ -144,10 +170,34 @@ pub async fn serve(
         let interval = Duration::from_secs(config.alerts_interval_s);
         tokio::spawn(analytics.clone().run_alert_gauges(interval))
     });
-    let served = serve_grpc(listeners.grpc, engine, analytics, &config, auth, shutdown).await;
+    let grpc = Grpc {
+        engine,
+        analytics,
+        wal: wal.clone(),
+        auth,
+    };
+    let served = serve_grpc(listeners.grpc, grpc, &config, shutdown).await;
     for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }
+    stop_in_order(runtime, writer, snapshotter).await;
+    served?;
+    wal.poisoned_because()
+        .map_or(Ok(()), |reason| Err(ServeError::WalPoisoned(reason)))
+}
+
+fn warn_if_insecure(auth: &AuthMode) {
+    if matches!(auth, AuthMode::InsecureDev) {
+        tracing::warn!(
+            "INSECURE DEV MODE: every call is accepted without a token, as an admin. \
+             Never run this where anyone else can reach the port."
+        );
+    }
+}
+
+/// The actors first (no new records), then the WAL (flushes what they
+/// queued), then the snapshotter (writes the final snapshot of it all).
+async fn stop_in_order(runtime: EngineRuntime, writer: WalWriter, snapshotter: Snapshotter) {
     let stopped = tokio::task::spawn_blocking(move || {
         runtime.shutdown();
         writer.shutdown();
@@ -158,7 +208,6 @@ pub async fn serve(
         tracing::error!("shutdown did not finish cleanly; the WAL holds every acknowledged change");
     }
     tracing::info!("quotad stopped");
-    served
 }
 
 /// Recovers from the data directory. Damage refuses to start unless the
@@ -234,6 +283,7 @@ async fn recover_with_postgres(
     let store = store.as_ref();
     let local = recover_local(store, config)?;
     let pg_seq = postgres::recover::snapshot_seq(&client).await?;
+    telemetry::postgres_snapshot_recovered(pg_seq);
     let history_written = postgres::recover::history_written(&client).await?;
     let (recovered, changes) = if local.last_seq >= pg_seq {
         let changes = if local.last_seq == pg_seq {
@@ -335,15 +385,19 @@ fn analytics_reader(config: &Config) -> Option<Arc<Reader>> {
 /// the call never crosses threads; the other half costs one hop each way.
 async fn serve_grpc(
     listener: TcpListener,
-    engine: Engine,
-    analytics: Arc<Analytics>,
+    Grpc {
+        engine,
+        analytics,
+        wal,
+        auth,
+    }: Grpc,
     config: &Config,
-    auth: AuthMode,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QuotaGateServer<GateService>>().await;
     health.set_serving::<QuotaAdminServer<AdminService>>().await;
+    let health_follows_wal = tokio::spawn(follow_wal(health.clone(), wal));
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.gate_request_bytes_max())
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
@@ -398,7 +452,11 @@ async fn serve_grpc(
             (result, index, _) = first_exit => Some((index, flatten(result))),
         }
     };
+    health_follows_wal.abort();
+    set_not_serving(&health).await;
+    tracing::info!("health: NOT_SERVING, shutting down");
     let _ = stop_tx.send(true);
+    end_health_watches(health).await;
     // Graceful: each server finishes the calls in flight before it returns.
     let mut outcome = Ok(());
     for (i, server) in servers.into_iter().enumerate() {
@@ -416,6 +474,50 @@ async fn serve_grpc(
         Some((_, Ok(()))) => Err(ServeError::Listener(std::io::Error::other(
             "a gRPC server stopped unexpectedly",
         ))),
+    }
+}
+
+/// What the gRPC servers answer with.
+struct Grpc {
+    engine: Engine,
+    analytics: Arc<Analytics>,
+    /// Followed by the health service.
+    wal: Wal,
+    auth: AuthMode,
+}
+
+/// Every name the health service answers for: the server as a whole ("")
+/// and each service.
+const HEALTH_SERVICES: [&str; 3] = [
+    "",
+    <QuotaGateServer<GateService> as NamedService>::NAME,
+    <QuotaAdminServer<AdminService> as NamedService>::NAME,
+];
+
+/// Says NOT_SERVING once the WAL is poisoned: every change would be refused,
+/// so a load balancer should send callers to another node.
+async fn follow_wal(health: HealthReporter, wal: Wal) {
+    let reason = wal.poisoned().await;
+    set_not_serving(&health).await;
+    tracing::error!(%reason, "health: NOT_SERVING, the write-ahead log failed");
+}
+
+/// For QuotaGate, QuotaAdmin and the server as a whole.
+async fn set_not_serving(health: &HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// A Watch stream never ends by itself, and a graceful stop waits for every
+/// open stream: a client watching health would hold quotad up forever.
+/// Dropping the statuses ends each stream after it has told NOT_SERVING
+/// (a Check from then on is NOT_FOUND, as for any unknown service).
+async fn end_health_watches(mut health: HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health.clear_service_status(service).await;
     }
 }
 
@@ -473,8 +575,11 @@ fn serve_metrics(
     let pools = Arc::new(Mutex::new(String::new()));
     let refresh = Duration::from_millis(config.metrics_refresh_interval_ms);
     let schools_max = config.metrics_schools_max;
-    let refresher = refresh_pools(engine, schools_max, refresh, pools.clone());
     async move {
+        // The pool gauges are there from the first scrape: a scrape that
+        // comes now waits in the listener's backlog for this first read.
+        refresh_pools_once(&engine, schools_max, &pools).await;
+        let refresher = refresh_pools(engine, schools_max, refresh, pools.clone());
         let upkeep = handle.clone();
         // Dropped with this future (the server aborts it on shutdown), which
         // stops both tasks: neither outlives the engine it reads.
@@ -511,23 +616,28 @@ fn render_metrics(handle: &PrometheusHandle, pools: &Mutex<String>) -> String {
 }
 
 /// Renders the pool gauges of the first `schools_max` schools (in id order)
-/// every `interval`. A failed read keeps the previous text and is logged.
+/// every `interval`, the first time one `interval` from now.
 async fn refresh_pools(
     engine: Engine,
     schools_max: usize,
     interval: Duration,
     pools: Arc<Mutex<String>>,
 ) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match engine.pools_of_first_schools(schools_max).await {
-            Ok((schools, omitted)) => {
-                let text = telemetry::render_pools(&schools, omitted);
-                *pools.lock().unwrap_or_else(|p| p.into_inner()) = text;
-            }
-            Err(error) => tracing::warn!(%error, "the pool gauges were not refreshed"),
+        refresh_pools_once(&engine, schools_max, &pools).await;
+    }
+}
+
+/// A failed read keeps the previous text and is logged.
+async fn refresh_pools_once(engine: &Engine, schools_max: usize, pools: &Mutex<String>) {
+    match engine.pools_of_first_schools(schools_max).await {
+        Ok((schools, omitted)) => {
+            let text = telemetry::render_pools(&schools, omitted);
+            *pools.lock().unwrap_or_else(|p| p.into_inner()) = text;
         }
+        Err(error) => tracing::warn!(%error, "the pool gauges were not refreshed"),
     }
 }

@@ -359,6 +359,89 @@ pub fn rpc_finished(rpc: usize, code: usize, elapsed: Duration) {
     histogram.record(elapsed.as_secs_f64());
 }
 
+/// The `actor` label values of [`ACTOR_RESTARTS_TOTAL`].
+pub const ACTOR_KINDS: [&str; 2] = ["teacher", "school"];
+
+/// The `table` label values of [`PG_SNAPSHOT_ROWS_TOTAL`]: what
+/// `src/postgres/snapshot.rs` writes (a test checks the two agree).
+pub const PG_SNAPSHOT_TABLES: [&str; 6] = [
+    "school_ai_subscriptions",
+    "teacher_ai_allocations",
+    "ai_allocation_requests",
+    "ai_allocation_history",
+    "ai_usage_logs",
+    "quotad_state",
+];
+
+/// Registers, at zero, every family whose label values are known before
+/// anything happens, so that the first scrape already has their series: an
+/// alert on `quotad_wal_poisoned == 1`, or on a rate of restarts, must find
+/// a series on a healthy node too, not none. The Postgres and alert families
+/// only with Postgres configured: without it they have nothing to say.
+/// Counters and gauges are incremented by 0, never set, so that a second
+/// server in the same process (tests) does not reset the first one's values.
+pub fn register_at_start(with_postgres: bool) {
+    for histogram in [
+        WAL_FLUSH_DURATION_SECONDS,
+        WAL_FLUSH_BATCH_RECORDS,
+        WAL_FLUSH_BATCH_BYTES,
+        SNAPSHOT_DURATION_SECONDS,
+    ] {
+        let _ = histogram!(histogram);
+    }
+    counter!(WAL_RECORDS_TOTAL).increment(0);
+    counter!(ROLLOVERS_TOTAL).increment(0);
+    for kind in ACTOR_KINDS {
+        counter!(ACTOR_RESTARTS_TOTAL, "actor" => kind).increment(0);
+    }
+    for gauge in [
+        WAL_POISONED,
+        WAL_DURABLE_SEQ,
+        SNAPSHOT_WAL_SEQ,
+        ACTORS_ALIVE,
+    ] {
+        gauge!(gauge).increment(0.0);
+    }
+    if with_postgres {
+        register_postgres_at_start();
+    }
+}
+
+fn register_postgres_at_start() {
+    let _ = histogram!(PG_SNAPSHOT_DURATION_SECONDS);
+    for gauge in [
+        PG_SNAPSHOT_WAL_SEQ,
+        PG_SNAPSHOT_LAG_RECORDS,
+        PG_SNAPSHOT_LAG_SECONDS,
+    ] {
+        gauge!(gauge).increment(0.0);
+    }
+    counter!(PG_SNAPSHOT_FAILURES_TOTAL).increment(0);
+    for table in PG_SNAPSHOT_TABLES {
+        counter!(PG_SNAPSHOT_ROWS_TOTAL, "table" => table).increment(0);
+    }
+    for kind in crate::domain::analytics::AlertKind::ALL {
+        gauge!(ALERTS_ACTIVE, "kind" => kind.as_str()).increment(0.0);
+    }
+    counter!(ALERTS_FAILURES_TOTAL).increment(0);
+}
+
+/// Where the WAL starts: nothing poisoned, everything recovered durable.
+pub fn wal_started(durable_seq: u64) {
+    gauge!(WAL_POISONED).set(0.0);
+    gauge!(WAL_DURABLE_SEQ).set(durable_seq as f64);
+}
+
+/// The position the snapshot found at start covers, until the next is written.
+pub fn snapshot_recovered(wal_seq: u64) {
+    gauge!(SNAPSHOT_WAL_SEQ).set(wal_seq as f64);
+}
+
+/// The position Postgres held at start, until the first snapshot there.
+pub fn postgres_snapshot_recovered(wal_seq: u64) {
+    gauge!(PG_SNAPSHOT_WAL_SEQ).set(wal_seq as f64);
+}
+
 pub fn wal_flush(elapsed: Duration, records: usize, bytes: usize, durable_seq: u64) {
     histogram!(WAL_FLUSH_DURATION_SECONDS).record(elapsed.as_secs_f64());
     histogram!(WAL_FLUSH_BATCH_RECORDS).record(records as f64);
@@ -610,6 +693,18 @@ mod tests {
         let empty = render_pools(&[], 0);
         assert!(!empty.contains(POOL_CYCLE_UNITS), "{empty}");
         assert!(empty.ends_with("quotad_pool_schools_omitted 0\n"));
+    }
+
+    #[test]
+    fn the_table_labels_registered_at_start_are_the_ones_snapshots_write() {
+        let source = include_str!("postgres/snapshot.rs");
+        let written: BTreeSet<&str> = source
+            .split("telemetry::postgres_snapshot_rows(")
+            .skip(1)
+            .filter_map(|call| call.trim_start().strip_prefix('"')?.split('"').next())
+            .collect();
+        let registered: BTreeSet<&str> = PG_SNAPSHOT_TABLES.into_iter().collect();
+        assert_eq!(written, registered);
     }
 
     #[test]

@@ -20,8 +20,8 @@ use crate::engine::{
 use crate::proto::quota_admin_server::QuotaAdmin;
 use crate::proto::*;
 
-/// Slices one BulkSetAllocations call may set.
-const BULK_ALLOCATIONS_MAX: usize = 10_000;
+/// Slices one BulkSetAllocations call may set (the WAL's record limit is sized for it).
+const BULK_ALLOCATIONS_MAX: usize = crate::domain::record::BULK_SLICES_MAX;
 
 pub struct AdminService {
     engine: Engine,

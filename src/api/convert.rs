@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::domain::record::CHANGE_TEXT_BYTES_MAX;
 use crate::domain::{
     parse_model_field, AuditEntry, Change, DenyReason, EventId, IncreaseRequest, InvalidInput,
     RequestStatus, ReservationId, SchoolId, ServiceType, TeacherId, TimestampMs,
@@ -38,13 +39,12 @@ pub fn model(value: &str) -> Result<Arc<str>, InvalidInput> {
 
 /// Who changed what and why, for the audit trail. Free text, bounded.
 pub fn change(changed_by: &str, reason: &str, now_ms: TimestampMs) -> Result<Change, InvalidInput> {
-    const TEXT_BYTES_MAX: usize = 1024;
     for (field, value) in [("changed_by", changed_by), ("reason", reason)] {
-        if value.len() > TEXT_BYTES_MAX {
+        if value.len() > CHANGE_TEXT_BYTES_MAX {
             return Err(InvalidInput::new(
                 field,
                 format!(
-                    "is {} bytes long; at most {TEXT_BYTES_MAX} are allowed",
+                    "is {} bytes long; at most {CHANGE_TEXT_BYTES_MAX} are allowed",
                     value.len()
                 ),
             ));

@@ -8,7 +8,8 @@ use crate::engine::EngineError;
 use crate::postgres::ReadError;
 use crate::storage::WalError;
 
-/// Bad input says which field and why; a rule that refuses says what is in
+/// Bad input says which field and why (a change too large to record is bad
+/// input too: it can never succeed); a rule that refuses says what is in
 /// the way; a failed WAL is UNAVAILABLE, so clients retry elsewhere or later
 /// instead of treating the refusal as an answer about their quota.
 pub fn to_status(error: EngineError) -> Status {
@@ -21,6 +22,10 @@ pub fn to_status(error: EngineError) -> Status {
             Status::unavailable(e.to_string())
         }
         EngineError::Wal(e @ WalError::Encode(_)) => Status::internal(e.to_string()),
+        // Retrying cannot help: the same change makes the same record.
+        EngineError::Wal(e @ WalError::RecordTooLarge { .. }) => {
+            Status::invalid_argument(format!("request: {e}"))
+        }
         EngineError::Unavailable(m) => Status::unavailable(m),
         EngineError::Internal(m) => Status::internal(m),
     }

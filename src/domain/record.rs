@@ -8,6 +8,7 @@
 //! that cycle. That is why the order of two records from different actors
 //! never changes the state they lead to.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,10 @@ use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::requests::RequestOutcome;
 use super::school::SchoolConfig;
 use super::slice::{DenyReason, Priority, SliceStatus};
+
+/// The longest `by` or `reason` of a [`Change`], in bytes: the API refuses
+/// longer text, so a record's size stays bounded (see `storage::codec`).
+pub const CHANGE_TEXT_BYTES_MAX: usize = 1024;
 
 /// Who made an administrative change, why, and when: kept for the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +198,11 @@ pub struct Grant {
     pub units: u64,
 }
 
+/// The most slices one [`Record::AllocationsSet`] (one BulkSetAllocations
+/// call) may set. It bounds the largest record there is, and so the WAL's
+/// record limit (`storage::codec::RECORD_BYTES_MAX`) is derived from it.
+pub const BULK_SLICES_MAX: usize = 10_000;
+
 /// One slice's new terms in an [`Record::AllocationsSet`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceSet {
@@ -204,6 +214,40 @@ pub struct SliceSet {
 }
 
 impl Record {
+    /// An `AllocationsSet` cut into one record per teacher, each with only
+    /// that teacher's slices (same school, cycle and change): what each
+    /// teacher's account applies. Handing the whole record to each of its n
+    /// teachers would cost n x n (10,000 slices: 10^8 steps, and 10,000
+    /// copies of a 2 MB record). Empty for every other record.
+    pub fn allocations_per_teacher(&self) -> BTreeMap<TeacherId, Record> {
+        let Record::AllocationsSet {
+            school_id,
+            slices,
+            cycle_start_ms,
+            change,
+        } = self
+        else {
+            return BTreeMap::new();
+        };
+        let mut own: BTreeMap<TeacherId, Vec<SliceSet>> = BTreeMap::new();
+        for slice in slices {
+            own.entry(slice.teacher_id.clone())
+                .or_default()
+                .push(slice.clone());
+        }
+        own.into_iter()
+            .map(|(teacher_id, slices)| {
+                let record = Record::AllocationsSet {
+                    school_id: school_id.clone(),
+                    slices,
+                    cycle_start_ms: *cycle_start_ms,
+                    change: change.clone(),
+                };
+                (teacher_id, record)
+            })
+            .collect()
+    }
+
     /// The school the record belongs to.
     pub fn school_id(&self) -> &SchoolId {
         match self {

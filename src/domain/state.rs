@@ -68,14 +68,12 @@ impl State {
                     .apply(wal_seq, record);
             }
             None => {
-                if let Record::AllocationsSet { slices, .. } = record {
-                    for slice in slices {
-                        let key = (school.config.id.clone(), slice.teacher_id.clone());
-                        self.accounts
-                            .entry(key)
-                            .or_insert_with(|| school.new_account(slice.teacher_id.clone()))
-                            .apply(wal_seq, record);
-                    }
+                for (teacher_id, own) in record.allocations_per_teacher() {
+                    let key = (school.config.id.clone(), teacher_id.clone());
+                    self.accounts
+                        .entry(key)
+                        .or_insert_with(|| school.new_account(teacher_id))
+                        .apply(wal_seq, &own);
                 }
                 if let Record::SettingsSet {
                     next_anchor: Some(anchor),

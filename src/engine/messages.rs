@@ -71,8 +71,9 @@ pub struct GetUsage;
 
 /// Charge usage that already happened (synced from a device's journal), one
 /// answer per event in order. All records are appended in one handler call,
-/// so one group commit covers them; `wal_seq` is the last position to wait
-/// for (duplicates included, whose first record may still be in flight).
+/// so one group commit covers them; `wal_seq` is the last position the
+/// teacher's account reflects (a duplicate's first record, or the change a
+/// rejection rests on, may still be in flight).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<Durable<Vec<SyncOutcome>>>")]
 pub struct SyncUsage(pub Vec<SyncEvent>);

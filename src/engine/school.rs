@@ -5,7 +5,7 @@
 //! The school never waits for a teacher (teachers wait for the school), so the
 //! two can never wait for each other.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -327,8 +327,6 @@ impl Handler<BulkSet> for SchoolActor {
 
     fn handle(&mut self, msg: BulkSet, ctx: &mut Context<Self>) -> Self::Result {
         let now_ms = self.core.shared.clock.now_ms();
-        let teachers: BTreeSet<TeacherId> =
-            msg.slices.iter().map(|s| s.teacher_id.clone()).collect();
         let (wal_seq, record) = self.guarded(ctx, |act| {
             act.roll_if_due(now_ms)?;
             act.school.config.check_managed()?;
@@ -341,13 +339,13 @@ impl Handler<BulkSet> for SchoolActor {
             };
             Ok((act.write(&record)?, record))
         })?;
-        // Each teacher applies the record after whatever it is doing; its
-        // mailbox keeps order, so a later read sees the new terms.
-        for teacher_id in teachers {
+        // Each teacher applies its part of the record after whatever it is
+        // doing; its mailbox keeps order, so a later read sees the new terms.
+        for (teacher_id, own) in record.allocations_per_teacher() {
             let addr = self.ensure_teacher(teacher_id, ctx);
             addr.do_send(ApplyRecord {
                 wal_seq,
-                record: record.clone(),
+                record: own,
             });
         }
         Ok(wal_seq)

@@ -2,6 +2,14 @@
 //! the teacher's account, so checks and charges need no lock. Every change is
 //! appended to the WAL and applied in the same handler; the caller waits for
 //! durability outside the actor, so the actor never blocks on a flush.
+//!
+//! A change call answered from memory (a retried event, a second commit or
+//! release, a synced event that is a duplicate or rejected) may rest on a
+//! record still in flight: the account is applied before its record is
+//! durable. Such an answer waits for the last record the account reflects
+//! (`TeacherActor::told_from_memory`), so that nothing told "already done"
+//! can be undone by a crash. Reads (Check, GetUsage) show the latest state
+//! and do not wait: they tell nobody that a change happened.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -26,6 +34,10 @@ pub struct TeacherActor {
     school: Addr<SchoolActor>,
     shared: Arc<Shared>,
     last_prune_ms: TimestampMs,
+    /// The last WAL position the account changed at since start (written
+    /// here or by the school): what an answer from memory waits for. What
+    /// recovery applied is durable already, so 0 at start.
+    last_seq: u64,
 }
 
 impl Actor for TeacherActor {
@@ -77,6 +89,7 @@ impl TeacherActor {
             school,
             shared,
             last_prune_ms: 0,
+            last_seq: 0,
         }
     }
 
@@ -136,8 +149,20 @@ impl TeacherActor {
     /// state changes, so a refused append changes nothing.
     fn write(&mut self, record: &Record) -> Reply<u64> {
         let wal_seq = self.shared.wal.append(record)?;
-        self.account.apply(wal_seq, record);
+        self.apply(wal_seq, record);
         Ok(wal_seq)
+    }
+
+    /// Applies a record written here or by the school.
+    fn apply(&mut self, wal_seq: u64, record: &Record) {
+        self.account.apply(wal_seq, record);
+        self.last_seq = self.last_seq.max(wal_seq);
+    }
+
+    /// An answer read from the account, told once every record the account
+    /// reflects is durable (a flush in flight, at most; usually none).
+    fn told_from_memory<T>(&self, value: T) -> Durable<T> {
+        Durable::written(value, self.last_seq)
     }
 
     /// What is due before any call: a new cycle, expired holds.
@@ -211,7 +236,7 @@ impl TeacherActor {
         let mut decision = self.decision(&msg.service, entry.allowed, entry.reason, msg.units);
         decision.borrowed_units = entry.borrowed_units;
         decision.duplicate = true;
-        Durable::written(decision, entry.wal_seq)
+        self.told_from_memory(decision)
     }
 
     fn finish_consume(
@@ -346,10 +371,7 @@ impl Handler<Reserve> for TeacherActor {
                 Step::Duplicate(reservation) => {
                     let (mut decision, expires_at_ms) = act.reservation_decision(&reservation);
                     decision.duplicate = true;
-                    Ok(Durable::written(
-                        (decision, expires_at_ms),
-                        reservation.wal_seq,
-                    ))
+                    Ok(act.told_from_memory((decision, expires_at_ms)))
                 }
                 Step::Decide(gate) => {
                     let record = act.account.reserve_record(&request, gate, now_ms);
@@ -372,21 +394,21 @@ impl Handler<Commit> for TeacherActor {
         let now_ms = self.shared.clock.now_ms();
         self.guarded(ctx, |act| {
             act.housekeep(now_ms)?;
-            let (outcome, duplicate, wal_seq) =
+            let (outcome, duplicate) =
                 match act
                     .account
                     .begin_commit(&msg.reservation_id, msg.actual_units, now_ms)?
                 {
-                    CommitStep::Duplicate { outcome, wal_seq } => (outcome, true, wal_seq),
+                    CommitStep::Duplicate { outcome, .. } => (outcome, true),
                     CommitStep::Charge(record) => {
-                        let wal_seq = act.write(&record)?;
+                        act.write(&record)?;
                         match act
                             .account
                             .reservations
                             .get(&msg.reservation_id)
                             .map(|r| r.state)
                         {
-                            Some(HoldState::Committed(outcome)) => (outcome, false, wal_seq),
+                            Some(HoldState::Committed(outcome)) => (outcome, false),
                             other => {
                                 return Err(EngineError::Internal(format!(
                                     "a commit left the reservation {other:?}"
@@ -397,14 +419,13 @@ impl Handler<Commit> for TeacherActor {
                 };
             let service = &act.account.reservations[&msg.reservation_id].service;
             let remaining_units = act.account.remaining_units(service);
-            Ok(Durable::written(
-                CommitResult {
-                    outcome,
-                    duplicate,
-                    remaining_units,
-                },
-                wal_seq,
-            ))
+            // A new commit's record is the last one written; a duplicate's
+            // may still be in flight: either way, wait for the last.
+            Ok(act.told_from_memory(CommitResult {
+                outcome,
+                duplicate,
+                remaining_units,
+            }))
         })
     }
 }
@@ -416,8 +437,10 @@ impl Handler<Release> for TeacherActor {
         let now_ms = self.shared.clock.now_ms();
         self.guarded(ctx, |act| {
             act.housekeep(now_ms)?;
+            // A hold already ended (released, expired, committed) may have
+            // ended by a record still in flight.
             let Some(record) = act.account.release_record(&msg.reservation_id, now_ms) else {
-                return Ok(Durable::read(0));
+                return Ok(act.told_from_memory(0));
             };
             let units = act
                 .account
@@ -447,23 +470,14 @@ impl Handler<GetUsage> for TeacherActor {
 }
 
 impl TeacherActor {
-    /// Decides and writes one synced event. `last_seq` collects the log
-    /// position the answer must wait for.
-    fn sync_one(
-        &mut self,
-        event: &SyncEvent,
-        now_ms: TimestampMs,
-        last_seq: &mut u64,
-    ) -> Reply<SyncOutcome> {
+    /// Decides and writes one synced event.
+    fn sync_one(&mut self, event: &SyncEvent, now_ms: TimestampMs) -> Reply<SyncOutcome> {
         match self.account.sync_step(event, &self.shared.limits, now_ms) {
-            SyncStep::Duplicate(entry) => {
-                *last_seq = (*last_seq).max(entry.wal_seq);
-                Ok(SyncOutcome::Duplicate)
-            }
+            SyncStep::Duplicate(_) => Ok(SyncOutcome::Duplicate),
             SyncStep::Reject(outcome) => Ok(outcome),
             SyncStep::Charge(usage) => {
                 let outcome = SyncOutcome::of_charge(&usage);
-                *last_seq = (*last_seq).max(self.write(&Record::UsageCharged(usage))?);
+                self.write(&Record::UsageCharged(usage))?;
                 Ok(outcome)
             }
         }
@@ -471,7 +485,9 @@ impl TeacherActor {
 }
 
 /// Appends every record of the batch before anyone waits, so that one group
-/// commit covers them all instead of one flush per event.
+/// commit covers them all instead of one flush per event. The answer waits
+/// for the last record the account reflects: the batch's own, and whatever
+/// a duplicate or a rejection rests on (a device drops a rejected event).
 impl Handler<SyncUsage> for TeacherActor {
     type Result = Reply<Durable<Vec<SyncOutcome>>>;
 
@@ -479,15 +495,11 @@ impl Handler<SyncUsage> for TeacherActor {
         let now_ms = self.shared.clock.now_ms();
         self.guarded(ctx, |act| {
             act.housekeep(now_ms)?;
-            let mut last_seq = 0;
             let outcomes = events
                 .iter()
-                .map(|event| act.sync_one(event, now_ms, &mut last_seq))
+                .map(|event| act.sync_one(event, now_ms))
                 .collect::<Reply<Vec<_>>>()?;
-            Ok(Durable {
-                value: outcomes,
-                wal_seq: (last_seq > 0).then_some(last_seq),
-            })
+            Ok(act.told_from_memory(outcomes))
         })
     }
 }
@@ -513,11 +525,10 @@ impl TeacherActor {
         };
         self.ask_school(ctx, ask, move |act, answer| {
             let (wal_seq, record) = answer.map_err(EngineError::mailbox)??;
-            act.account.apply(wal_seq, &record);
-            Ok(Durable::written(
-                AllocationView::of(&act.account, &service),
-                wal_seq,
-            ))
+            act.apply(wal_seq, &record);
+            // The view shows usage too, which may rest on records of this
+            // actor still in flight.
+            Ok(act.told_from_memory(AllocationView::of(&act.account, &service)))
         })
     }
 
@@ -650,7 +661,7 @@ impl Handler<ApplyRecord> for TeacherActor {
     type Result = ();
 
     fn handle(&mut self, msg: ApplyRecord, _: &mut Context<Self>) {
-        self.account.apply(msg.wal_seq, &msg.record);
+        self.apply(msg.wal_seq, &msg.record);
     }
 }
 

@@ -9,6 +9,8 @@ use crate::domain::{
 };
 use crate::storage::{recover, MemoryLog, WalConfig, WalWriter};
 
+mod replay;
+
 const START_MS: i64 = 1_794_000_000_000; // 2026-11-06T...
 
 struct Harness {
@@ -29,13 +31,13 @@ impl Drop for Harness {
 }
 
 async fn start(store: MemoryLog, clock: Clock) -> Harness {
-    let recovered = recover(&store).unwrap();
-    let (wal, writer, _durable) = Wal::start(
-        Arc::new(store.clone()),
-        WalConfig::default(),
-        recovered.last_seq,
-    )
-    .unwrap();
+    start_on(Arc::new(store), clock).await
+}
+
+async fn start_on(store: Arc<dyn crate::storage::LogStore>, clock: Clock) -> Harness {
+    let recovered = recover(store.as_ref()).unwrap();
+    let (wal, writer, _durable) =
+        Wal::start(store, WalConfig::default(), recovered.last_seq).unwrap();
     let config = EngineConfig {
         housekeeping_interval: Duration::from_millis(20),
         ..EngineConfig::default()

@@ -10,16 +10,22 @@
 //! actors may queue positions out of order. The writer therefore only
 //! advances the durable watermark over a contiguous prefix: position N is
 //! reported durable once every position up to N is.
+//!
+//! A failed write or flush poisons the log, and so does any end of the writer
+//! thread other than a requested shutdown (a panic inside sled): waiters are
+//! woken with [`WalError::Poisoned`] at once, every later append is refused,
+//! and [`Wal::poisoned`] tells whoever must react (the health service).
 
 use std::collections::BTreeSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::codec::{self, RECORD_BYTES_MAX};
 use super::log::{Entry, LogStore};
@@ -70,6 +76,15 @@ pub enum WalError {
     Closed,
     #[error("a record could not be encoded: {0}")]
     Encode(String),
+    /// The change would make a record larger than the log takes. Every call
+    /// the API allows fits (the limit is derived from the largest), so this is
+    /// a request beyond them: refused for good, nothing written.
+    #[error("the change is too large to record: a {kind} record of {bytes} bytes; at most {bytes_max} fit")]
+    RecordTooLarge {
+        kind: &'static str,
+        bytes: usize,
+        bytes_max: usize,
+    },
 }
 
 enum Message {
@@ -81,8 +96,10 @@ enum Message {
 struct Shared {
     next_seq: AtomicU64,
     durable_seq: AtomicU64,
+    /// Set once the reason is in `poison`: the hot path's cheap look.
     poisoned: AtomicBool,
-    poison_reason: Mutex<String>,
+    /// Why the log is poisoned (None: it is not); watched by the server.
+    poison: watch::Sender<Option<String>>,
     flushed: Notify,
     durability: Durability,
 }
@@ -117,7 +134,7 @@ impl Wal {
             next_seq: AtomicU64::new(last_seq + 1),
             durable_seq: AtomicU64::new(last_seq),
             poisoned: AtomicBool::new(false),
-            poison_reason: Mutex::new(String::new()),
+            poison: watch::Sender::new(None),
             flushed: Notify::new(),
             durability: config.durability,
         });
@@ -134,8 +151,9 @@ impl Wal {
         };
         let thread = std::thread::Builder::new()
             .name("quotad-wal".into())
-            .spawn(move || writer.run())
+            .spawn(move || writer.run_until_shutdown())
             .map_err(|e| StorageError::Io(format!("start the WAL writer thread: {e}")))?;
+        telemetry::wal_started(last_seq);
         Ok((
             Wal {
                 shared,
@@ -166,12 +184,14 @@ impl Wal {
     pub fn append(&self, record: &Record) -> Result<u64, WalError> {
         self.check_writable()?;
         let bytes = codec::encode(record).map_err(|e| WalError::Encode(e.to_string()))?;
-        assert!(
-            bytes.len() <= RECORD_BYTES_MAX,
-            "a {} record of {} bytes",
-            record.kind(),
-            bytes.len()
-        );
+        // Checked before a position is taken: a refused record leaves no gap.
+        if bytes.len() > RECORD_BYTES_MAX {
+            return Err(WalError::RecordTooLarge {
+                kind: record.kind(),
+                bytes: bytes.len(),
+                bytes_max: RECORD_BYTES_MAX,
+            });
+        }
         let seq = self.shared.next_seq.fetch_add(1, Ordering::AcqRel);
         self.tx
             .send(Message::Record((seq, bytes)))
@@ -208,11 +228,29 @@ impl Wal {
     }
 
     fn poison_reason(&self) -> String {
-        self.shared
-            .poison_reason
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        self.poisoned_because().unwrap_or_default()
+    }
+
+    /// Why the log refuses changes, if it does.
+    pub fn poisoned_because(&self) -> Option<String> {
+        self.shared.poison.borrow().clone()
+    }
+
+    /// Resolves, with the reason, once the log is poisoned (never, if it is
+    /// not): for what must follow the log's health, not for the hot path.
+    pub async fn poisoned(&self) -> String {
+        let mut poison = self.shared.poison.subscribe();
+        // The sender lives in `shared`, which `self` holds: this cannot end
+        // in an error, only in a reason.
+        let reason = poison
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|r| r.clone());
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -270,7 +308,18 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self) {
+    /// Runs the writer until a requested shutdown. Anything else that ends
+    /// it (a panic in the store, or in the writer itself) poisons the log
+    /// before the thread goes, so that no caller waits for a flush that will
+    /// never come and no later change is accepted.
+    fn run_until_shutdown(mut self) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| self.run())) {
+            let reason = format!("the WAL writer thread panicked: {}", panic_message(&*panic));
+            self.poison(reason);
+        }
+    }
+
+    fn run(&mut self) {
         let interval = Duration::from_millis(self.config.batched_flush_interval_ms.max(1));
         let mut unflushed: Vec<Entry> = Vec::new();
         let mut last_flush = Instant::now();
@@ -336,7 +385,7 @@ impl Writer {
         match self.store.append(batch) {
             Ok(()) => true,
             Err(e) => {
-                self.poison(&e);
+                self.poison(format!("write: {e}"));
                 false
             }
         }
@@ -348,7 +397,7 @@ impl Writer {
         }
         let started = Instant::now();
         if let Err(e) = self.store.flush() {
-            self.poison(&e);
+            self.poison(format!("flush: {e}"));
             return;
         }
         let durable_seq = self.watermark.advance(&batch);
@@ -365,18 +414,207 @@ impl Writer {
         // than let memory grow; a gone snapshotter (shut down) is ignored.
         let _ = self.durable_tx.send(batch);
         if let Err(e) = marked {
-            self.poison(&e);
+            self.poison(format!("durable mark: {e}"));
         }
     }
 
     /// A failed write is fatal for writes: stop acknowledging, say so loudly.
-    fn poison(&self, error: &StorageError) {
-        if let Ok(mut reason) = self.shared.poison_reason.lock() {
-            *reason = error.to_string();
-        }
+    /// The first reason is kept: it is the cause, later ones are echoes.
+    fn poison(&self, reason: String) {
+        let first = self.shared.poison.send_if_modified(|current| {
+            let first = current.is_none();
+            if first {
+                *current = Some(reason.clone());
+            }
+            first
+        });
+        // The reason is in place before the flag: whoever sees the flag finds it.
         self.shared.poisoned.store(true, Ordering::Release);
         self.shared.flushed.notify_waiters();
-        telemetry::wal_poisoned();
-        tracing::error!(%error, "WAL write failed: refusing every change until quotad restarts");
+        if first {
+            telemetry::wal_poisoned();
+            tracing::error!(%reason, "the WAL failed: refusing every change until quotad restarts");
+        }
+    }
+}
+
+/// What a panic said, when it said it with a string (as `panic!` does).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::{Change, Priority, SchoolId, ServiceType, SliceSet, TeacherId};
+    use crate::storage::MemoryLog;
+    use std::time::Duration;
+
+    fn allocations_set(slices: usize) -> Record {
+        let slices = (0..slices)
+            .map(|i| SliceSet {
+                teacher_id: TeacherId::parse(&format!("{i:0>128}")).unwrap(),
+                service: ServiceType::parse(&"s".repeat(64)).unwrap(),
+                allocated_units: 1,
+                priority: Priority::Normal,
+                auto_renew: false,
+            })
+            .collect();
+        Record::AllocationsSet {
+            school_id: SchoolId::parse("school").unwrap(),
+            slices,
+            cycle_start_ms: 0,
+            change: Change {
+                by: Arc::from("principal"),
+                reason: Arc::from(""),
+                at_ms: 0,
+            },
+        }
+    }
+
+    /// A store whose flush (or append) panics once armed, as a bug inside
+    /// sled would.
+    #[derive(Default)]
+    struct PanickingStore {
+        inner: MemoryLog,
+        panic_in_flush: AtomicBool,
+        panic_in_append: AtomicBool,
+    }
+
+    impl LogStore for PanickingStore {
+        fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
+            assert!(
+                !self.panic_in_append.load(Ordering::SeqCst),
+                "sled's append blew up"
+            );
+            self.inner.append(entries)
+        }
+        fn flush(&self) -> Result<(), StorageError> {
+            assert!(
+                !self.panic_in_flush.load(Ordering::SeqCst),
+                "sled's flush blew up"
+            );
+            self.inner.flush()
+        }
+        fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
+            self.inner.read_range(wal_seq, limit)
+        }
+        fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+            self.inner.write_snapshot(wal_seq, bytes)
+        }
+        fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+            self.inner.read_snapshot()
+        }
+        fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
+            self.inner.truncate_through(wal_seq)
+        }
+        fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
+            self.inner.mark_durable(wal_seq)
+        }
+        fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
+            self.inner.durable_mark()
+        }
+    }
+
+    /// The writer thread dies in the store: every waiter hears Poisoned at
+    /// once (not at its deadline), the reason names the panic, later appends
+    /// are refused, and whoever watches the log is told.
+    async fn a_dead_writer_poisons_the_log(arm: impl FnOnce(&PanickingStore), said: &str) {
+        let store = Arc::new(PanickingStore::default());
+        let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        let first = wal.append(&allocations_set(1)).unwrap();
+        wal.wait_durable(first).await.unwrap();
+        assert_eq!(wal.poisoned_because(), None);
+        arm(&store);
+        // The first append is always queued (the writer has not seen it yet);
+        // the others may already find the log poisoned, which is right too.
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            match wal.append(&allocations_set(1)) {
+                Ok(seq) => {
+                    let wal = wal.clone();
+                    waiters.push(tokio::spawn(async move { wal.wait_durable(seq).await }));
+                }
+                Err(error) => assert!(matches!(error, WalError::Poisoned(_)), "{error:?}"),
+            }
+        }
+        assert!(!waiters.is_empty());
+        for waiter in waiters {
+            let waited = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter is told at once, not left hanging")
+                .unwrap();
+            assert!(
+                matches!(&waited, Err(WalError::Poisoned(reason)) if reason.contains(said)),
+                "{waited:?}"
+            );
+        }
+        let reason = tokio::time::timeout(Duration::from_secs(5), wal.poisoned())
+            .await
+            .unwrap();
+        assert!(
+            reason.contains("panicked") && reason.contains(said),
+            "{reason}"
+        );
+        let later = wal.append(&allocations_set(1));
+        assert!(matches!(later, Err(WalError::Poisoned(_))), "{later:?}");
+        writer.shutdown();
+        assert!(
+            wal.poisoned_because().is_some(),
+            "still poisoned after the stop"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_the_stores_flush_poisons_the_wal_and_fails_every_waiter() {
+        let arm = |s: &PanickingStore| s.panic_in_flush.store(true, Ordering::SeqCst);
+        a_dead_writer_poisons_the_log(arm, "sled's flush blew up").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_in_the_stores_append_poisons_the_wal_and_fails_every_waiter() {
+        let arm = |s: &PanickingStore| s.panic_in_append.store(true, Ordering::SeqCst);
+        a_dead_writer_poisons_the_log(arm, "sled's append blew up").await;
+    }
+
+    #[tokio::test]
+    async fn a_requested_shutdown_does_not_poison() {
+        let (wal, writer, _durable) =
+            Wal::start(Arc::new(MemoryLog::default()), WalConfig::default(), 0).unwrap();
+        let seq = wal.append(&allocations_set(1)).unwrap();
+        wal.wait_durable(seq).await.unwrap();
+        writer.shutdown();
+        assert_eq!(wal.poisoned_because(), None);
+        assert_eq!(wal.append(&allocations_set(1)), Err(WalError::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_record_over_the_limit_is_refused_with_its_size_and_leaves_no_gap() {
+        let store = MemoryLog::default();
+        let (wal, writer, _durable) =
+            Wal::start(Arc::new(store.clone()), WalConfig::default(), 0).unwrap();
+        let too_large = allocations_set(3 * crate::domain::record::BULK_SLICES_MAX);
+        match wal.append(&too_large) {
+            Err(WalError::RecordTooLarge {
+                kind,
+                bytes,
+                bytes_max,
+            }) => {
+                assert_eq!(kind, "allocations_set");
+                assert!(bytes > bytes_max && bytes_max == RECORD_BYTES_MAX);
+            }
+            other => panic!("{other:?}"),
+        }
+        let seq = wal.append(&allocations_set(1)).unwrap();
+        assert_eq!(seq, 1, "the refused record took no position");
+        wal.wait_durable(seq).await.unwrap();
+        writer.shutdown();
+        assert_eq!(store.read_after(0).unwrap().len(), 1);
     }
 }

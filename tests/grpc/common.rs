@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quotad::auth::{Authenticator, BearerToken, Role};
@@ -14,8 +15,8 @@ use quotad::domain::SchoolId;
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::*;
-use quotad::server::{serve, Listeners, ServeError};
-use quotad::storage::Durability;
+use quotad::server::{serve, serve_on_store, Listeners, ServeError};
+use quotad::storage::{Durability, LogStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -96,6 +97,16 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
+        Self::launch(config, None).await
+    }
+
+    /// quotad on `store` instead of the sled log in `config.data_dir`: for
+    /// tests that make the log fail or panic.
+    pub async fn start_on_store(config: Config, store: Arc<dyn LogStore>) -> Self {
+        Self::launch(config, Some(store)).await
+    }
+
+    async fn launch(config: Config, store: Option<Arc<dyn LogStore>>) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -104,9 +115,13 @@ impl TestServer {
             grpc,
             metrics: Some(metrics),
         };
-        let task = tokio::spawn(serve(listeners, config, async move {
+        let shutdown = async move {
             let _ = rx.await;
-        }));
+        };
+        let task = match store {
+            None => tokio::spawn(serve(listeners, config, shutdown)),
+            Some(store) => tokio::spawn(serve_on_store(listeners, config, store, shutdown)),
+        };
         let server = Self {
             addr,
             metrics_addr,
@@ -146,12 +161,23 @@ impl TestServer {
     }
 
     /// Graceful stop, as on SIGTERM.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stopped().await.unwrap();
+    }
+
+    /// Sends the stop signal, as SIGTERM does, without waiting.
+    pub fn signal_stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
+    }
+
+    /// Stops (if not yet signalled) and says how `serve` ended.
+    pub async fn stopped(mut self) -> Result<(), ServeError> {
+        self.signal_stop();
+        match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
         }
     }
 }
