@@ -29,6 +29,10 @@ pub trait LogStore: Send + Sync + 'static {
     fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
     /// Drops records up to and including `wal_seq` (a snapshot covers them).
     fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError>;
+    /// A small named value kept beside the log (the history record), or None.
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Replaces a named value; durable only after [`LogStore::flush`].
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError>;
 }
 
 /// The embedded default: sled, under the data directory.
@@ -135,6 +139,19 @@ impl LogStore for SledLog {
         self.wal.apply_batch(batch)?;
         Ok(())
     }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        // Named values live under their own prefix in the meta tree, so that
+        // no name can replace the snapshot (or any key kept there later).
+        let key = [b"named/", key.as_bytes()].concat();
+        Ok(self.meta.get(key)?.map(|value| value.to_vec()))
+    }
+
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        let key = [b"named/", key.as_bytes()].concat();
+        self.meta.insert(key, bytes)?;
+        Ok(())
+    }
 }
 
 /// Keeps everything in memory: for tests, and to show what the trait promises.
@@ -152,6 +169,9 @@ struct MemoryInner {
     /// Appended since the last flush (a flush moves them into `durable`).
     unflushed: Vec<Entry>,
     snapshot: Option<(u64, Vec<u8>)>,
+    /// Named values ([`LogStore::write_meta`]): durable at once here, so a
+    /// crash copy keeps them.
+    meta: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryLog {
@@ -167,6 +187,7 @@ impl MemoryLog {
             durable: inner.durable.clone(),
             unflushed: Vec::new(),
             snapshot: inner.snapshot.clone(),
+            meta: inner.meta.clone(),
         };
         MemoryLog {
             inner: Arc::new(Mutex::new(copy)),
@@ -231,6 +252,16 @@ impl LogStore for MemoryLog {
         inner.written.retain(|k, _| *k > wal_seq);
         inner.durable.retain(|k, _| *k > wal_seq);
         inner.unflushed.retain(|(k, _)| *k > wal_seq);
+        Ok(())
+    }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.check()?;
+        self.lock().meta.insert(key.to_string(), bytes.to_vec());
         Ok(())
     }
 }

@@ -56,6 +56,12 @@ impl<S: LogStore> LogStore for CountingStore<S> {
     fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
         self.inner.truncate_through(wal_seq)
     }
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.read_meta(key)
+    }
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.write_meta(key, bytes)
+    }
 }
 
 /// Runs a test body against sled (in a temp dir) and against memory.
