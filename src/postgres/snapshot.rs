@@ -38,7 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// start writes them.
 pub const FINAL_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 /// An arbitrary, fixed key: one snapshot transaction at a time per database.
-const SNAPSHOT_LOCK: i64 = 0x7175_6f74_6164_5f73; // "quotad_s"
+pub(crate) const SNAPSHOT_LOCK: i64 = 0x7175_6f74_6164_5f73; // "quotad_s"
 
 /// What the follower and the writer thread share.
 #[derive(Debug, Default)]
