@@ -117,7 +117,8 @@ pub enum RecoverFrom {
     /// As `auto`, except that a data directory `auto` would refuse is
     /// discarded and the state recovered from Postgres (a new epoch). A
     /// directory `auto` would serve is served: leaving this set never throws
-    /// away acknowledged changes at a later restart.
+    /// away acknowledged changes at a later restart. Postgres must answer at
+    /// start (quotad does not start on the directory alone).
     Postgres,
 }
 
