@@ -11,6 +11,7 @@ mod analytics;
 #[allow(dead_code)]
 #[path = "../grpc/common.rs"]
 mod common;
+mod history;
 mod snapshots;
 
 async fn relations(client: &Client) -> Vec<String> {
