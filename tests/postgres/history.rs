@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use quotad::config::{Config, Secret};
 use quotad::storage::history::{self, History, HistoryPosition};
-use quotad::storage::{recover, Durability, SledLog};
+use quotad::storage::{recover, Durability, LogStore, SledLog};
 use tokio_postgres::Client;
 
 use crate::common::{self, *};
 use crate::fresh_database;
 use crate::snapshots::{
-    consume_n, count, process, school_with_usage, snapshot_seq, start_server, wait_for,
+    consume_n, count, process, proxy_to, school_with_usage, snapshot_seq, start_server, wait_for,
 };
 
 /// Like [`process`], with more flags.
@@ -268,4 +268,77 @@ async fn history_a_data_directory_of_another_history_is_refused_and_postgres_kee
     );
     assert_eq!(count(&db, "SELECT count(*) FROM ai_usage_logs").await, 2);
     assert_eq!(local_position(&data_y), ours, "nor is the directory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_an_old_disk_served_while_postgres_was_down_never_writes_to_it() {
+    use std::sync::atomic::Ordering;
+    let (db, url) = fresh_database().await;
+    let postgres = proxy_to(&url).await;
+    let (_root, root) = temp_dir();
+    let (dir_x, old_x, dir_y) = (root.join("x"), root.join("x-old"), root.join("y"));
+    let x = start_server(&dir_x, &url).await;
+    let (mut admin, mut gate) = (x.admin().await, x.gate().await);
+    school_with_usage(&mut admin, &mut gate, 3, 1, "x").await;
+    x.stop().await;
+    copy_dir(&dir_x, &old_x);
+    // Y recovers from Postgres (epoch 2) and goes on.
+    let y = start_server(&dir_y, &url).await;
+    let mut gate = y.gate().await;
+    consume_n(&mut gate, 2, 5, "y-").await;
+    y.stop().await;
+    let before = postgres_contents(&db).await;
+
+    // X's old disk starts while Postgres does not answer: quotad cannot
+    // tell, and serves it (as it serves any directory then). It goes further
+    // along than Postgres, which on position alone would let it win.
+    let x = start_server(&old_x, &postgres.url).await;
+    let mut gate = x.gate().await;
+    assert_eq!(used_units(&mut gate, "s1", "t1").await, 3);
+    consume_n(&mut gate, 4, 1, "x-stale-").await;
+    // Postgres answers: the writer finds an older epoch and writes nothing.
+    postgres.on.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    consume_n(&mut gate, 2, 1, "x-stale-later-").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        postgres_contents(&db).await,
+        before,
+        "Postgres is untouched"
+    );
+    x.stop().await;
+    assert_eq!(
+        postgres_contents(&db).await,
+        before,
+        "even by the final snapshot"
+    );
+    let stale = local_position(&old_x);
+    assert!(stale.wal_seq > snapshot_seq(&db).await, "{stale}");
+    // Its WAL was not truncated: the stale consumes are all still there.
+    let kept = SledLog::open(&old_x).unwrap();
+    let records = kept.read_after(0).unwrap();
+    assert!(records.len() >= 6, "{} records kept", records.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_recovering_from_postgres_needs_postgres_to_answer() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    school_with_usage(&mut admin, &mut gate, 1, 1, "a").await;
+    server.stop().await;
+    let config = Config {
+        data_dir: data.clone(),
+        auth_key: Some(Secret(KEY.into())),
+        postgres_url: Some(Secret("postgres://quotad@127.0.0.1:1/none".into())),
+        recover_from: history::RecoverFrom::Postgres,
+        ..Config::default()
+    };
+    let listeners = quotad::server::Listeners {
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let refused = quotad::server::serve(listeners, config, std::future::pending()).await;
+    let message = refused.expect_err("nothing to recover from").to_string();
+    assert!(message.contains("does not answer"), "{message}");
 }
