@@ -314,7 +314,16 @@ impl Follower for PostgresFollower {
             }
         }
         let committed = self.committed_seq();
-        if committed < applied_seq {
+        if self.writer_stopped() {
+            // Not "the next start writes them": that start is refused or
+            // decided afresh (see crate::storage::history).
+            tracing::error!(
+                committed_wal_seq = committed,
+                applied_wal_seq = applied_seq,
+                "Postgres snapshots were stopped (said above): the WAL keeps every record after \
+                 the last snapshot this quotad wrote"
+            );
+        } else if committed < applied_seq {
             tracing::warn!(
                 committed_wal_seq = committed,
                 applied_wal_seq = applied_seq,
