@@ -14,6 +14,7 @@ use crate::auth::{AuthMode, Authenticator};
 use crate::domain::analytics::AlertThresholds;
 use crate::domain::{RuleLimits, ServiceType};
 use crate::engine::EngineConfig;
+use crate::storage::history::RecoverFrom;
 use crate::storage::{Durability, WalConfig};
 
 /// The most schools whose pools may be exported as gauges: about a million
@@ -100,6 +101,10 @@ pub struct Config {
     pub postgres_url: Option<Secret>,
     /// How often what changed is written to Postgres.
     pub postgres_snapshot_interval_s: u64,
+    /// `auto`, or `postgres`: a data directory of another history or an
+    /// older epoch than Postgres's, which `auto` refuses to start on, is
+    /// discarded and the state recovered from Postgres.
+    pub recover_from: RecoverFrom,
     /// A slice alerts at the highest of these shares of its units it reached
     /// (percent, ascending, at most 8).
     pub alert_slice_used_percents: Vec<u32>,
@@ -157,6 +162,7 @@ impl Default for Config {
             auth_key: None,
             postgres_url: None,
             postgres_snapshot_interval_s: 10,
+            recover_from: RecoverFrom::Auto,
             alert_slice_used_percents: alerts.slice_used_percents,
             alert_pool_used_percent: alerts.pool_used_percent,
             alert_anomaly_factor_percent: alerts.anomaly_factor_percent,
@@ -243,6 +249,12 @@ impl Config {
         }
         if self.idempotency_window_s > 366 * 24 * 3600 {
             return Err(invalid("idempotency_window_s", "must be at most a year"));
+        }
+        if self.recover_from == RecoverFrom::Postgres && self.postgres_url.is_none() {
+            return Err(invalid(
+                "recover_from",
+                "\"postgres\" needs a Postgres to recover from: set postgres_url (--database-url)",
+            ));
         }
         self.service_types()?;
         self.alert_thresholds()
@@ -458,6 +470,21 @@ mod tests {
             ..Config::default()
         };
         none.validate().unwrap();
+    }
+
+    #[test]
+    fn recovering_from_postgres_is_read_from_the_file_and_needs_a_postgres() {
+        let config: Config = toml::from_str("recover_from = \"postgres\"\n").unwrap();
+        assert_eq!(config.recover_from, RecoverFrom::Postgres);
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("recover_from"), "{error}");
+        let config = Config {
+            postgres_url: Some(Secret("postgres://quotad@127.0.0.1/quotad".into())),
+            ..config
+        };
+        config.validate().unwrap();
+        assert_eq!(Config::default().recover_from, RecoverFrom::Auto);
+        assert!(toml::from_str::<Config>("recover_from = \"sled\"\n").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use quotad::auth::{AuthMode, Role};
 use quotad::config::Config;
 use quotad::domain::SchoolId;
 use quotad::server::{serve, Listeners};
+use quotad::storage::history::RecoverFrom;
 use quotad::storage::Durability;
 use tokio::net::TcpListener;
 
@@ -111,6 +112,14 @@ struct ServeArgs {
     database_url: Option<String>,
     #[arg(long, env = "QUOTAD_POSTGRES_SNAPSHOT_INTERVAL_S")]
     postgres_snapshot_interval_s: Option<u64>,
+    /// postgres: discard a data directory that belongs to another history or
+    /// an older epoch than Postgres's (refused otherwise) and recover from Postgres.
+    #[arg(long, env = "QUOTAD_RECOVER_FROM", value_parser = parse_recover_from)]
+    recover_from: Option<RecoverFrom>,
+}
+
+fn parse_recover_from(value: &str) -> Result<RecoverFrom, String> {
+    RecoverFrom::parse(value).ok_or_else(|| format!("{value:?} is not auto or postgres"))
 }
 
 fn parse_durability(value: &str) -> Result<Durability, String> {
@@ -138,7 +147,8 @@ impl ServeArgs {
             batched_flush_interval_ms,
             snapshot_interval_s,
             actor_threads,
-            postgres_snapshot_interval_s
+            postgres_snapshot_interval_s,
+            recover_from
         );
         if let Some(url) = &self.database_url {
             config.postgres_url = Some(quotad::config::Secret(url.clone()));

@@ -25,10 +25,12 @@ use crate::auth::{AuthInterceptor, AuthMode};
 use crate::config::Secret;
 use crate::config::{Config, ConfigError};
 use crate::engine::{system_now_ms, Clock, Engine, EngineError, EngineRuntime};
+use crate::postgres::recover::{Attaching, PostgresSnapshot};
 use crate::postgres::Reader;
 use crate::postgres::{self, rows::Changes, snapshot::PostgresFollower, PostgresError};
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
+use crate::storage::history::{self, Decision, History, HistoryId, HistoryPosition, RecoverFrom};
 use crate::storage::snapshot::{write_snapshot, Follower, Snapshotter};
 use crate::storage::{
     recover_with, LogStore, OnDamage, Recovered, SledLog, StorageError, Wal, WalWriter,
@@ -66,6 +68,16 @@ pub enum ServeError {
          quotad will not start from nothing while the state may be there"
     )]
     NoState(String),
+    #[error(
+        "recover_from = postgres, but Postgres does not answer ({0}): quotad will not serve the \
+         data directory it was asked to recover over"
+    )]
+    PostgresNeeded(String),
+    #[error("the data directory {path}: {conflict}")]
+    History {
+        path: PathBuf,
+        conflict: history::Conflict,
+    },
     /// The WAL failed while serving: changes were refused from then on. The
     /// exit is an error so that a supervisor notices and restarts quotad.
     #[error(
@@ -135,7 +147,7 @@ pub async fn serve_on_store(
     telemetry::register_at_start(config.postgres_url.is_some());
     let (recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
-        None => (recover_local(store.as_ref(), &config)?, None),
+        None => (recover_without_postgres(store.as_ref(), &config)?, None),
     };
     telemetry::snapshot_recovered(recovered.snapshot_seq);
     let (wal, writer, durable) = Wal::start(store.clone(), config.wal(), recovered.last_seq)?;
@@ -254,16 +266,36 @@ fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, Ser
     Ok(recovered)
 }
 
-/// Recovers from whichever of the data directory and Postgres is further
-/// along. The local WAL is never truncated past what Postgres holds, so when
-/// the data directory has anything at or beyond Postgres's position, it is
-/// the whole story (Postgres's snapshot plus the WAL after it) and wins. When
-/// it is empty or older (a new node, a lost disk), the Postgres snapshot is
-/// loaded and written down locally at once, so the WAL continues after it.
+/// Without Postgres, a new data directory starts a history of its own; a
+/// directory an older quotad wrote is left without one (nothing here says
+/// which history it belongs to; the first start with Postgres decides).
+fn recover_without_postgres(
+    store: &dyn LogStore,
+    config: &Config,
+) -> Result<Recovered, ServeError> {
+    let recovered = recover_local(store, config)?;
+    if recovered.last_seq == 0 && history::read(store)?.is_none() {
+        let started = History::first(HistoryId::random()?);
+        history::write(store, &started)?;
+        tracing::info!(history = %started, "a new history starts");
+    }
+    Ok(recovered)
+}
+
+/// Recovers from the data directory or from Postgres, as
+/// [`history::decide`] rules from which history and epoch each holds and
+/// how far along it is. Serving the directory catches Postgres up from it
+/// (the local WAL is never truncated past what Postgres holds, so it is
+/// Postgres's snapshot plus the WAL after it). Loading Postgres (a new node,
+/// a lost disk, or `--recover-from postgres`) discards the directory's state,
+/// writes the loaded one down and continues the WAL after its position, at a
+/// new epoch. A directory of another history or epoch is refused. All of it
+/// is decided and recorded in Postgres under the snapshot lock, in one
+/// transaction ([`Attaching`]).
 ///
 /// When Postgres does not answer at start, a data directory with state is
-/// served alone and Postgres is caught up once it answers; an empty one
-/// cannot be, and start-up fails.
+/// served alone and Postgres is caught up once it answers (if the directory
+/// is at its history); an empty one cannot be, and start-up fails.
 async fn recover_with_postgres(
     store: &Arc<dyn LogStore>,
     url: &Secret,
@@ -271,54 +303,162 @@ async fn recover_with_postgres(
 ) -> Result<(Recovered, Option<Box<dyn Follower>>), ServeError> {
     let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
     let connected = tokio::time::timeout(POSTGRES_START_WAIT, postgres::prepare(&url.0)).await;
-    let mut client = match connected {
-        Ok(Ok(client)) => client,
-        Ok(Err(error)) => return start_without_postgres(store, url, config, error.to_string()),
-        Err(_) => {
-            let waited = format!("no answer within {} s", POSTGRES_START_WAIT.as_secs());
-            return start_without_postgres(store, url, config, waited);
-        }
+    let answered = match connected {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} s",
+            POSTGRES_START_WAIT.as_secs()
+        )),
     };
-    let store_arc = store.clone();
-    let store = store.as_ref();
-    let local = recover_local(store, config)?;
-    let pg_seq = postgres::recover::snapshot_seq(&client).await?;
-    telemetry::postgres_snapshot_recovered(pg_seq);
-    let history_written = postgres::recover::history_written(&client).await?;
-    let (recovered, changes) = if local.last_seq >= pg_seq {
-        let changes = if local.last_seq == pg_seq {
-            Changes::new(history_written)
-        } else {
-            catch_up(store, &local, pg_seq, history_written)?
-        };
-        (local, changes)
-    } else {
-        let loaded = postgres::recover::load(&mut client).await?;
-        if local.last_seq > 0 {
-            tracing::warn!(
-                local_wal_seq = local.last_seq,
-                postgres_wal_seq = loaded.wal_seq,
-                "the data directory is older than the Postgres snapshot; recovering from Postgres"
-            );
+    let mut client = match answered {
+        Ok(client) => client,
+        // The operator asked for Postgres's state: serving the directory
+        // alone (perhaps the very one they meant to discard) is the opposite.
+        Err(error) if config.recover_from == RecoverFrom::Postgres => {
+            return Err(ServeError::PostgresNeeded(error))
         }
-        write_snapshot(store, loaded.wal_seq, &loaded.state)?;
-        tracing::info!(
-            schools = loaded.state.schools.len(),
-            teachers = loaded.state.accounts.len(),
-            snapshot_wal_seq = loaded.wal_seq,
-            "state recovered from Postgres"
+        Err(error) => return start_without_postgres(store, url, config, error),
+    };
+    let local = recover_local(store.as_ref(), config)?;
+    let attached = attach(store.as_ref(), &mut client, local, config).await?;
+    telemetry::postgres_snapshot_recovered(attached.postgres_seq);
+    tracing::info!(
+        history = %attached.history,
+        wal_seq = attached.recovered.last_seq,
+        "attached to Postgres"
+    );
+    let follower = PostgresFollower::start(
+        url.clone(),
+        interval,
+        store.clone(),
+        attached.postgres_seq,
+        attached.changes,
+        attached.history,
+    )?;
+    Ok((attached.recovered, Some(Box::new(follower))))
+}
+
+/// What start-up attached to: the state to serve, what Postgres lacks of
+/// it, and the history and epoch every snapshot commit will be fenced on.
+struct Attached {
+    recovered: Recovered,
+    changes: Changes,
+    history: History,
+    /// The position Postgres covers.
+    postgres_seq: u64,
+}
+
+/// Compares the data directory (`local`, recovered from it) with Postgres
+/// and carries out [`history::decide`]'s ruling in the attach transaction.
+async fn attach(
+    store: &dyn LogStore,
+    client: &mut tokio_postgres::Client,
+    local: Recovered,
+    config: &Config,
+) -> Result<Attached, ServeError> {
+    let local_at = HistoryPosition {
+        history: history::read(store)?,
+        wal_seq: local.last_seq,
+    };
+    let new_id = HistoryId::random()?;
+    let attaching = postgres::recover::begin_attach(client).await?;
+    let postgres_at = attaching.found;
+    let history_written = attaching.history_written().await?;
+    let (recovered, changes, history) =
+        match history::decide(&local_at, &postgres_at, config.recover_from, new_id) {
+            Decision::Refuse(conflict) => {
+                // Dropping `attaching` rolls back: Postgres is left as it was.
+                return Err(ServeError::History {
+                    path: config.data_dir.clone(),
+                    conflict,
+                });
+            }
+            Decision::Serve {
+                history,
+                record_locally,
+                ..
+            } => {
+                if config.recover_from == RecoverFrom::Postgres {
+                    tracing::info!(
+                        %history,
+                        "recover_from = postgres is not needed: the data directory is served (it \
+                         is at Postgres's history and epoch, or Postgres has none); nothing is \
+                         discarded"
+                    );
+                }
+                if record_locally {
+                    // Before the commit: a crash between the two leaves a
+                    // directory that names the history and a Postgres that
+                    // does not yet, which the next start serves and records.
+                    history::write(store, &history)?;
+                }
+                attaching.commit(&history).await?;
+                let changes = if local.last_seq == postgres_at.wal_seq {
+                    Changes::new(history_written)
+                } else {
+                    catch_up(store, &local, postgres_at.wal_seq, history_written)?
+                };
+                (local, changes, history)
+            }
+            Decision::Load { history } => {
+                let recovered = load_from_postgres(store, attaching, &local_at, history).await?;
+                (recovered, Changes::new(history_written), history)
+            }
+        };
+    Ok(Attached {
+        recovered,
+        changes,
+        history,
+        postgres_seq: postgres_at.wal_seq,
+    })
+}
+
+/// Loads Postgres's snapshot and commits the new epoch in the attach
+/// transaction, then replaces the data directory's state with it: first the
+/// old WAL goes (it may run past Postgres's position, and its records, of
+/// another history or epoch, must never be replayed onto this state), then
+/// the snapshot is written and flushed, and only then the history record.
+/// A crash on the way leaves a directory that can never serve a mix: with
+/// its old record (refused, or loaded again), without one (loaded again, or
+/// at Postgres's position and holding exactly its state, adopting the epoch
+/// just committed).
+async fn load_from_postgres(
+    store: &dyn LogStore,
+    attaching: Attaching<'_>,
+    local_at: &HistoryPosition,
+    history: History,
+) -> Result<Recovered, ServeError> {
+    let loaded: PostgresSnapshot = attaching.load().await?;
+    attaching.commit(&history).await?;
+    if local_at.wal_seq > 0 {
+        tracing::warn!(
+            local = %local_at,
+            postgres_wal_seq = loaded.wal_seq,
+            new = %history,
+            "the data directory's state is discarded: recovering from Postgres"
         );
-        let recovered = Recovered {
-            state: loaded.state,
-            snapshot_seq: loaded.wal_seq,
-            last_seq: loaded.wal_seq,
-            replayed_records: 0,
-            lost: None,
-        };
-        (recovered, Changes::new(history_written))
-    };
-    let follower = PostgresFollower::start(url.clone(), interval, store_arc, pg_seq, changes)?;
-    Ok((recovered, Some(Box::new(follower))))
+    }
+    store.truncate_through(local_at.wal_seq)?;
+    write_snapshot(store, loaded.wal_seq, &loaded.state)?;
+    // The directory's old mark may be past the loaded position: the log
+    // now ends here, and a mark beyond it would read as lost records.
+    store.mark_durable(loaded.wal_seq)?;
+    history::write(store, &history)?;
+    tracing::info!(
+        schools = loaded.state.schools.len(),
+        teachers = loaded.state.accounts.len(),
+        snapshot_wal_seq = loaded.wal_seq,
+        %history,
+        "state recovered from Postgres"
+    );
+    Ok(Recovered {
+        state: loaded.state,
+        snapshot_seq: loaded.wal_seq,
+        last_seq: loaded.wal_seq,
+        replayed_records: 0,
+        lost: None,
+    })
 }
 
 fn start_without_postgres(
@@ -331,13 +471,19 @@ fn start_without_postgres(
     if local.last_seq == 0 {
         return Err(ServeError::NoState(error));
     }
+    let local_at = HistoryPosition {
+        history: history::read(store.as_ref())?,
+        wal_seq: local.last_seq,
+    };
     tracing::warn!(
         %error,
+        local = %local_at,
         "Postgres does not answer: serving from the data directory; the WAL is kept whole and \
-         Postgres is caught up once it answers"
+         Postgres is caught up once it answers, if it is at this directory's history"
     );
     let interval = Duration::from_secs(config.postgres_snapshot_interval_s);
-    let follower = PostgresFollower::start_detached(url.clone(), interval, store.clone())?;
+    let follower =
+        PostgresFollower::start_detached(url.clone(), interval, store.clone(), local_at)?;
     Ok((local, Some(Box::new(follower))))
 }
 

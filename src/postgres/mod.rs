@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "snapshot_writer",
         include_str!("migrations/0003_snapshot_writer.sql"),
     ),
+    (4, "history", include_str!("migrations/0004_history.sql")),
 ];
 
 /// An arbitrary, fixed key for `pg_advisory_xact_lock`.
@@ -54,6 +55,11 @@ pub enum PostgresError {
          is another quotad writing to the same database?"
     )]
     Fenced { found: u64, expected: u64 },
+    #[error(
+        "Postgres holds {found}, but this quotad writes {ours}: another quotad has taken the \
+         history up from Postgres since, so this one's snapshots would write older state over it"
+    )]
+    Superseded { found: String, ours: String },
     #[error("the snapshot in Postgres is damaged: {0}")]
     Damaged(String),
     #[error("cannot encode a snapshot row: {0}")]
@@ -62,6 +68,14 @@ pub enum PostgresError {
     Thread(String),
     #[error("cannot read the WAL for a snapshot: {0}")]
     Wal(String),
+}
+
+impl PostgresError {
+    /// Another writer holds the database: retrying cannot help, and this
+    /// quotad must write no more snapshots.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Self::Fenced { .. } | Self::Superseded { .. })
+    }
 }
 
 /// Connects and applies missing migrations: what the server does on start.

@@ -1,19 +1,22 @@
 //! Loading the state from the latest Postgres snapshot: each school's and
 //! each teacher account's encoded state, and each school's audit trail from
 //! `ai_allocation_history`, whose chain is verified before it is trusted.
+//! And the attach transaction ([`Attaching`]), in which start-up reads which
+//! history, epoch and position Postgres is at and records what it decided.
 
 use std::collections::{BTreeMap, HashMap};
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use super::rows::decode_school;
-use super::snapshot::{db_ms, db_u64};
+use super::snapshot::{db_i64, db_ms, db_u64, SNAPSHOT_LOCK};
 use super::PostgresError;
 use crate::domain::audit::Values;
 use crate::domain::{
     AuditAction, AuditEntry, AuditTrail, SchoolId, ServiceType, State, TeacherAccount, TeacherId,
 };
 use crate::storage::codec;
+use crate::storage::history::{History, HistoryId, HistoryPosition};
 
 /// The snapshot Postgres holds.
 #[derive(Debug)]
@@ -32,8 +35,115 @@ pub async fn snapshot_seq(client: &Client) -> Result<u64, PostgresError> {
     Ok(seq.map_or(0, db_u64))
 }
 
+/// The attach transaction: it holds the snapshot lock from the moment it
+/// reads which history, epoch and position Postgres is at until it commits
+/// what start-up decided, so no snapshot commit can come in between. A
+/// recovery from Postgres loads the state and sets the new epoch in it: from
+/// that commit on, a quotad still writing the older epoch is fenced, and the
+/// state loaded is exactly the one the new epoch starts from. Dropping it
+/// without [`Attaching::commit`] rolls back and changes nothing.
+pub struct Attaching<'a> {
+    tx: Transaction<'a>,
+    /// What Postgres holds.
+    pub found: HistoryPosition,
+}
+
+pub async fn begin_attach(client: &mut Client) -> Result<Attaching<'_>, PostgresError> {
+    // Read committed (the default), not repeatable read: that would take its
+    // view before the lock is granted, and miss a snapshot that committed
+    // while this waited for it. Under the lock, no snapshot can commit.
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SNAPSHOT_LOCK])
+        .await?;
+    let found = match tx
+        .query_opt(
+            "SELECT wal_seq, history_id, epoch FROM quotad_snapshot WHERE id = 1",
+            &[],
+        )
+        .await?
+    {
+        Some(row) => HistoryPosition {
+            history: history_from_row(row.get(1), row.get(2))?,
+            wal_seq: db_u64(row.get(0)),
+        },
+        None => HistoryPosition {
+            history: None,
+            wal_seq: 0,
+        },
+    };
+    Ok(Attaching { tx, found })
+}
+
+impl Attaching<'_> {
+    /// How many audit entries Postgres holds per school.
+    pub async fn history_written(&self) -> Result<HashMap<SchoolId, u64>, PostgresError> {
+        history_written(&self.tx).await
+    }
+
+    /// The whole state at [`Attaching::found`]'s position.
+    pub async fn load(&self) -> Result<PostgresSnapshot, PostgresError> {
+        let snapshot = load_in(&self.tx).await?;
+        if snapshot.wal_seq != self.found.wal_seq {
+            // Cannot happen under the lock; if it did, the new epoch would
+            // start from a state other than the one it claims.
+            return Err(damaged(format!(
+                "the snapshot moved from position {} to {} under the snapshot lock",
+                self.found.wal_seq, snapshot.wal_seq
+            )));
+        }
+        Ok(snapshot)
+    }
+
+    /// Records `history` as Postgres's (when it is not already) and commits.
+    pub async fn commit(self, history: &History) -> Result<(), PostgresError> {
+        if self.found.history != Some(*history) {
+            // A database without a snapshot gets its row now, at position
+            // 0, so that the first snapshot's fence finds the history.
+            self.tx
+                .execute(
+                    "INSERT INTO quotad_snapshot (id, wal_seq, taken_at, history_id, epoch)
+                     VALUES (1, $1, now(), $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET
+                         history_id = EXCLUDED.history_id, epoch = EXCLUDED.epoch",
+                    &[
+                        &db_i64(self.found.wal_seq),
+                        &history.id.to_string(),
+                        &db_i64(history.epoch),
+                    ],
+                )
+                .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The history a `quotad_snapshot` row names; None for '' (written by a
+/// quotad from before history identity).
+pub(crate) fn history_from_row(id: &str, epoch: i64) -> Result<Option<History>, PostgresError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    let id = HistoryId::parse(id).ok_or_else(|| {
+        damaged(format!(
+            "quotad_snapshot.history_id {id:?} is not 32 hex digits"
+        ))
+    })?;
+    if epoch < 1 {
+        return Err(damaged(format!(
+            "quotad_snapshot.epoch {epoch} for history {id}"
+        )));
+    }
+    Ok(Some(History {
+        id,
+        epoch: db_u64(epoch),
+    }))
+}
+
 /// How many audit entries Postgres holds per school.
-pub async fn history_written(client: &Client) -> Result<HashMap<SchoolId, u64>, PostgresError> {
+pub async fn history_written(
+    client: &impl GenericClient,
+) -> Result<HashMap<SchoolId, u64>, PostgresError> {
     let rows = client
         .query(
             "SELECT school_id, max(seq) FROM ai_allocation_history GROUP BY school_id",
@@ -61,11 +171,19 @@ pub async fn load(client: &mut Client) -> Result<PostgresSnapshot, PostgresError
         .read_only(true)
         .start()
         .await?;
+    let snapshot = load_in(&tx).await?;
+    tx.commit().await?;
+    Ok(snapshot)
+}
+
+/// [`load`], in a transaction whose view no snapshot commit can change: a
+/// repeatable-read one, or the attach transaction under the snapshot lock.
+async fn load_in(tx: &Transaction<'_>) -> Result<PostgresSnapshot, PostgresError> {
     let wal_seq: u64 = tx
         .query_opt("SELECT wal_seq FROM quotad_snapshot WHERE id = 1", &[])
         .await?
         .map_or(0, |row| db_u64(row.get(0)));
-    let mut trails = load_history(&tx).await?;
+    let mut trails = load_history(tx).await?;
     let mut state = State::default();
     for row in tx
         .query("SELECT school_id, state FROM quotad_school_state", &[])
@@ -107,7 +225,6 @@ pub async fn load(client: &mut Client) -> Result<PostgresSnapshot, PostgresError
         }
         state.accounts.insert((school_id, teacher_id), account);
     }
-    tx.commit().await?;
     Ok(PostgresSnapshot { wal_seq, state })
 }
 

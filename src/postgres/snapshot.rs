@@ -5,6 +5,11 @@
 //! it covers. Only after that commit may the sled WAL be truncated up to that
 //! position ([`Follower::truncate_floor`]).
 //!
+//! Each commit is fenced: Postgres must still be at this quotad's history and
+//! epoch (see [`crate::storage::history`]) and at the position it wrote last.
+//! A writer that finds otherwise writes nothing and stops for good, saying so;
+//! the node serves on, and its WAL keeps every record after what it wrote.
+//!
 //! Postgres being down or slow never slows the hot path: nothing on the hot
 //! path waits for the writer. While a write is failing it is retried with
 //! exponential backoff, the WAL keeps every record, changes keep accumulating
@@ -26,6 +31,7 @@ use super::rows::{Changes, Delta, UsageRow};
 use super::{connect, PostgresError};
 use crate::config::Secret;
 use crate::domain::{Record, SchoolId, State, TimestampMs};
+use crate::storage::history::{self, Decision, History, HistoryId, HistoryPosition, RecoverFrom};
 use crate::storage::snapshot::Follower;
 use crate::storage::{codec, LogStore};
 use crate::telemetry;
@@ -38,7 +44,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// start writes them.
 pub const FINAL_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 /// An arbitrary, fixed key: one snapshot transaction at a time per database.
-const SNAPSHOT_LOCK: i64 = 0x7175_6f74_6164_5f73; // "quotad_s"
+pub(crate) const SNAPSHOT_LOCK: i64 = 0x7175_6f74_6164_5f73; // "quotad_s"
 
 /// What the follower and the writer thread share.
 #[derive(Debug, Default)]
@@ -47,6 +53,10 @@ struct Shared {
     committed_seq: AtomicU64,
     /// Set at shutdown: the writer stops retrying once its deadline passes.
     stopping: AtomicBool,
+    /// Set by the writer when it stopped for good: fenced by another writer,
+    /// or diverged from Postgres when it first answered. Nothing more is
+    /// handed to it, and the WAL is truncated no further.
+    stopped: AtomicBool,
 }
 
 pub struct PostgresFollower {
@@ -72,16 +82,19 @@ struct Attach {
 
 impl PostgresFollower {
     /// Starts the writer thread. `committed_seq` is the position Postgres
-    /// already covers; `changes` is what the state holds beyond it.
+    /// already covers; `changes` is what the state holds beyond it;
+    /// `history` is the history and epoch start-up attached to, which every
+    /// commit checks Postgres is still at.
     pub fn start(
         url: Secret,
         interval: Duration,
         store: Arc<dyn LogStore>,
         committed_seq: u64,
         changes: Changes,
+        history: History,
     ) -> Result<Self, PostgresError> {
         let pending = !changes.is_empty();
-        let mut follower = Self::spawn(url, interval, store, committed_seq, None)?;
+        let mut follower = Self::spawn(url, interval, store, committed_seq, Some(history), None)?;
         follower.changes = changes;
         follower.unsent_since = pending.then(Instant::now);
         Ok(follower)
@@ -90,15 +103,19 @@ impl PostgresFollower {
     /// Starts without Postgres, which did not answer at start-up: quotad
     /// serves from its data directory, the WAL is not truncated at all, and
     /// the writer keeps trying to connect (with backoff). When Postgres
-    /// answers, the follower catches it up from the state and the WAL after
-    /// Postgres's position, as a start with both would.
+    /// answers, the writer compares it with `local` (what the data directory
+    /// held at start) as a start with both would; when the directory is at
+    /// Postgres's history (or Postgres has none) and not behind it, the
+    /// follower catches Postgres up from the state and the WAL after its
+    /// position. Otherwise they have diverged and nothing is written.
     pub fn start_detached(
         url: Secret,
         interval: Duration,
         store: Arc<dyn LogStore>,
+        local: HistoryPosition,
     ) -> Result<Self, PostgresError> {
         let (attach_tx, attached) = crossbeam_channel::bounded(1);
-        let mut follower = Self::spawn(url, interval, store, 0, Some(attach_tx))?;
+        let mut follower = Self::spawn(url, interval, store, 0, None, Some((attach_tx, local)))?;
         follower.detached = Some(attached);
         Ok(follower)
     }
@@ -108,16 +125,19 @@ impl PostgresFollower {
         interval: Duration,
         store: Arc<dyn LogStore>,
         committed_seq: u64,
-        attach: Option<crossbeam_channel::Sender<Attach>>,
+        history: Option<History>,
+        attach: Option<(crossbeam_channel::Sender<Attach>, HistoryPosition)>,
     ) -> Result<Self, PostgresError> {
         let shared = Arc::new(Shared {
             committed_seq: AtomicU64::new(committed_seq),
             stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         });
         let (sender, receiver) = mpsc::channel(1);
         let (done_tx, done) = crossbeam_channel::bounded(1);
         let writer = Writer {
             writer_id: writer_id(),
+            history,
             url,
             client: None,
             shared: shared.clone(),
@@ -143,8 +163,11 @@ impl PostgresFollower {
         })
     }
 
-    /// Once Postgres answered: everything the state holds and the usage rows
-    /// of the WAL records after Postgres's position become the first delta.
+    /// Once Postgres answered and the writer attached to it: everything the
+    /// state holds and the usage rows of the WAL records after Postgres's
+    /// position become the first delta. (The writer compared histories and
+    /// positions; when they diverged it sends nothing and stops, and the
+    /// follower stays detached: no snapshot, no truncation.)
     fn try_attach(&mut self, state: &State, applied_seq: u64) {
         let Some(detached) = &self.detached else {
             return;
@@ -152,17 +175,6 @@ impl PostgresFollower {
         let Ok(attach) = detached.try_recv() else {
             return;
         };
-        if attach.committed_seq > applied_seq {
-            tracing::error!(
-                postgres_wal_seq = attach.committed_seq,
-                local_wal_seq = applied_seq,
-                "Postgres holds a later snapshot than this data directory: they have diverged, \
-                 so no snapshot is written; the WAL keeps everything. Restart with an empty data \
-                 directory to recover from Postgres, or point quotad at another database"
-            );
-            self.sender = None;
-            return;
-        }
         let mut changes = Changes::everything(state, attach.history_written);
         changes.take_usage_from_wal();
         tracing::info!(
@@ -179,8 +191,17 @@ impl PostgresFollower {
         self.shared.committed_seq.load(Ordering::Acquire)
     }
 
-    /// Whether the writer has finished what it was handed last.
+    fn writer_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Whether the writer has finished what it was handed last (a stopped
+    /// writer will finish nothing more: nothing is waited for).
     fn writer_idle(&mut self) -> bool {
+        if self.writer_stopped() {
+            self.in_flight = None;
+            return true;
+        }
         match self.in_flight {
             Some((seq, _)) if self.committed_seq() < seq => false,
             _ => {
@@ -195,6 +216,10 @@ impl PostgresFollower {
     fn hand_over(&mut self, state: &mut State, applied_seq: u64) {
         if !self.writer_idle() || applied_seq <= self.committed_seq() {
             return;
+        }
+        if self.writer_stopped() {
+            // The writer said why, loudly, when it stopped.
+            self.sender = None;
         }
         if self.sender.is_none() {
             return;
@@ -289,7 +314,16 @@ impl Follower for PostgresFollower {
             }
         }
         let committed = self.committed_seq();
-        if committed < applied_seq {
+        if self.writer_stopped() {
+            // Not "the next start writes them": that start is refused or
+            // decided afresh (see crate::storage::history).
+            tracing::error!(
+                committed_wal_seq = committed,
+                applied_wal_seq = applied_seq,
+                "Postgres snapshots were stopped (said above): the WAL keeps every record after \
+                 the last snapshot this quotad wrote"
+            );
+        } else if committed < applied_seq {
             tracing::warn!(
                 committed_wal_seq = committed,
                 applied_wal_seq = applied_seq,
@@ -306,6 +340,9 @@ impl Follower for PostgresFollower {
 struct Writer {
     /// This process's name in `quotad_snapshot.writer`.
     writer_id: String,
+    /// The history and epoch this quotad attached to; None until a detached
+    /// writer attaches (no delta comes before that).
+    history: Option<History>,
     url: Secret,
     client: Option<Client>,
     shared: Arc<Shared>,
@@ -317,7 +354,7 @@ impl Writer {
     fn run(
         mut self,
         mut receiver: mpsc::Receiver<Delta>,
-        attach: Option<crossbeam_channel::Sender<Attach>>,
+        attach: Option<(crossbeam_channel::Sender<Attach>, HistoryPosition)>,
     ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -330,24 +367,35 @@ impl Writer {
             }
         };
         runtime.block_on(async move {
-            if let Some(attach) = attach {
-                if !self.attach(&attach).await {
+            if let Some((attach, local)) = attach {
+                if !self.attach(&attach, &local).await {
                     return;
                 }
             }
             while let Some(delta) = receiver.recv().await {
-                self.write_until_done(&delta).await;
+                if !self.write_until_done(&delta).await {
+                    return;
+                }
             }
         });
     }
 
-    /// Connects (applying migrations) until Postgres answers, with backoff;
-    /// false when shutdown came first.
-    async fn attach(&mut self, attach: &crossbeam_channel::Sender<Attach>) -> bool {
+    /// Connects (applying migrations) until Postgres answers, with backoff,
+    /// and attaches; false when shutdown came first or the data directory
+    /// and Postgres have diverged.
+    async fn attach(
+        &mut self,
+        attach: &crossbeam_channel::Sender<Attach>,
+        local: &HistoryPosition,
+    ) -> bool {
         let mut backoff = BACKOFF_FIRST;
         loop {
-            match self.find_position().await {
-                Ok(found) => {
+            match self.find_position(local).await {
+                Ok(None) => {
+                    self.shared.stopped.store(true, Ordering::Release);
+                    return false;
+                }
+                Ok(Some(found)) => {
                     self.warn_if_wal_misses_records_after(found.committed_seq);
                     self.shared
                         .committed_seq
@@ -385,19 +433,68 @@ impl Writer {
         }
     }
 
-    async fn find_position(&mut self) -> Result<Attach, PostgresError> {
-        let client = super::prepare(&self.url.0).await?;
-        let found = Attach {
-            committed_seq: super::recover::snapshot_seq(&client).await?,
-            history_written: super::recover::history_written(&client).await?,
+    /// The attach transaction of a writer that started detached: the same
+    /// comparison as a start with Postgres ([`history::decide`]), with the
+    /// directory's history and position at start. Only serving the directory
+    /// is possible now (quotad has been serving it all along); anything else
+    /// means they diverged, and nothing is written (None).
+    async fn find_position(
+        &mut self,
+        local: &HistoryPosition,
+    ) -> Result<Option<Attach>, PostgresError> {
+        let mut client = super::prepare(&self.url.0).await?;
+        let new_id = HistoryId::random().map_err(|e| PostgresError::Thread(e.to_string()))?;
+        let attaching = super::recover::begin_attach(&mut client).await?;
+        let found = attaching.found;
+        let history = match history::decide(local, &found, RecoverFrom::Auto, new_id) {
+            Decision::Serve {
+                history,
+                record_locally,
+                ..
+            } => {
+                // Before the commit: a crash between the two leaves a
+                // directory that names the history and a Postgres that does
+                // not yet, which the next start serves and records again.
+                if record_locally {
+                    history::write(self.store.as_ref(), &history)
+                        .map_err(|e| PostgresError::Wal(e.to_string()))?;
+                }
+                history
+            }
+            Decision::Load { .. } => {
+                tracing::error!(
+                    local = %local,
+                    postgres = %found,
+                    "Postgres holds state this data directory does not (it was served while \
+                     Postgres did not answer): they have diverged, so no snapshot is written and \
+                     the WAL keeps everything. Restart quotad with Postgres answering to decide"
+                );
+                return Ok(None);
+            }
+            Decision::Refuse(conflict) => {
+                tracing::error!(
+                    "this data directory, served while Postgres did not answer, diverges from \
+                     Postgres; no snapshot is written and the WAL keeps everything. The data \
+                     directory: {conflict}"
+                );
+                return Ok(None);
+            }
         };
+        let found = Attach {
+            committed_seq: found.wal_seq,
+            history_written: attaching.history_written().await?,
+        };
+        attaching.commit(&history).await?;
+        tracing::info!(%history, "attached to Postgres");
+        self.history = Some(history);
         self.client = Some(client);
-        Ok(found)
+        Ok(Some(found))
     }
 
     /// Writes `delta`, retrying with exponential backoff and jitter until it
-    /// commits; at shutdown, until [`FINAL_SNAPSHOT_WAIT`] has passed.
-    async fn write_until_done(&mut self, delta: &Delta) {
+    /// commits; at shutdown, until [`FINAL_SNAPSHOT_WAIT`] has passed. False
+    /// when fenced: another writer holds the database, and this one stops.
+    async fn write_until_done(&mut self, delta: &Delta) -> bool {
         let mut backoff = BACKOFF_FIRST;
         let mut failures = 0u32;
         let mut stop_deadline: Option<Instant> = None;
@@ -423,7 +520,34 @@ impl Writer {
                             "Postgres snapshot written"
                         );
                     }
-                    return;
+                    return true;
+                }
+                Err(error) if error.is_fenced() => {
+                    telemetry::postgres_snapshot_failed();
+                    let committed = self.shared.committed_seq.load(Ordering::Acquire);
+                    let what_now = match error {
+                        PostgresError::Superseded { .. } => {
+                            "another quotad has taken this history up from Postgres at a newer \
+                             epoch: stop this one, whose changes from now on reach Postgres by \
+                             no one's hand. A restart on this data directory is refused until an \
+                             operator decides (--recover-from postgres)"
+                        }
+                        _ => {
+                            "another quotad of the same history and epoch writes to this \
+                             database (two quotads on copies of one data directory?): stop one \
+                             of them"
+                        }
+                    };
+                    tracing::error!(
+                        %error,
+                        wal_seq = delta.wal_seq,
+                        committed_wal_seq = committed,
+                        "Postgres snapshots STOPPED: this quotad wrote nothing and writes no more \
+                         snapshots; it goes on serving, and its WAL keeps every record after the \
+                         last snapshot it wrote. {what_now}"
+                    );
+                    self.shared.stopped.store(true, Ordering::Release);
+                    return false;
                 }
                 Err(error) => {
                     failures += 1;
@@ -445,7 +569,7 @@ impl Writer {
                 let deadline =
                     *stop_deadline.get_or_insert_with(|| Instant::now() + FINAL_SNAPSHOT_WAIT);
                 if Instant::now() >= deadline {
-                    return;
+                    return true;
                 }
             }
             self.sleep(with_jitter(backoff)).await;
@@ -477,16 +601,21 @@ impl Writer {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SNAPSHOT_LOCK])
             .await?;
-        let found: Option<(i64, String)> = tx
+        let found = match tx
             .query_opt(
-                "SELECT wal_seq, writer FROM quotad_snapshot WHERE id = 1",
+                "SELECT wal_seq, writer, history_id, epoch FROM quotad_snapshot WHERE id = 1",
                 &[],
             )
             .await?
-            .map(|row| (row.get(0), row.get(1)));
-        let (found_seq, found_writer) = found.map_or((0, String::new()), |(s, w)| (db_u64(s), w));
-        let written_by_us = found_writer == self.writer_id;
-        match fence(found_seq, written_by_us, expected, delta.wal_seq)? {
+        {
+            Some(row) => Found {
+                wal_seq: db_u64(row.get(0)),
+                written_by_us: row.get::<_, &str>(1) == self.writer_id,
+                history: super::recover::history_from_row(row.get(2), row.get(3))?,
+            },
+            None => Found::default(),
+        };
+        match fence(&found, self.history.as_ref(), expected, delta.wal_seq)? {
             Fence::AlreadyCommitted => return Ok(()),
             Fence::Write => {}
         }
@@ -512,22 +641,45 @@ pub(crate) enum Fence {
     AlreadyCommitted,
 }
 
-/// Postgres must hold the position this quotad committed last (`expected`);
-/// anything else means another writer, and nothing is written. The one
-/// exception is this very snapshot, written by this process (`written_by_us`):
-/// an earlier attempt committed and its answer was lost.
+/// What `quotad_snapshot` holds when a snapshot transaction starts.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    pub wal_seq: u64,
+    /// `writer` is this process's id.
+    pub written_by_us: bool,
+    pub history: Option<History>,
+}
+
+/// Postgres must be at this quotad's history and epoch (`ours`): another one
+/// means another quotad took the history up from Postgres since (or started
+/// another), and this one's state is older than what Postgres holds. It must
+/// also hold the position this quotad committed last (`expected`); another
+/// position means another writer of the same epoch. Either way nothing is
+/// written. The one exception is this very snapshot, written by this process
+/// (`written_by_us`): an earlier attempt committed and its answer was lost.
 pub(crate) fn fence(
-    found: u64,
-    written_by_us: bool,
+    found: &Found,
+    ours: Option<&History>,
     expected: u64,
     delta_seq: u64,
 ) -> Result<Fence, PostgresError> {
-    if found == expected {
+    if ours.is_none() || found.history.as_ref() != ours {
+        let name = |h: Option<&History>| h.map_or_else(|| "no history".into(), History::to_string);
+        return Err(PostgresError::Superseded {
+            found: name(found.history.as_ref()),
+            ours: name(ours),
+        });
+    }
+    let found_seq = found.wal_seq;
+    if found_seq == expected {
         Ok(Fence::Write)
-    } else if found == delta_seq && found > expected && written_by_us {
+    } else if found_seq == delta_seq && found_seq > expected && found.written_by_us {
         Ok(Fence::AlreadyCommitted)
     } else {
-        Err(PostgresError::Fenced { found, expected })
+        Err(PostgresError::Fenced {
+            found: found_seq,
+            expected,
+        })
     }
 }
 

@@ -39,6 +39,10 @@ pub trait LogStore: Send + Sync + 'static {
     /// The last mark, as found at open or set since; None when none was ever
     /// written (a new data directory, or one from before the mark existed).
     fn durable_mark(&self) -> Result<Option<u64>, StorageError>;
+    /// A small named value kept beside the log (the history record), or None.
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Replaces a named value; durable only after [`LogStore::flush`].
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError>;
 }
 
 /// The embedded default: sled, under the data directory.
@@ -316,6 +320,19 @@ impl LogStore for SledLog {
     fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
         lock(&self.mark).get()
     }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        // Named values live under their own prefix in the meta tree, so that
+        // no name can replace the snapshot (or any key kept there later).
+        let key = [b"named/", key.as_bytes()].concat();
+        Ok(self.meta.get(key)?.map(|value| value.to_vec()))
+    }
+
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        let key = [b"named/", key.as_bytes()].concat();
+        self.meta.insert(key, bytes)?;
+        Ok(())
+    }
 }
 
 /// Keeps everything in memory: for tests, and to show what the trait promises.
@@ -334,6 +351,9 @@ struct MemoryInner {
     unflushed: Vec<Entry>,
     snapshot: Option<(u64, Vec<u8>)>,
     mark: Option<u64>,
+    /// Named values ([`LogStore::write_meta`]): durable at once here, so a
+    /// crash copy keeps them.
+    meta: BTreeMap<String, Vec<u8>>,
 }
 
 impl MemoryLog {
@@ -350,6 +370,7 @@ impl MemoryLog {
             unflushed: Vec::new(),
             snapshot: inner.snapshot.clone(),
             mark: inner.mark,
+            meta: inner.meta.clone(),
         };
         MemoryLog {
             inner: Arc::new(Mutex::new(copy)),
@@ -425,6 +446,16 @@ impl LogStore for MemoryLog {
 
     fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
         Ok(self.lock().mark)
+    }
+
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock().meta.get(key).cloned())
+    }
+
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.check()?;
+        self.lock().meta.insert(key.to_string(), bytes.to_vec());
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! and recovery from both.
 
 pub mod codec;
+pub mod history;
 pub mod log;
 pub mod snapshot;
 pub mod wal;

@@ -62,6 +62,12 @@ impl<S: LogStore> LogStore for CountingStore<S> {
     fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
         self.inner.durable_mark()
     }
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.read_meta(key)
+    }
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.write_meta(key, bytes)
+    }
 }
 
 /// Runs a test body against sled (in a temp dir) and against memory.

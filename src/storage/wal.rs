@@ -520,6 +520,12 @@ mod tests {
         fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
             self.inner.durable_mark()
         }
+        fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.read_meta(key)
+        }
+        fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+            self.inner.write_meta(key, bytes)
+        }
     }
 
     /// The writer thread dies in the store: every waiter hears Poisoned at

@@ -11,6 +11,7 @@ mod analytics;
 #[allow(dead_code)]
 #[path = "../grpc/common.rs"]
 mod common;
+mod history;
 mod snapshots;
 
 async fn relations(client: &Client) -> Vec<String> {
@@ -192,7 +193,7 @@ async fn quotad_migrate_applies_the_schema_and_says_so() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3]"));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied migrations [1, 2, 3, 4]"));
     let second = run(url).await.unwrap();
     assert!(String::from_utf8_lossy(&second.stdout).contains("up to date"));
     let unreachable = run("postgres://postgres@127.0.0.1:1/none".into())

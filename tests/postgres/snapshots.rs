@@ -13,7 +13,7 @@ use crate::common::{self, *};
 use crate::fresh_database;
 
 /// An in-process quotad that snapshots to `url` every second.
-async fn start_server(data_dir: &Path, url: &str) -> TestServer {
+pub(crate) async fn start_server(data_dir: &Path, url: &str) -> TestServer {
     TestServer::start_with(Config {
         data_dir: data_dir.to_path_buf(),
         auth_key: Some(Secret(KEY.into())),
@@ -26,7 +26,7 @@ async fn start_server(data_dir: &Path, url: &str) -> TestServer {
 }
 
 /// quotad as a child process (so that it can be killed) snapshotting to `url`.
-fn process(data_dir: &Path, url: &str) -> ProcessServer {
+pub(crate) fn process(data_dir: &Path, url: &str) -> ProcessServer {
     ProcessServer::start_with_args(
         data_dir,
         Durability::Sync,
@@ -41,13 +41,13 @@ fn process(data_dir: &Path, url: &str) -> ProcessServer {
     )
 }
 
-async fn count(client: &Client, sql: &str) -> i64 {
+pub(crate) async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Waits (up to 30 s) until `sql` returns `expected` (an error, e.g. a table
 /// not created yet, counts as not yet).
-async fn wait_for(client: &Client, sql: &str, expected: i64) {
+pub(crate) async fn wait_for(client: &Client, sql: &str, expected: i64) {
     let mut last = None;
     for _ in 0..300 {
         last = client
@@ -67,7 +67,7 @@ const LAG: &str = "quotad_postgres_snapshot_lag_records";
 
 /// A school "s1" with 1000 units, a slice of 100 for "t1", and `n` consumes
 /// of `units` each by t1 (ids `{prefix}0`, `{prefix}1` ...).
-async fn school_with_usage(
+pub(crate) async fn school_with_usage(
     admin: &mut AdminClient,
     gate: &mut GateClient,
     n: usize,
@@ -80,7 +80,7 @@ async fn school_with_usage(
 }
 
 /// `n` allowed consumes of `units` each by s1/t1.
-async fn consume_n(gate: &mut GateClient, n: usize, units: u64, prefix: &str) {
+pub(crate) async fn consume_n(gate: &mut GateClient, n: usize, units: u64, prefix: &str) {
     for i in 0..n {
         let decision = decide(
             gate,
@@ -91,7 +91,7 @@ async fn consume_n(gate: &mut GateClient, n: usize, units: u64, prefix: &str) {
     }
 }
 
-async fn snapshot_seq(client: &Client) -> u64 {
+pub(crate) async fn snapshot_seq(client: &Client) -> u64 {
     let seq: i64 = count(
         client,
         "SELECT coalesce(max(wal_seq), 0) FROM quotad_snapshot",
@@ -395,12 +395,12 @@ async fn a_stuck_postgres_does_not_stop_consumes_and_the_lag_shows() {
 /// A TCP proxy in front of the test Postgres that the test switches on and
 /// off: while off, every connection is closed at once, as a Postgres that is
 /// down (or unreachable) would look to quotad.
-struct Switch {
-    url: String,
-    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+pub(crate) struct Switch {
+    pub(crate) url: String,
+    pub(crate) on: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-async fn proxy_to(url: &str) -> Switch {
+pub(crate) async fn proxy_to(url: &str) -> Switch {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (head, rest) = url.split_once('@').expect("user@host in the URL");
     let (target, db) = rest.split_once('/').expect("host:port/db in the URL");
@@ -559,7 +559,8 @@ async fn concurrent_consumes_and_retries_reach_the_usage_log_once_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_quotad_on_the_same_database_cannot_overwrite_the_first_ones_snapshots() {
+async fn a_quotad_recovering_from_postgres_takes_over_and_the_one_it_supersedes_writes_nothing_more(
+) {
     let (db, url) = fresh_database().await;
     let (_dir_a, data_a) = temp_dir();
     let a = start_server(&data_a, &url).await;
@@ -567,31 +568,51 @@ async fn a_second_quotad_on_the_same_database_cannot_overwrite_the_first_ones_sn
     school_with_usage(&mut admin, &mut gate_a, 3, 1, "a").await;
     wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 3).await;
 
-    // B starts from Postgres (its data directory is empty) while A runs on.
+    // B starts from Postgres (its data directory is empty) while A runs on:
+    // it takes the history up at a new epoch, and A's snapshots are fenced.
     let (_dir_b, data_b) = temp_dir();
     let b = start_server(&data_b, &url).await;
+    let fenced_at = snapshot_seq(&db).await;
     let mut gate_b = b.gate().await;
-    consume_n(&mut gate_a, 2, 1, "after-b-started-").await;
-    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
+    assert_eq!(
+        count(&db, "SELECT epoch FROM quotad_snapshot").await,
+        2,
+        "B's recovery is epoch 2"
+    );
+    consume_n(&mut gate_a, 2, 1, "a-after-b-").await;
     assert!(
         decide(&mut gate_b, common::consume("s1", "t1", 1, "from-b"))
             .await
             .allowed
     );
+    wait_for(
+        &db,
+        "SELECT count(*) FROM ai_usage_logs WHERE event_id = 'from-b'",
+        1,
+    )
+    .await;
 
-    // B's snapshot finds a position it did not write and is refused; A's go on.
+    // A's snapshots are refused (it keeps serving); B's go on.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    consume_n(&mut gate_a, 1, 1, "a-again-").await;
-    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 6).await;
+    consume_n(&mut gate_b, 1, 1, "b-again-").await;
+    wait_for(&db, "SELECT count(*) FROM ai_usage_logs", 5).await;
     assert_eq!(
         count(
             &db,
-            "SELECT count(*) FROM ai_usage_logs WHERE event_id = 'from-b'"
+            "SELECT count(*) FROM ai_usage_logs WHERE event_id LIKE 'a-after-b-%'"
         )
         .await,
         0,
-        "the second writer wrote nothing"
+        "the superseded writer wrote nothing"
     );
     b.stop().await;
     a.stop().await;
+    // A's WAL kept what Postgres never got from it.
+    let store = SledLog::open(&data_a).unwrap();
+    let kept = store.read_after(fenced_at).unwrap();
+    assert!(
+        kept.len() >= 2,
+        "A's WAL after {fenced_at}: {} records",
+        kept.len()
+    );
 }

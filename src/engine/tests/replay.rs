@@ -80,6 +80,12 @@ impl LogStore for HeldFlushes {
     fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
         self.inner.durable_mark()
     }
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.read_meta(key)
+    }
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner.write_meta(key, bytes)
+    }
 }
 
 async fn started(clock: Clock) -> (Harness, Arc<HeldFlushes>) {
