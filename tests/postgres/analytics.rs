@@ -506,7 +506,9 @@ async fn suggestions_and_alerts_from_live_allocations_and_postgres_history() {
     assert_eq!(suggestions.run_outs.len(), 1, "{suggestions:?}");
     let runs = &suggestions.run_outs[0];
     assert_eq!(runs.teacher_id, "t-runs");
-    assert!(runs.run_out_day <= suggestions.day_of_cycle + 1, "{runs:?}");
+    // 10 units left at about 9 a day: out in just over a day, which late in
+    // the evening (UTC) falls on the day after tomorrow.
+    assert!(runs.run_out_day <= suggestions.day_of_cycle + 2, "{runs:?}");
     assert!(
         runs.explanation.contains(&format!(
             "runs out on day {} of {}",
