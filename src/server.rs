@@ -98,7 +98,7 @@ fn recovery_advice(error: &StorageError) -> &'static str {
             ". Nothing was served. To go on: recover from Postgres (move this data directory \
              aside and start with --database-url: Postgres holds everything up to its last \
              snapshot), or serve what the log still holds with --accept-data-loss (the loss is \
-             logged and written in every school's audit trail)"
+             logged at error level)"
         }
         _ => "",
     }
