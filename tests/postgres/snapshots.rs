@@ -395,12 +395,12 @@ async fn a_stuck_postgres_does_not_stop_consumes_and_the_lag_shows() {
 /// A TCP proxy in front of the test Postgres that the test switches on and
 /// off: while off, every connection is closed at once, as a Postgres that is
 /// down (or unreachable) would look to quotad.
-struct Switch {
-    url: String,
-    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+pub(crate) struct Switch {
+    pub(crate) url: String,
+    pub(crate) on: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
-async fn proxy_to(url: &str) -> Switch {
+pub(crate) async fn proxy_to(url: &str) -> Switch {
     use std::sync::atomic::{AtomicBool, Ordering};
     let (head, rest) = url.split_once('@').expect("user@host in the URL");
     let (target, db) = rest.split_once('/').expect("host:port/db in the URL");
