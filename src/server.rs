@@ -101,8 +101,7 @@ pub async fn serve(
     let snapshotter = Snapshotter::start(
         store,
         durable,
-        recovered.state.clone(),
-        recovered.last_seq,
+        recovered.clone(),
         Duration::from_secs(config.snapshot_interval_s),
         config.limits(),
         system_now_ms,
@@ -206,6 +205,9 @@ async fn recover_with_postgres(
             snapshot_wal_seq = loaded.wal_seq,
             "state recovered from Postgres"
         );
+        // Written down (and flushed) just above, so the snapshot position is
+        // a real one: nothing after it needs replaying, nothing before it is
+        // held only in memory.
         let recovered = Recovered {
             state: loaded.state,
             snapshot_seq: loaded.wal_seq,
