@@ -34,6 +34,21 @@ async fn a_sigterm_right_after_a_crash_restart_keeps_every_acknowledged_consume(
     assert_every_acknowledged_consume_is_kept(&server, &load).await;
 }
 
+/// The SIGTERM comes as soon as quotad says it listens, which it does before
+/// recovering: the stop waits for the replay, then stops gracefully.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigterm_during_a_crash_restarts_recovery_stops_it_gracefully_and_keeps_everything() {
+    let (_dir, data) = temp_dir();
+    let server = start(&data, "3600");
+    set_up_school(&server).await;
+    let load = consume_until_killed(server, Duration::from_millis(700)).await;
+
+    terminate_now(start(&data, "3600")).await;
+
+    let server = start(&data, "3600");
+    assert_every_acknowledged_consume_is_kept(&server, &load).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_between_a_crash_restart_and_a_sigterm_keep_every_acknowledged_consume() {
     let (_dir, data) = temp_dir();

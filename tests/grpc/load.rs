@@ -108,6 +108,12 @@ pub async fn wait_answering(server: &mut ProcessServer) {
 /// graceful stop).
 pub async fn terminate(mut server: ProcessServer) {
     wait_answering(&mut server).await;
+    terminate_now(server).await;
+}
+
+/// SIGTERM at once (quotad may still be recovering); the process must exit
+/// cleanly (after its graceful stop).
+pub async fn terminate_now(mut server: ProcessServer) {
     let pid = server.child.id().to_string();
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &pid])
