@@ -254,23 +254,31 @@ fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             })?),
         };
         let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let shutdown = shutdown_signal();
         // One line on stdout that scripts and tests can wait for.
         println!(
             "quotad listening grpc={} metrics={}",
             grpc.local_addr()?,
             metrics_addr.map_or("off".to_string(), |a| a.to_string())
         );
-        serve(Listeners { grpc, metrics }, config, shutdown_signal()).await?;
+        serve(Listeners { grpc, metrics }, config, shutdown).await?;
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or ctrl-c. SIGTERM is caught from this call on, not
+/// from the future's first poll (which comes only once recovery is done and
+/// serving starts): a stop sent as soon as quotad says it listens, while it
+/// may still be replaying its WAL, is then a graceful stop rather than the
+/// default action, which kills the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match term {
                 Ok(term) => term,
                 Err(error) => {
                     tracing::error!(%error, "cannot listen for SIGTERM; only ctrl-c stops quotad");
@@ -278,12 +286,13 @@ async fn shutdown_signal() {
                     return;
                 }
             };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down: finishing calls in flight, flushing the WAL");
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down: finishing calls in flight, flushing the WAL");
 }

@@ -154,8 +154,7 @@ pub async fn serve_on_store(
     let snapshotter = Snapshotter::start(
         store,
         durable,
-        recovered.state.clone(),
-        recovered.last_seq,
+        recovered.clone(),
         Duration::from_secs(config.snapshot_interval_s),
         config.limits(),
         system_now_ms,
@@ -233,7 +232,7 @@ fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, Ser
         OnDamage::Refuse
     };
     // sled has been seen to panic on a damaged log while reading it.
-    let recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let mut recovered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         recover_with(store, on_damage)
     }))
     .map_err(|panic| {
@@ -252,6 +251,7 @@ fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, Ser
              record; every record after it is gone"
         );
         write_snapshot(store, recovered.last_seq, &recovered.state)?;
+        recovered.snapshot_seq = recovered.last_seq;
         store.truncate_through(u64::MAX)?;
         store.mark_durable(recovered.last_seq)?;
         store.flush()?;

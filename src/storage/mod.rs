@@ -54,12 +54,14 @@ pub enum OnDamage {
 }
 
 /// The state found on disk.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Recovered {
     pub state: State,
-    /// The position the snapshot covered (0: none).
+    /// The position the snapshot on disk covers (0: none). Only this much of
+    /// `state` is held anywhere but the WAL.
     pub snapshot_seq: u64,
-    /// The last position in the log; new records follow it.
+    /// The last position in the log; new records follow it. `state` covers
+    /// it, but the records after `snapshot_seq` only by replay.
     pub last_seq: u64,
     pub replayed_records: usize,
     /// Set when damage was found and accepted: what was lost.

@@ -14,7 +14,7 @@ use crossbeam_channel::RecvTimeoutError;
 use super::codec;
 use super::log::{Entry, LogStore};
 use super::wal::DurableBatches;
-use super::StorageError;
+use super::{Recovered, StorageError};
 use crate::domain::{Record, RuleLimits, State, TimestampMs};
 use crate::telemetry;
 
@@ -47,7 +47,11 @@ struct Worker {
     store: Arc<dyn LogStore>,
     batches: DurableBatches,
     state: State,
+    /// The last record applied to `state`.
     applied_seq: u64,
+    /// The position of the last snapshot written and flushed: only such a
+    /// position may bound a truncation, because the records it covers exist
+    /// nowhere else once the WAL drops them.
     snapshot_seq: u64,
     /// Records that arrived before a lower position; applied once the gap fills.
     ahead: BTreeMap<u64, Record>,
@@ -60,24 +64,33 @@ struct Worker {
 }
 
 impl Snapshotter {
-    /// `state` is the recovered state, which covers the log up to `applied_seq`.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts from what recovery found. Its two positions are kept apart on
+    /// purpose: the records between `recovered.snapshot_seq` and
+    /// `recovered.last_seq` were replayed from the WAL into memory and are
+    /// held by no snapshot yet, so they count as changed (the next snapshot,
+    /// at the latest the one at shutdown, writes them) and the WAL keeps
+    /// them until it has.
     pub fn start(
         store: Arc<dyn LogStore>,
         batches: DurableBatches,
-        state: State,
-        applied_seq: u64,
+        recovered: Recovered,
         interval: Duration,
         limits: RuleLimits,
         now_ms: fn() -> TimestampMs,
         follower: Option<Box<dyn Follower>>,
     ) -> Result<Self, StorageError> {
+        assert!(
+            recovered.snapshot_seq <= recovered.last_seq,
+            "the snapshot at {} is past the last record {}",
+            recovered.snapshot_seq,
+            recovered.last_seq
+        );
         let worker = Worker {
             store,
             batches,
-            state,
-            applied_seq,
-            snapshot_seq: applied_seq,
+            state: recovered.state,
+            applied_seq: recovered.last_seq,
+            snapshot_seq: recovered.snapshot_seq,
             ahead: BTreeMap::new(),
             interval,
             limits,

@@ -70,6 +70,16 @@ impl<S: LogStore> LogStore for CountingStore<S> {
     }
 }
 
+fn nothing_recovered() -> Recovered {
+    Recovered {
+        state: Default::default(),
+        snapshot_seq: 0,
+        last_seq: 0,
+        replayed_records: 0,
+        lost: None,
+    }
+}
+
 /// Runs a test body against sled (in a temp dir) and against memory.
 macro_rules! for_each_store {
     ($name:ident, |$store:ident| $body:block) => {
@@ -155,8 +165,7 @@ for_each_store!(
         let snapshotter = Snapshotter::start(
             store.clone(),
             durable,
-            Default::default(),
-            0,
+            nothing_recovered(),
             Duration::from_millis(20),
             RuleLimits::default(),
             || 0,
@@ -305,8 +314,7 @@ for_each_store!(
         let snapshotter = Snapshotter::start(
             store.clone(),
             durable,
-            Default::default(),
-            0,
+            nothing_recovered(),
             Duration::from_millis(10),
             RuleLimits::default(),
             || 0,
@@ -342,5 +350,68 @@ for_each_store!(
             (8..=20).collect::<Vec<_>>(),
             "records after the floor stay"
         );
+    }
+);
+
+for_each_store!(
+    a_restart_that_replayed_the_log_writes_it_into_the_next_snapshot_before_truncating,
+    |store| {
+        // A first run: a snapshot at 3, then records 4..=10 in the WAL only
+        // (as a kill -9 leaves them).
+        let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        for i in 0..10 {
+            let seq = wal.append(&school_record(&format!("s{i}"))).unwrap();
+            wal.wait_durable(seq).await.unwrap();
+            if seq == 3 {
+                let state = recover(store.as_ref()).unwrap().state;
+                write_snapshot(store.as_ref(), 3, &state).unwrap();
+            }
+        }
+        writer.shutdown();
+        let recovered = recover(store.as_ref()).unwrap();
+        assert_eq!((recovered.snapshot_seq, recovered.last_seq), (3, 10));
+
+        // The restart stops before any new record: the replayed records must
+        // reach a snapshot, and none may be dropped before one holds them.
+        let floor = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        let follower = Floor {
+            floor: floor.clone(),
+            applied: Arc::default(),
+            finished: Arc::default(),
+        };
+        let (_wal, writer, durable) = Wal::start(store.clone(), WalConfig::default(), 10).unwrap();
+        let snapshotter = Snapshotter::start(
+            store.clone(),
+            durable,
+            recovered,
+            Duration::from_secs(3600),
+            RuleLimits::default(),
+            || 0,
+            Some(Box::new(follower)),
+        )
+        .unwrap();
+        // Several follower ticks (every 10 ms) pass with no snapshot written.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let kept: Vec<u64> = store
+            .read_after(3)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(
+            kept,
+            (4..=10).collect::<Vec<_>>(),
+            "no snapshot holds them yet"
+        );
+        writer.shutdown();
+        snapshotter.join();
+
+        let again = recover(store.as_ref()).unwrap();
+        assert_eq!(
+            again.snapshot_seq, 10,
+            "the stop wrote the replayed records"
+        );
+        assert_eq!(again.state.schools.len(), 10);
+        assert!(store.read_after(0).unwrap().is_empty());
     }
 );

@@ -11,7 +11,12 @@ mod analytics;
 #[allow(dead_code)]
 #[path = "../grpc/common.rs"]
 mod common;
+mod crash_restart;
 mod history;
+/// Load and checks shared with the gRPC crash-restart tests.
+#[allow(dead_code)]
+#[path = "../grpc/load.rs"]
+mod load;
 mod snapshots;
 
 async fn relations(client: &Client) -> Vec<String> {
