@@ -48,6 +48,9 @@ struct Args {
     /// Seconds to wait between the load and the SIGTERM.
     #[arg(long, default_value_t = 0)]
     settle_s: u64,
+    /// Postgres for snapshots too (postgres://user@host:port/db).
+    #[arg(long)]
+    database_url: Option<String>,
     /// quotad's log (both runs), appended.
     #[arg(long, default_value = "shutdown-time.log")]
     log: PathBuf,
@@ -219,8 +222,12 @@ impl Server {
             .create(true)
             .append(true)
             .open(&args.log)?;
-        let mut child = Command::new(&args.quotad)
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"])
+        let mut command = Command::new(&args.quotad);
+        command.args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"]);
+        if let Some(url) = &args.database_url {
+            command.args(["--database-url", url]);
+        }
+        let mut child = command
             .arg("--snapshot-interval-s")
             .arg(args.snapshot_interval_s.to_string())
             .arg("--data-dir")
