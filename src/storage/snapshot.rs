@@ -47,7 +47,9 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// about 13 us (measured: 1M records in one step took 13.4 s), so a step
 /// takes some 50 ms, and the durable batches waiting meanwhile are applied
 /// between steps: the WAL writer, which waits when its queue to this thread
-/// is full, never waits for a whole truncation.
+/// is full, never waits for a whole truncation. (In batched mode a writer
+/// waiting there flushes nothing: with a 15 s snapshot interval under load, a
+/// kill lost acknowledged answers up to 3.5 s old.)
 const TRUNCATE_STEP_RECORDS: u64 = 4_096;
 
 /// How long a shutdown goes on truncating the WAL after its final snapshot.
