@@ -327,8 +327,7 @@ pub fn write_snapshot(
 }
 
 /// Writes the snapshot durably and keeps the log: a follower may still need
-/// records the snapshot covers.
-/// Returns the snapshot's size in bytes.
+/// records the snapshot covers. Returns the snapshot's size in bytes.
 fn write_local(store: &dyn LogStore, wal_seq: u64, state: &State) -> Result<usize, StorageError> {
     let bytes = codec::encode(state)?;
     store.write_snapshot(wal_seq, &bytes)?;
