@@ -575,3 +575,56 @@ fn decode_mark(bytes: &[u8]) -> Option<(u64, u64)> {
         && crc32fast::hash(&bytes[..24]) == crc;
     whole.then(|| (word(8), word(16)))
 }
+
+/// A write that reaches a [`WrappedLog`] before it is passed on.
+#[derive(Debug, Clone, Copy)]
+pub enum LogCall<'a> {
+    Append(&'a [Entry]),
+    Flush,
+    TruncateThrough(u64),
+}
+
+/// Another log plus a hook ahead of every write: for tests that need a slow,
+/// held, counted or panicking disk. Implement these two and the whole of
+/// [`LogStore`] follows, passed on to [`WrappedLog::inner`].
+pub trait WrappedLog: Send + Sync + 'static {
+    fn inner(&self) -> &dyn LogStore;
+    /// Runs before `call` reaches the inner log; an error stops it there.
+    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError>;
+}
+
+impl<T: WrappedLog> LogStore for T {
+    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
+        self.before(LogCall::Append(entries))?;
+        self.inner().append(entries)
+    }
+    fn flush(&self) -> Result<(), StorageError> {
+        self.before(LogCall::Flush)?;
+        self.inner().flush()
+    }
+    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
+        self.inner().read_range(wal_seq, limit)
+    }
+    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner().write_snapshot(wal_seq, bytes)
+    }
+    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        self.inner().read_snapshot()
+    }
+    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
+        self.before(LogCall::TruncateThrough(wal_seq))?;
+        self.inner().truncate_through(wal_seq)
+    }
+    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
+        self.inner().mark_durable(wal_seq)
+    }
+    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
+        self.inner().durable_mark()
+    }
+    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner().read_meta(key)
+    }
+    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.inner().write_meta(key, bytes)
+    }
+}

@@ -12,7 +12,7 @@ mod tests;
 
 use thiserror::Error;
 
-pub use log::{LogStore, MemoryLog, SledLog};
+pub use log::{LogCall, LogStore, MemoryLog, SledLog, WrappedLog};
 pub use wal::{Durability, Wal, WalConfig, WalError, WalWriter};
 
 use crate::domain::{ApplyError, Record, State};

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::log::Entry;
+use super::log::{Entry, LogCall, WrappedLog};
 use super::snapshot::{write_snapshot, Snapshotter};
 use super::*;
 use crate::domain::{Record, RuleLimits, SchoolConfig, SchoolId, ServiceType, Tier};
@@ -35,38 +35,16 @@ struct CountingStore<S> {
     flushes: AtomicUsize,
 }
 
-impl<S: LogStore> LogStore for CountingStore<S> {
-    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
-        self.inner.append(entries)
+impl<S: LogStore> WrappedLog for CountingStore<S> {
+    fn inner(&self) -> &dyn LogStore {
+        &self.inner
     }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(2));
-        self.inner.flush()
-    }
-    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        self.inner.read_range(wal_seq, limit)
-    }
-    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_snapshot(wal_seq, bytes)
-    }
-    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        self.inner.read_snapshot()
-    }
-    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.truncate_through(wal_seq)
-    }
-    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.mark_durable(wal_seq)
-    }
-    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
-        self.inner.durable_mark()
-    }
-    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.read_meta(key)
-    }
-    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_meta(key, bytes)
+    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+        if let LogCall::Flush = call {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
     }
 }
 
@@ -423,27 +401,16 @@ struct TruncationSizes {
     dropped: std::sync::Mutex<Vec<usize>>,
 }
 
-impl LogStore for TruncationSizes {
-    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
-        self.inner.append(entries)
+impl WrappedLog for TruncationSizes {
+    fn inner(&self) -> &dyn LogStore {
+        &self.inner
     }
-    fn flush(&self) -> Result<(), StorageError> {
-        self.inner.flush()
-    }
-    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        self.inner.read_range(wal_seq, limit)
-    }
-    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_snapshot(wal_seq, bytes)
-    }
-    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        self.inner.read_snapshot()
-    }
-    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
-        let before = self.inner.read_after(0)?.len();
-        self.inner.truncate_through(wal_seq)?;
-        let after = self.inner.read_after(0)?.len();
-        self.dropped.lock().unwrap().push(before - after);
+    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+        if let LogCall::TruncateThrough(wal_seq) = call {
+            let dropped = self.inner.read_after(0)?;
+            let dropped = dropped.iter().filter(|(seq, _)| *seq <= wal_seq).count();
+            self.dropped.lock().unwrap().push(dropped);
+        }
         Ok(())
     }
 }

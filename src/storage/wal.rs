@@ -453,7 +453,7 @@ mod tests {
 
     use super::*;
     use crate::domain::{Change, Priority, SchoolId, ServiceType, SliceSet, TeacherId};
-    use crate::storage::MemoryLog;
+    use crate::storage::{LogCall, MemoryLog, WrappedLog};
     use std::time::Duration;
 
     fn allocations_set(slices: usize) -> Record {
@@ -487,44 +487,23 @@ mod tests {
         panic_in_append: AtomicBool,
     }
 
-    impl LogStore for PanickingStore {
-        fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
-            assert!(
-                !self.panic_in_append.load(Ordering::SeqCst),
-                "sled's append blew up"
-            );
-            self.inner.append(entries)
+    impl WrappedLog for PanickingStore {
+        fn inner(&self) -> &dyn LogStore {
+            &self.inner
         }
-        fn flush(&self) -> Result<(), StorageError> {
-            assert!(
-                !self.panic_in_flush.load(Ordering::SeqCst),
-                "sled's flush blew up"
-            );
-            self.inner.flush()
-        }
-        fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
-            self.inner.read_range(wal_seq, limit)
-        }
-        fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-            self.inner.write_snapshot(wal_seq, bytes)
-        }
-        fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-            self.inner.read_snapshot()
-        }
-        fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
-            self.inner.truncate_through(wal_seq)
-        }
-        fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
-            self.inner.mark_durable(wal_seq)
-        }
-        fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
-            self.inner.durable_mark()
-        }
-        fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-            self.inner.read_meta(key)
-        }
-        fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
-            self.inner.write_meta(key, bytes)
+        fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+            match call {
+                LogCall::Append(_) => assert!(
+                    !self.panic_in_append.load(Ordering::SeqCst),
+                    "sled's append blew up"
+                ),
+                LogCall::Flush => assert!(
+                    !self.panic_in_flush.load(Ordering::SeqCst),
+                    "sled's flush blew up"
+                ),
+                LogCall::TruncateThrough(_) => {}
+            }
+            Ok(())
         }
     }
 

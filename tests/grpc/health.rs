@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use quotad::config::{Config, Secret};
 use quotad::server::ServeError;
-use quotad::storage::log::Entry;
-use quotad::storage::{LogStore, MemoryLog, StorageError};
+use quotad::storage::{LogCall, LogStore, MemoryLog, StorageError, WrappedLog};
 use tonic::transport::Channel;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -123,40 +122,18 @@ struct PanickingFlush {
     armed: AtomicBool,
 }
 
-impl LogStore for PanickingFlush {
-    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
-        self.inner.append(entries)
+impl WrappedLog for PanickingFlush {
+    fn inner(&self) -> &dyn LogStore {
+        &self.inner
     }
-    fn flush(&self) -> Result<(), StorageError> {
-        assert!(
-            !self.armed.load(Ordering::SeqCst),
-            "injected panic in flush"
-        );
-        self.inner.flush()
-    }
-    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        self.inner.read_range(wal_seq, limit)
-    }
-    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_snapshot(wal_seq, bytes)
-    }
-    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        self.inner.read_snapshot()
-    }
-    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.truncate_through(wal_seq)
-    }
-    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.mark_durable(wal_seq)
-    }
-    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
-        self.inner.durable_mark()
-    }
-    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.read_meta(key)
-    }
-    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_meta(key, bytes)
+    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+        if let LogCall::Flush = call {
+            assert!(
+                !self.armed.load(Ordering::SeqCst),
+                "injected panic in flush"
+            );
+        }
+        Ok(())
     }
 }
 

@@ -9,8 +9,7 @@ use std::future::Future;
 use std::sync::{Condvar, Mutex};
 
 use super::*;
-use crate::storage::log::Entry;
-use crate::storage::{LogStore, StorageError};
+use crate::storage::{LogCall, LogStore, StorageError, WrappedLog};
 
 /// How long a replay is given to (wrongly) answer while its record is in flight.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(150);
@@ -50,41 +49,18 @@ impl HeldFlushes {
     }
 }
 
-impl LogStore for HeldFlushes {
-    fn append(&self, entries: &[Entry]) -> Result<(), StorageError> {
-        self.inner.append(entries)
+impl WrappedLog for HeldFlushes {
+    fn inner(&self) -> &dyn LogStore {
+        &self.inner
     }
-    fn flush(&self) -> Result<(), StorageError> {
-        let mut held = self.held.lock().unwrap();
-        while *held {
-            held = self.released.wait(held).unwrap();
+    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+        if let LogCall::Flush = call {
+            let mut held = self.held.lock().unwrap();
+            while *held {
+                held = self.released.wait(held).unwrap();
+            }
         }
-        drop(held);
-        self.inner.flush()
-    }
-    fn read_range(&self, wal_seq: u64, limit: usize) -> Result<Vec<Entry>, StorageError> {
-        self.inner.read_range(wal_seq, limit)
-    }
-    fn write_snapshot(&self, wal_seq: u64, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_snapshot(wal_seq, bytes)
-    }
-    fn read_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        self.inner.read_snapshot()
-    }
-    fn truncate_through(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.truncate_through(wal_seq)
-    }
-    fn mark_durable(&self, wal_seq: u64) -> Result<(), StorageError> {
-        self.inner.mark_durable(wal_seq)
-    }
-    fn durable_mark(&self) -> Result<Option<u64>, StorageError> {
-        self.inner.durable_mark()
-    }
-    fn read_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.read_meta(key)
-    }
-    fn write_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.write_meta(key, bytes)
+        Ok(())
     }
 }
 
