@@ -40,8 +40,10 @@ pub enum Durability {
     /// After the flush that holds its record (the default): nothing acknowledged is lost.
     #[default]
     Sync,
-    /// At once; records are flushed every `batched_flush_interval_ms`. A crash
-    /// loses at most that window of acknowledged changes.
+    /// At once while the writer keeps up (it flushed within twice
+    /// `batched_flush_interval_ms`, or has nothing to flush); records are
+    /// flushed every interval. Behind, answers wait for the flush, so a crash
+    /// loses at most about one window of acknowledged changes.
     Batched,
 }
 
@@ -102,6 +104,36 @@ struct Shared {
     poison: watch::Sender<Option<String>>,
     flushed: Notify,
     durability: Durability,
+    /// Batched mode answers at once only while the writer keeps up: it was
+    /// idle, or caught up (a flush completed) within this window.
+    batched_window_ms: u64,
+    epoch: Instant,
+    /// When the writer was last caught up, in ms since `epoch`.
+    caught_up_at_ms: AtomicU64,
+    /// The writer waits for a record with nothing unflushed.
+    idle: AtomicBool,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn mark_caught_up(&self) {
+        self.caught_up_at_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// Whether a batched acknowledgement may go before its flush. Behind (a
+    /// slow write or fsync), batched answers wait for the flush like sync
+    /// ones, so what a crash can lose stays within one window of answers
+    /// instead of growing with the stall (measured before: up to 256 ms).
+    fn keeps_up(&self) -> bool {
+        self.idle.load(Ordering::Acquire)
+            || self
+                .now_ms()
+                .saturating_sub(self.caught_up_at_ms.load(Ordering::Acquire))
+                <= self.batched_window_ms
+    }
 }
 
 /// The appending side, cloned into every actor.
@@ -137,6 +169,10 @@ impl Wal {
             poison: watch::Sender::new(None),
             flushed: Notify::new(),
             durability: config.durability,
+            batched_window_ms: 2 * config.batched_flush_interval_ms.max(1),
+            epoch: Instant::now(),
+            caught_up_at_ms: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
         });
         let writer = Writer {
             store,
@@ -207,7 +243,10 @@ impl Wal {
     /// at once: the caller accepted the documented loss window.
     pub async fn wait_durable(&self, seq: u64) -> Result<(), WalError> {
         if self.shared.durability == Durability::Batched {
-            return self.check_writable();
+            self.check_writable()?;
+            if self.shared.keeps_up() {
+                return Ok(());
+            }
         }
         loop {
             if self.is_durable(seq) {
@@ -330,8 +369,10 @@ impl Writer {
                 let due =
                     self.config.durability == Durability::Sync || last_flush.elapsed() >= interval;
                 if !unflushed.is_empty() && (due || shutdown) {
-                    self.flush(std::mem::take(&mut unflushed));
+                    // The interval runs from the start of a flush: a slow
+                    // fsync must not delay the next one by its own length.
                     last_flush = Instant::now();
+                    self.flush(std::mem::take(&mut unflushed));
                 }
             }
             if shutdown {
@@ -348,7 +389,11 @@ impl Writer {
         interval: Duration,
     ) -> (Vec<Entry>, bool) {
         let first = if unflushed.is_empty() {
-            self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            self.shared.idle.store(true, Ordering::Release);
+            let first = self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected);
+            self.shared.mark_caught_up();
+            self.shared.idle.store(false, Ordering::Release);
+            first
         } else {
             self.rx
                 .recv_timeout(interval.saturating_sub(last_flush.elapsed()))
@@ -404,6 +449,7 @@ impl Writer {
         self.shared
             .durable_seq
             .store(durable_seq, Ordering::Release);
+        self.shared.mark_caught_up();
         self.shared.flushed.notify_waiters();
         // After the answers: the mark is not on the acknowledgement's path.
         let marked = self.store.mark_durable(durable_seq);
@@ -601,5 +647,73 @@ mod tests {
         wal.wait_durable(seq).await.unwrap();
         writer.shutdown();
         assert_eq!(store.read_after(0).unwrap().len(), 1);
+    }
+
+    /// A log whose flush blocks while held, as a stalled disk would.
+    #[derive(Default)]
+    struct StalledDisk {
+        inner: MemoryLog,
+        held: std::sync::Mutex<bool>,
+        released: std::sync::Condvar,
+    }
+
+    impl StalledDisk {
+        fn hold(&self, held: bool) {
+            *self.held.lock().unwrap() = held;
+            self.released.notify_all();
+        }
+    }
+
+    impl WrappedLog for StalledDisk {
+        fn inner(&self) -> &dyn LogStore {
+            &self.inner
+        }
+        fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+            if let LogCall::Flush = call {
+                let mut held = self.held.lock().unwrap();
+                while *held {
+                    held = self.released.wait(held).unwrap();
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Batched mode answers at once while the writer keeps up, and waits for
+    /// the flush once a stalled disk has put it behind: the answers a crash
+    /// can lose stay within one window instead of growing with the stall.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_answers_wait_for_the_flush_once_the_writer_falls_behind() {
+        let store = Arc::new(StalledDisk::default());
+        let config = WalConfig {
+            durability: Durability::Batched,
+            batched_flush_interval_ms: 5,
+            ..WalConfig::default()
+        };
+        let (wal, writer, _durable) = Wal::start(store.clone(), config, 0).unwrap();
+        store.hold(true);
+        let first = wal.append(&allocations_set(1)).unwrap();
+        let answered = tokio::time::timeout(Duration::from_millis(500), wal.wait_durable(first));
+        assert!(
+            matches!(answered.await, Ok(Ok(()))),
+            "an idle writer keeps up: the answer goes at once"
+        );
+        // The first flush is stalled: well past the window, the writer is behind.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = wal.append(&allocations_set(1)).unwrap();
+        let waiting = tokio::spawn({
+            let wal = wal.clone();
+            async move { wal.wait_durable(second).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !waiting.is_finished(),
+            "behind the disk, a batched answer waited for its flush"
+        );
+        store.hold(false);
+        let waited = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(matches!(waited, Ok(Ok(Ok(())))), "{waited:?}");
+        assert!(wal.is_durable(second));
+        writer.shutdown();
     }
 }
