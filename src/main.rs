@@ -104,7 +104,7 @@ struct ServeArgs {
     #[arg(long)]
     insecure_dev: bool,
     /// Start even though the write-ahead log is damaged, serving what it still holds
-    /// (logged at error level). For this start only.
+    /// (logged, and written in every school's audit trail). For this start only.
     #[arg(long)]
     accept_data_loss: bool,
     /// Postgres for snapshots, recovery and analytics (postgres://user@host:port/db).

@@ -73,6 +73,8 @@ pub enum ServeError {
          data directory it was asked to recover over"
     )]
     PostgresNeeded(String),
+    #[error("the accepted data loss could not be written to the audit trail: {0}")]
+    Audit(crate::storage::WalError),
     #[error("the data directory {path}: {conflict}")]
     History {
         path: PathBuf,
@@ -98,7 +100,7 @@ fn recovery_advice(error: &StorageError) -> &'static str {
             ". Nothing was served. To go on: recover from Postgres (move this data directory \
              aside and start with --database-url: Postgres holds everything up to its last \
              snapshot), or serve what the log still holds with --accept-data-loss (the loss is \
-             logged at error level)"
+             logged and written in every school's audit trail)"
         }
         _ => "",
     }
@@ -145,7 +147,7 @@ pub async fn serve_on_store(
     warn_if_insecure(&auth);
     let metrics = prometheus()?;
     telemetry::register_at_start(config.postgres_url.is_some());
-    let (recovered, follower) = match &config.postgres_url {
+    let (mut recovered, follower) = match &config.postgres_url {
         Some(url) => recover_with_postgres(&store, url, &config).await?,
         None => (recover_without_postgres(store.as_ref(), &config)?, None),
     };
@@ -160,6 +162,7 @@ pub async fn serve_on_store(
         system_now_ms,
         follower,
     )?;
+    audit_accepted_loss(&wal, &mut recovered).await?;
     let (engine, runtime) = Engine::start(
         recovered.state,
         wal.clone(),
@@ -264,6 +267,39 @@ fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, Ser
         "state recovered from the data directory"
     );
     Ok(recovered)
+}
+
+/// After `--accept-data-loss` served a damaged log: an entry in every
+/// school's audit trail, so that principals (and Postgres's history table)
+/// see that the state was cut back and why. Written through the WAL like any
+/// change, after the snapshotter started (it applies them from the durable
+/// batches) and before the engine (which starts from the state with them).
+async fn audit_accepted_loss(wal: &Wal, recovered: &mut Recovered) -> Result<(), ServeError> {
+    let Some(lost) = recovered.lost.clone() else {
+        return Ok(());
+    };
+    let change = crate::domain::Change {
+        by: Arc::from("quotad --accept-data-loss"),
+        reason: Arc::from("the operator accepted the loss of a damaged write-ahead log"),
+        at_ms: system_now_ms(),
+    };
+    let schools: Vec<_> = recovered.state.schools.keys().cloned().collect();
+    for school_id in schools {
+        let record = crate::domain::Record::DataLossAccepted {
+            school_id,
+            served_through_seq: recovered.snapshot_seq,
+            lost: Arc::from(lost.as_str()),
+            change: change.clone(),
+        };
+        let wal_seq = wal.append(&record).map_err(ServeError::Audit)?;
+        wal.wait_durable(wal_seq).await.map_err(ServeError::Audit)?;
+        recovered
+            .state
+            .apply(wal_seq, &record)
+            .map_err(StorageError::from)?;
+        recovered.last_seq = wal_seq;
+    }
+    Ok(())
 }
 
 /// Without Postgres, a new data directory starts a history of its own; a

@@ -614,7 +614,8 @@ impl TeacherAccount {
             | Record::CycleRolledOver { .. }
             | Record::SettingsSet { .. }
             | Record::RequestFiled { .. }
-            | Record::RequestDecided { .. } => {}
+            | Record::RequestDecided { .. }
+            | Record::DataLossAccepted { .. } => {}
         }
     }
 

@@ -31,6 +31,7 @@ pub enum AuditAction {
     RequestRejected,
     RequestExpired,
     CycleRolledOver,
+    DataLossAccepted,
 }
 
 impl AuditAction {
@@ -47,6 +48,7 @@ impl AuditAction {
             Self::RequestRejected => "request_rejected",
             Self::RequestExpired => "request_expired",
             Self::CycleRolledOver => "cycle_rolled_over",
+            Self::DataLossAccepted => "data_loss_accepted",
         }
     }
 
@@ -55,7 +57,7 @@ impl AuditAction {
         Self::ALL.into_iter().find(|action| action.as_str() == name)
     }
 
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::SchoolCreated,
         Self::SettingsSet,
         Self::PoolSet,
@@ -67,6 +69,7 @@ impl AuditAction {
         Self::RequestRejected,
         Self::RequestExpired,
         Self::CycleRolledOver,
+        Self::DataLossAccepted,
     ];
 }
 

@@ -189,6 +189,16 @@ pub enum Record {
         outcome: RequestOutcome,
         change: Change,
     },
+    /// The operator started quotad on a damaged log with `--accept-data-loss`:
+    /// the school's state is what the log held up to `served_through_seq`.
+    /// Last in the enum: records are encoded by variant index.
+    DataLossAccepted {
+        school_id: SchoolId,
+        served_through_seq: u64,
+        /// What recovery found damaged or missing.
+        lost: Arc<str>,
+        change: Change,
+    },
 }
 
 /// The increase request an allocation change grants, and how many units.
@@ -265,7 +275,8 @@ impl Record {
             | Record::AllocationRemoved { school_id, .. }
             | Record::AllocationsSet { school_id, .. }
             | Record::RequestFiled { school_id, .. }
-            | Record::RequestDecided { school_id, .. } => school_id,
+            | Record::RequestDecided { school_id, .. }
+            | Record::DataLossAccepted { school_id, .. } => school_id,
         }
     }
 
@@ -287,7 +298,8 @@ impl Record {
             | Record::SettingsSet { .. }
             | Record::AllocationsSet { .. }
             | Record::RequestFiled { .. }
-            | Record::RequestDecided { .. } => None,
+            | Record::RequestDecided { .. }
+            | Record::DataLossAccepted { .. } => None,
         }
     }
 
@@ -308,7 +320,8 @@ impl Record {
             Record::HoldEnded { .. }
             | Record::SettingsSet { .. }
             | Record::RequestFiled { .. }
-            | Record::RequestDecided { .. } => None,
+            | Record::RequestDecided { .. }
+            | Record::DataLossAccepted { .. } => None,
         }
     }
 
@@ -330,6 +343,7 @@ impl Record {
             Record::AllocationsSet { .. } => "allocations_set",
             Record::RequestFiled { .. } => "request_filed",
             Record::RequestDecided { .. } => "request_decided",
+            Record::DataLossAccepted { .. } => "data_loss_accepted",
         }
     }
 }

@@ -549,6 +549,17 @@ impl SchoolState {
                     );
                 }
             }
+            Record::DataLossAccepted {
+                served_through_seq,
+                lost,
+                change,
+                ..
+            } => {
+                let draft = Draft::new(AuditAction::DataLossAccepted, change)
+                    .after("served_through_wal_seq", served_through_seq)
+                    .after("lost", lost);
+                self.history.append(draft);
+            }
             Record::SettingsSet {
                 name,
                 borrowing_enabled,

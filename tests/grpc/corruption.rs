@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quotad::proto::GetUsageRequest;
+use quotad::proto::{GetUsageRequest, ListHistoryRequest, VerifyHistoryRequest};
 use quotad::storage::Durability;
 
 use crate::common::*;
@@ -432,4 +432,40 @@ async fn accepting_the_loss_serves_what_is_left_and_stays_consistent() {
     // The accepted state, plus the one consume after it, with no flag now.
     let (used_again, _, _) = used_after(&[]).await;
     assert_eq!(used_again, used + 1);
+
+    // The school's audit trail says so, and its chain is still whole.
+    let server = ProcessServer::start(&copy, Durability::Sync);
+    let mut admin = server.admin().await;
+    let history = admin
+        .list_history(ListHistoryRequest {
+            school_id: "oak".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let accepted: Vec<_> = history
+        .entries
+        .iter()
+        .filter(|e| e.action == "data_loss_accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1, "{:?}", history.entries);
+    assert!(accepted[0].actor.contains("--accept-data-loss"));
+    assert!(
+        accepted[0]
+            .after
+            .get("lost")
+            .is_some_and(|l| l.contains("damaged") || l.contains("lost")),
+        "{:?}",
+        accepted[0].after
+    );
+    let verified = admin
+        .verify_history(VerifyHistoryRequest {
+            school_id: "oak".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.intact, "{verified:?}");
+    server.kill();
 }
