@@ -253,10 +253,12 @@ fn recover_local(store: &dyn LogStore, config: &Config) -> Result<Recovered, Ser
             "DATA LOSS ACCEPTED (--accept-data-loss): serving the state up to the last whole \
              record; every record after it is gone"
         );
+        // The lower mark first (it is synced at once): a crash after the
+        // cut must not find a mark past the log's new end.
+        store.mark_durable(recovered.last_seq)?;
         write_snapshot(store, recovered.last_seq, &recovered.state)?;
         recovered.snapshot_seq = recovered.last_seq;
         store.truncate_through(u64::MAX)?;
-        store.mark_durable(recovered.last_seq)?;
         store.flush()?;
     }
     tracing::info!(
@@ -475,11 +477,19 @@ async fn load_from_postgres(
             "the data directory's state is discarded: recovering from Postgres"
         );
     }
+    // The directory's old mark may be past the loaded position: the log
+    // now ends there, and a mark beyond it would read as lost records. It
+    // is lowered (and synced) before the log is cut back. A lower mark is
+    // left alone: it is a lower bound, and raising it before the snapshot
+    // below is written would put it ahead of the log.
+    if store
+        .durable_mark()?
+        .is_some_and(|mark| mark > loaded.wal_seq)
+    {
+        store.mark_durable(loaded.wal_seq)?;
+    }
     store.truncate_through(local_at.wal_seq)?;
     write_snapshot(store, loaded.wal_seq, &loaded.state)?;
-    // The directory's old mark may be past the loaded position: the log
-    // now ends here, and a mark beyond it would read as lost records.
-    store.mark_durable(loaded.wal_seq)?;
     history::write(store, &history)?;
     tracing::info!(
         schools = loaded.state.schools.len(),

@@ -169,14 +169,20 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| io_error(&format!("fsync the directory {}", dir.display()), e))
 }
 
-/// The entries of the data directory and of its `blobs/`, as last synced.
-/// Every flush compares them with the directories as they are now: a new
-/// file is fsynced, and a directory that gained or lost an entry is fsynced
-/// too (a rename or a removal is an entry of the directory, not of the file).
+/// The files of the data directory and of its `blobs/`, as last synced, with
+/// their length and modification time. Every flush compares them with the
+/// directories as they are now: a file that is new or has changed since it
+/// was synced is fsynced (sled writes a blob on the thread that makes the
+/// change, so a listing can catch one half written: it is synced again once
+/// it is whole), and a directory that gained or lost an entry is fsynced too
+/// (a rename or a removal is an entry of the directory, not of the file).
+/// The log file and the durable mark are left out: each has its own sync.
 struct DirectoryListing {
     root: std::path::PathBuf,
-    known: std::collections::BTreeSet<std::path::PathBuf>,
+    known: Listing,
 }
+
+type Listing = std::collections::BTreeMap<std::path::PathBuf, (u64, std::time::SystemTime)>;
 
 impl DirectoryListing {
     fn new(root: &Path) -> Self {
@@ -190,41 +196,52 @@ impl DirectoryListing {
         let blobs = self.root.join("blobs");
         for dir in [self.root.clone(), blobs] {
             let now = list(&dir)?;
-            let before: std::collections::BTreeSet<_> = self
+            let in_dir = |p: &std::path::PathBuf| p.parent() == Some(dir.as_path());
+            let before: Listing = self
                 .known
                 .iter()
-                .filter(|p| p.parent() == Some(dir.as_path()))
-                .cloned()
+                .filter(|(p, _)| in_dir(p))
+                .map(|(p, v)| (p.clone(), *v))
                 .collect();
             if now == before {
                 continue;
             }
-            for file in now.difference(&before) {
-                sync_file(file)?;
+            for (file, version) in &now {
+                if before.get(file) != Some(version) {
+                    sync_file(file)?;
+                }
             }
-            if dir.exists() {
+            if !now.keys().eq(before.keys()) && dir.exists() {
                 sync_dir(&dir)?;
             }
-            self.known.retain(|p| p.parent() != Some(dir.as_path()));
+            self.known.retain(|p, _| !in_dir(p));
             self.known.extend(now);
         }
         Ok(())
     }
 }
 
-/// The files (not directories) in `dir`; none when it does not exist.
-fn list(dir: &Path) -> Result<std::collections::BTreeSet<std::path::PathBuf>, StorageError> {
+/// The files (not directories) in `dir` with their length and modification
+/// time, but for the log file and the mark; none when `dir` does not exist.
+fn list(dir: &Path) -> Result<Listing, StorageError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
         Err(e) => return Err(io_error(&format!("list {}", dir.display()), e)),
     };
-    let mut files = std::collections::BTreeSet::new();
+    let mut files = Listing::new();
     for entry in entries {
         let entry = entry.map_err(|e| io_error(&format!("list {}", dir.display()), e))?;
-        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if is_file {
-            files.insert(entry.path());
+        let name = entry.file_name();
+        if name == "db" || name == DURABLE_MARK_FILE {
+            continue;
+        }
+        // Gone between the listing and the look (sled removes superseded
+        // blobs on its own threads): nothing to sync.
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_file() {
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            files.insert(entry.path(), (meta.len(), modified));
         }
     }
     Ok(files)
@@ -543,8 +560,12 @@ impl DurableMark {
         self.file
             .write_all_at(&encode_mark(self.generation, wal_seq), at)
             .map_err(|e| io_error(&format!("write {}", self.path.display()), e))?;
+        // A lower mark (the log was cut back: a load from Postgres, an
+        // accepted loss) is synced at once: left behind a power cut, the
+        // higher one would read as lost records.
+        let lowered = matches!(self.wal_seq, Ok(Some(mark)) if wal_seq < mark);
         self.wal_seq = Ok(Some(wal_seq));
-        if self.synced_at.elapsed() >= MARK_SYNC_INTERVAL {
+        if lowered || self.synced_at.elapsed() >= MARK_SYNC_INTERVAL {
             self.file
                 .sync_data()
                 .map_err(|e| io_error(&format!("fdatasync {}", self.path.display()), e))?;

@@ -16,7 +16,7 @@
 //! woken with [`WalError::Poisoned`] at once, every later append is refused,
 //! and [`Wal::poisoned`] tells whoever must react (the health service).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -184,6 +184,9 @@ impl Wal {
                 next_expected: last_seq + 1,
                 ahead: BTreeSet::new(),
             },
+            held: BTreeMap::new(),
+            next_to_write: last_seq + 1,
+            drained: true,
         };
         let thread = std::thread::Builder::new()
             .name("quotad-wal".into())
@@ -232,6 +235,13 @@ impl Wal {
         self.tx
             .send(Message::Record((seq, bytes)))
             .map_err(|_| WalError::Closed)?;
+        // Batched mode's window opens at the first record after the writer
+        // went idle, not when the writer gets round to running: a writer
+        // starved of CPU must not stretch it.
+        let shared = &self.shared;
+        if shared.idle.load(Ordering::Acquire) && shared.idle.swap(false, Ordering::AcqRel) {
+            shared.mark_caught_up();
+        }
         Ok(seq)
     }
 
@@ -344,6 +354,16 @@ struct Writer {
     rx: Receiver<Message>,
     durable_tx: Sender<Vec<Entry>>,
     watermark: Watermark,
+    /// Records that arrived ahead of a lower position (positions are taken
+    /// before the queue send, so two actors can queue them out of order).
+    /// They are written only once every position before them is: the log on
+    /// disk never has a hole, so a crash leaves a prefix of it, and recovery
+    /// can call any hole damage.
+    held: BTreeMap<u64, Vec<u8>>,
+    next_to_write: u64,
+    /// The last batch took everything queued: a flush of it catches the
+    /// writer up (batched mode's window, see [`Shared::keeps_up`]).
+    drained: bool,
 }
 
 impl Writer {
@@ -364,6 +384,7 @@ impl Writer {
         let mut last_flush = Instant::now();
         loop {
             let (batch, shutdown) = self.next_batch(&unflushed, last_flush, interval);
+            let batch = self.in_order(batch);
             if batch.is_empty() || self.write(&batch) {
                 unflushed.extend(batch);
                 let due =
@@ -376,14 +397,38 @@ impl Writer {
                 }
             }
             if shutdown {
+                if !self.held.is_empty() {
+                    tracing::warn!(
+                        records = self.held.len(),
+                        waiting_for = self.next_to_write,
+                        "the WAL stopped with records queued behind a position that never came; \
+                         they were never acknowledged"
+                    );
+                }
                 return;
             }
         }
     }
 
+    /// The records of `batch` and of those held before that now follow the
+    /// last written position without a hole, in order.
+    fn in_order(&mut self, batch: Vec<Entry>) -> Vec<Entry> {
+        if self.held.is_empty() && batch.iter().map(|(seq, _)| *seq).eq(self.next_to_write..) {
+            self.next_to_write += batch.len() as u64;
+            return batch;
+        }
+        self.held.extend(batch);
+        let mut ready = Vec::new();
+        while let Some(bytes) = self.held.remove(&self.next_to_write) {
+            ready.push((self.next_to_write, bytes));
+            self.next_to_write += 1;
+        }
+        ready
+    }
+
     /// Blocks for the first record, then takes whatever else is queued.
     fn next_batch(
-        &self,
+        &mut self,
         unflushed: &[Entry],
         last_flush: Instant,
         interval: Duration,
@@ -413,6 +458,7 @@ impl Writer {
                 Err(_) => break,
             }
         }
+        self.drained = self.rx.is_empty();
         (batch, false)
     }
 
@@ -449,7 +495,12 @@ impl Writer {
         self.shared
             .durable_seq
             .store(durable_seq, Ordering::Release);
-        self.shared.mark_caught_up();
+        // Caught up only when nothing was left queued or held behind this
+        // flush: a flush that drains part of a backlog does not open the
+        // window for answers that wait behind the rest.
+        if self.drained && self.held.is_empty() {
+            self.shared.mark_caught_up();
+        }
         self.shared.flushed.notify_waiters();
         // After the answers: the mark is not on the acknowledgement's path.
         let marked = self.store.mark_durable(durable_seq);
@@ -714,6 +765,40 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(5), waiting).await;
         assert!(matches!(waited, Ok(Ok(Ok(())))), "{waited:?}");
         assert!(wal.is_durable(second));
+        writer.shutdown();
+    }
+
+    /// Two actors can queue their positions out of order; the writer holds
+    /// the later one back until the earlier arrives, so the log never has a
+    /// hole that a crash could leave behind (recovery calls a hole damage).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_position_queued_early_is_written_only_after_the_one_before_it() {
+        let store = Arc::new(MemoryLog::default());
+        let (wal, writer, _durable) = Wal::start(store.clone(), WalConfig::default(), 0).unwrap();
+        let bytes = codec::encode(&allocations_set(1)).unwrap();
+        let first = wal.shared.next_seq.fetch_add(1, Ordering::AcqRel);
+        let second = wal.shared.next_seq.fetch_add(1, Ordering::AcqRel);
+        wal.tx
+            .send(Message::Record((second, bytes.clone())))
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            store.read_after(0).unwrap().is_empty(),
+            "written ahead of the position before it"
+        );
+        assert!(!wal.is_durable(second));
+        wal.tx.send(Message::Record((first, bytes))).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), wal.wait_durable(second))
+            .await
+            .unwrap()
+            .unwrap();
+        let written: Vec<u64> = store
+            .read_after(0)
+            .unwrap()
+            .iter()
+            .map(|(seq, _)| *seq)
+            .collect();
+        assert_eq!(written, [first, second]);
         writer.shutdown();
     }
 }
