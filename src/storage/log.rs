@@ -649,3 +649,51 @@ impl<T: WrappedLog> LogStore for T {
         self.inner().write_meta(key, bytes)
     }
 }
+
+/// Test logs shared by the storage and engine tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::{Condvar, Mutex};
+
+    use super::{LogCall, LogStore, MemoryLog, WrappedLog};
+    use crate::storage::StorageError;
+
+    /// A memory log whose flushes wait while held, as a stalled disk's would.
+    #[derive(Default)]
+    pub(crate) struct HeldFlushes {
+        pub(crate) inner: MemoryLog,
+        held: Mutex<bool>,
+        released: Condvar,
+    }
+
+    impl HeldFlushes {
+        pub(crate) fn hold(&self) {
+            *self.held.lock().unwrap() = true;
+        }
+
+        pub(crate) fn let_go(&self) {
+            *self.held.lock().unwrap() = false;
+            self.released.notify_all();
+        }
+
+        /// Records written to the log, flushed or not.
+        pub(crate) fn written(&self) -> usize {
+            self.inner.read_after(0).unwrap().len()
+        }
+    }
+
+    impl WrappedLog for HeldFlushes {
+        fn inner(&self) -> &dyn LogStore {
+            &self.inner
+        }
+        fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
+            if let LogCall::Flush = call {
+                let mut held = self.held.lock().unwrap();
+                while *held {
+                    held = self.released.wait(held).unwrap();
+                }
+            }
+            Ok(())
+        }
+    }
+}

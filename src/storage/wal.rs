@@ -700,49 +700,19 @@ mod tests {
         assert_eq!(store.read_after(0).unwrap().len(), 1);
     }
 
-    /// A log whose flush blocks while held, as a stalled disk would.
-    #[derive(Default)]
-    struct StalledDisk {
-        inner: MemoryLog,
-        held: std::sync::Mutex<bool>,
-        released: std::sync::Condvar,
-    }
-
-    impl StalledDisk {
-        fn hold(&self, held: bool) {
-            *self.held.lock().unwrap() = held;
-            self.released.notify_all();
-        }
-    }
-
-    impl WrappedLog for StalledDisk {
-        fn inner(&self) -> &dyn LogStore {
-            &self.inner
-        }
-        fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
-            if let LogCall::Flush = call {
-                let mut held = self.held.lock().unwrap();
-                while *held {
-                    held = self.released.wait(held).unwrap();
-                }
-            }
-            Ok(())
-        }
-    }
-
     /// Batched mode answers at once while the writer keeps up, and waits for
     /// the flush once a stalled disk has put it behind: the answers a crash
     /// can lose stay within one window instead of growing with the stall.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batched_answers_wait_for_the_flush_once_the_writer_falls_behind() {
-        let store = Arc::new(StalledDisk::default());
+        let store = Arc::new(crate::storage::log::testing::HeldFlushes::default());
         let config = WalConfig {
             durability: Durability::Batched,
             batched_flush_interval_ms: 5,
             ..WalConfig::default()
         };
         let (wal, writer, _durable) = Wal::start(store.clone(), config, 0).unwrap();
-        store.hold(true);
+        store.hold();
         let first = wal.append(&allocations_set(1)).unwrap();
         let answered = tokio::time::timeout(Duration::from_millis(500), wal.wait_durable(first));
         assert!(
@@ -761,7 +731,7 @@ mod tests {
             !waiting.is_finished(),
             "behind the disk, a batched answer waited for its flush"
         );
-        store.hold(false);
+        store.let_go();
         let waited = tokio::time::timeout(Duration::from_secs(5), waiting).await;
         assert!(matches!(waited, Ok(Ok(Ok(())))), "{waited:?}");
         assert!(wal.is_durable(second));

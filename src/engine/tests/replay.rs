@@ -6,62 +6,22 @@
 //! records stay in flight while the replay is asked.
 
 use std::future::Future;
-use std::sync::{Condvar, Mutex};
 
 use super::*;
-use crate::storage::{LogCall, LogStore, StorageError, WrappedLog};
+use crate::storage::log::testing::HeldFlushes;
 
 /// How long a replay is given to (wrongly) answer while its record is in flight.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(150);
 
-/// A memory log whose flushes wait while held.
-#[derive(Default)]
-struct HeldFlushes {
-    inner: MemoryLog,
-    held: Mutex<bool>,
-    released: Condvar,
-}
-
-impl HeldFlushes {
-    fn hold(&self) {
-        *self.held.lock().unwrap() = true;
-    }
-
-    fn let_go(&self) {
-        *self.held.lock().unwrap() = false;
-        self.released.notify_all();
-    }
-
-    /// Records written to the log, flushed or not.
-    fn written(&self) -> usize {
-        self.inner.read_after(0).unwrap().len()
-    }
-
-    /// Waits until a record beyond `before` is written (and so in flight).
-    async fn wait_written_beyond(&self, before: usize) {
-        for _ in 0..500 {
-            if self.written() > before {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+/// Waits until a record beyond `before` is written (and so in flight).
+async fn wait_written_beyond(store: &HeldFlushes, before: usize) {
+    for _ in 0..500 {
+        if store.written() > before {
+            return;
         }
-        panic!("no record was written");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-impl WrappedLog for HeldFlushes {
-    fn inner(&self) -> &dyn LogStore {
-        &self.inner
-    }
-    fn before(&self, call: LogCall<'_>) -> Result<(), StorageError> {
-        if let LogCall::Flush = call {
-            let mut held = self.held.lock().unwrap();
-            while *held {
-                held = self.released.wait(held).unwrap();
-            }
-        }
-        Ok(())
-    }
+    panic!("no record was written");
 }
 
 async fn started(clock: Clock) -> (Harness, Arc<HeldFlushes>) {
@@ -124,7 +84,7 @@ async fn a_second_release_answers_only_once_the_first_release_is_durable() {
     let before = store.written();
     let (engine, t) = (h.engine.clone(), t1.clone());
     let first = tokio::spawn(async move { engine.release(&t, release("r1")).await });
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let (engine, t) = (h.engine.clone(), t1.clone());
     let second =
         assert_waits_for_the_flush(
@@ -149,7 +109,7 @@ async fn releasing_a_hold_that_expired_answers_only_once_the_expiry_is_durable()
     let before = store.written();
     clock.advance(1_000);
     // Housekeeping (every 20 ms here) writes the expiry; it stays in flight.
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let engine = h.engine.clone();
     let released =
         assert_waits_for_the_flush(
@@ -172,7 +132,7 @@ async fn a_second_commit_answers_only_once_the_first_commit_is_durable() {
     let before = store.written();
     let (engine, t) = (h.engine.clone(), t1.clone());
     let first = tokio::spawn(async move { engine.commit(&t, commit("r1")).await });
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let engine = h.engine.clone();
     let second =
         assert_waits_for_the_flush(
@@ -193,7 +153,7 @@ async fn a_retried_event_answers_only_once_its_first_record_is_durable() {
     let before = store.written();
     let (engine, t) = (h.engine.clone(), t1.clone());
     let first = tokio::spawn(async move { engine.consume(&t, consume(3, "e1")).await });
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let engine = h.engine.clone();
     let retry = assert_waits_for_the_flush(&store, async move {
         engine.consume(&t1, consume(3, "e1")).await
@@ -212,7 +172,7 @@ async fn a_synced_duplicate_answers_only_once_its_first_record_is_durable() {
     let before = store.written();
     let (engine, t) = (h.engine.clone(), t1.clone());
     let first = tokio::spawn(async move { engine.consume(&t, consume(3, "e1")).await });
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let engine = h.engine.clone();
     let synced = assert_waits_for_the_flush(&store, async move {
         let events = vec![synced("t1", 3, "e1", START_MS)];
@@ -239,7 +199,7 @@ async fn a_synced_rejection_answers_only_once_the_change_behind_it_is_durable() 
         change: change(),
     };
     let removed = tokio::spawn(async move { engine.remove_allocation(&t, removal).await });
-    store.wait_written_beyond(before).await;
+    wait_written_beyond(&store, before).await;
     let engine = h.engine.clone();
     let synced = assert_waits_for_the_flush(&store, async move {
         let events = vec![synced("t2", 3, "late", START_MS)];
