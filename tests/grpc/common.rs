@@ -273,6 +273,21 @@ pub fn temp_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, data)
 }
 
+/// A copy of a data directory, files and subdirectories (a disk that comes
+/// back later, or one to damage).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 /// A school with one pool of `cycle_units` units of SERVICE.
 pub async fn create_school(
     admin: &mut AdminClient,

@@ -178,19 +178,6 @@ fn copy_of(data: &Path) -> (tempfile::TempDir, PathBuf) {
     (dir, copy)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 fn log_file(data: &Path) -> PathBuf {
     data.join("db")
 }

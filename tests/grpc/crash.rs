@@ -116,7 +116,7 @@ async fn sigterm_flushes_what_batched_mode_acknowledged() {
         "--snapshot-interval-s",
         "3600",
     ];
-    let mut server = ProcessServer::start_with_args(&data, Durability::Batched, &slow_flush);
+    let server = ProcessServer::start_with_args(&data, Durability::Batched, &slow_flush);
     let (mut admin, mut gate) = (server.admin().await, server.gate().await);
     create_school(&mut admin, "oak", 1000, false).await;
     allocate(&mut admin, "oak", "t1", 1000, "normal")
@@ -129,19 +129,7 @@ async fn sigterm_flushes_what_batched_mode_acknowledged() {
             .unwrap();
         assert!(d.into_inner().decision.unwrap().allowed);
     }
-    let pid = server.child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = tokio::task::spawn_blocking(move || server.child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        status.success(),
-        "quotad exits cleanly on SIGTERM: {status:?}"
-    );
+    crate::load::terminate_now(server).await;
 
     let server = ProcessServer::start(&data, Durability::Batched);
     let mut gate = server.gate().await;
