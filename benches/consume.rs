@@ -58,10 +58,14 @@ impl Bench {
         let (wal, writer, durable) =
             Wal::start(store, wal_config, recovered.last_seq).expect("start the WAL");
         drop(durable);
-        let (engine, runtime) =
-            Engine::start(recovered.state, wal, EngineConfig::default(), Clock::System)
-                .await
-                .expect("start the engine");
+        let (engine, runtime) = Engine::start(
+            recovered.state,
+            wal,
+            EngineConfig::default(),
+            Clock::system(),
+        )
+        .await
+        .expect("start the engine");
         let service = ServiceType::parse("claude_messages").expect("a service type");
         let school_id = SchoolId::parse("bench").expect("a school id");
         let change = || Change {
@@ -136,6 +140,7 @@ impl Bench {
         let msg = Check {
             service: self.service.clone(),
             units: 1,
+            previews: quotad::engine::CheckPreviews::Consume,
         };
         self.engine.check(teacher, msg).await.expect("check");
     }

@@ -167,7 +167,7 @@ pub async fn serve_on_store(
         recovered.state,
         wal.clone(),
         config.engine()?,
-        Clock::System,
+        Clock::system(),
     )
     .await?;
     let reader = analytics_reader(&config);

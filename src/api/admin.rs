@@ -14,7 +14,7 @@ use crate::domain::{
     SchoolId, ServiceType, SliceSet, SliceStatus, TeacherId, Tier,
 };
 use crate::engine::{
-    BulkSet, Engine, FileRequest, ListHistory, ListRequests, NewSchool, RejectRequest, RemoveSlice,
+    Engine, FileRequest, ListHistory, ListRequests, NewSchool, RejectRequest, RemoveSlice,
     SetAllocation, SetPool, SetStatus, UpdateSettings,
 };
 use crate::proto::quota_admin_server::QuotaAdmin;
@@ -284,14 +284,11 @@ impl QuotaAdmin for AdminService {
                 auto_renew: a.auto_renew,
             });
         }
-        let msg = BulkSet {
-            slices,
-            change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
-                .map_err(invalid)?,
-        };
+        let change = convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
+            .map_err(invalid)?;
         let views = self
             .engine
-            .bulk_set(&school_id, msg)
+            .bulk_set(&school_id, slices, change)
             .await
             .map_err(to_status)?;
         Ok(Response::new(BulkSetAllocationsResponse {

@@ -9,8 +9,8 @@ use crate::domain::{
     RequestStatus, ReservationId, SchoolId, ServiceType, TeacherId, TimestampMs,
 };
 use crate::engine::{
-    AllocationView, Decision, PoolView, SchoolView, TeacherRef, UsageReportView, UsageRow,
-    UsageView,
+    AllocationView, CheckPreviews, Decision, PoolView, SchoolView, TeacherRef, UsageReportView,
+    UsageRow, UsageView,
 };
 use crate::proto;
 
@@ -19,6 +19,20 @@ pub fn teacher(school_id: &str, teacher_id: &str) -> Result<TeacherRef, InvalidI
         school_id: SchoolId::parse(school_id)?,
         teacher_id: TeacherId::parse(teacher_id)?,
     })
+}
+
+/// The call a Check previews; an unknown value names the field.
+pub fn check_previews(value: i32) -> Result<CheckPreviews, InvalidInput> {
+    match proto::CheckPreviews::try_from(value) {
+        Ok(proto::CheckPreviews::Consume) => Ok(CheckPreviews::Consume),
+        Ok(proto::CheckPreviews::Reserve) => Ok(CheckPreviews::Reserve),
+        Err(_) => Err(InvalidInput::new(
+            "previews",
+            format!(
+                "is {value}; it must be CHECK_PREVIEWS_CONSUME (0) or CHECK_PREVIEWS_RESERVE (1)"
+            ),
+        )),
+    }
 }
 
 pub fn service(value: &str) -> Result<ServiceType, InvalidInput> {

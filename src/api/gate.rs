@@ -66,6 +66,7 @@ impl QuotaGate for GateService {
         let msg = Check {
             service: convert::service(&r.service_type).map_err(invalid)?,
             units: r.units,
+            previews: convert::check_previews(r.previews).map_err(invalid)?,
         };
         let decision = self.engine.check(&teacher, msg).await.map_err(to_status)?;
         Ok(Response::new(CheckResponse {

@@ -609,6 +609,9 @@ struct CheckArgs {
     slice: SliceRef,
     /// Units that would be charged.
     units: u64,
+    /// Preview a Reserve (a hold never borrows) instead of a Consume.
+    #[arg(long)]
+    reserve: bool,
 }
 
 #[derive(Args, Debug)]
@@ -1216,6 +1219,11 @@ async fn check(mut gate: GateClient, args: CheckArgs) -> Result<CheckResponse, S
         teacher_id: args.slice.teacher_id,
         service_type: args.slice.service_type,
         units: args.units,
+        previews: if args.reserve {
+            quotad::proto::CheckPreviews::Reserve as i32
+        } else {
+            quotad::proto::CheckPreviews::Consume as i32
+        },
     };
     Ok(gate.check(request).await?.into_inner())
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::cycle::{next_cycle, BillingAnchor, Cycle, TimestampMs};
+use super::cycle::{next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -176,6 +176,23 @@ impl TeacherAccount {
         Ok(())
     }
 
+    /// Catches up with the school's cycle, then rolls by the clock exactly as
+    /// the school will (same anchors, same function). The school decides the
+    /// cycle: a teacher never stays behind a school that has rolled, and an
+    /// anchor change reaches the teacher with no message that could be lost.
+    pub fn follow(&mut self, school: CycleInfo, now_ms: TimestampMs) -> Result<(), InvalidInput> {
+        if school.start_ms > self.cycle_start_ms {
+            self.roll_to(school.start_ms);
+        }
+        // Ahead of the school (rolled by the clock first), the teacher keeps
+        // the anchors it rolled with: the school's are those of the old cycle.
+        if school.start_ms == self.cycle_start_ms {
+            self.anchor = school.anchor;
+            self.next_anchor = school.next_anchor;
+        }
+        self.roll_if_due(now_ms)
+    }
+
     /// Starts the cycle that begins at `cycle_start_ms` (if it is newer); a
     /// pending anchor takes effect with it.
     pub fn roll_to(&mut self, cycle_start_ms: TimestampMs) {
@@ -230,7 +247,7 @@ impl TeacherAccount {
         Ok(Step::Decide(self.gate(service, units)?))
     }
 
-    /// First step of a reserve: a retry, or a fresh decision. Holds never borrow.
+    /// First step of a reserve: a retry, or a fresh decision.
     pub fn begin_reserve(
         &self,
         service: &ServiceType,
@@ -241,6 +258,19 @@ impl TeacherAccount {
         if let Some(reservation) = self.reservations.get(reservation_id) {
             return Ok(Step::Duplicate(reservation.clone()));
         }
+        Ok(Step::Decide(self.hold_gate(service, units, limits)?))
+    }
+
+    /// The quota check of a new hold. Holds never borrow: a hold is an
+    /// estimate, and units lent for an estimate would stay lent after a
+    /// smaller commit or a release. A high priority teacher short of units
+    /// borrows with Consume (or commits past the hold, as overage).
+    pub fn hold_gate(
+        &self,
+        service: &ServiceType,
+        units: u64,
+        limits: &RuleLimits,
+    ) -> Result<Gate, RuleError> {
         let live_holds = self
             .reservations
             .values()
@@ -252,14 +282,14 @@ impl TeacherAccount {
                 self.teacher_id
             )));
         }
-        Ok(Step::Decide(match self.gate(service, units)? {
+        Ok(match self.gate(service, units)? {
             Gate::Allow { borrow: 0, .. } => Gate::Allow {
                 from_slice: units,
                 borrow: 0,
             },
             Gate::Allow { .. } => Gate::Deny(DenyReason::Exhausted),
             deny => deny,
-        }))
+        })
     }
 
     /// First step of a commit: charge the real units, even past the slice.
@@ -491,23 +521,37 @@ impl TeacherAccount {
         self.slices.get(service).map_or(0, Slice::remaining_units)
     }
 
-    /// Sets a slice's terms, unless a newer record set them already.
-    fn set_terms(&mut self, wal_seq: u64, set: &SliceSet) {
+    /// Sets a slice's terms, unless a newer record set them already. Terms of
+    /// a cycle that has ended here are applied as that cycle's rollover would
+    /// have left them: a slice without auto-renew starts the new cycle at 0
+    /// (the school returned its units to the pool when it rolled).
+    fn set_terms(&mut self, wal_seq: u64, set: &SliceSet, cycle_start_ms: TimestampMs) {
+        let late = cycle_start_ms < self.cycle_start_ms;
         let slice = self.slices.entry(set.service.clone()).or_default();
         if wal_seq < slice.terms_seq {
             return;
         }
         slice.terms_seq = wal_seq;
-        slice.allocated_units = set.allocated_units;
         slice.priority = set.priority;
         slice.auto_renew = set.auto_renew;
+        if !late {
+            slice.allocated_units = set.allocated_units;
+            return;
+        }
+        if slice.previous.cycle_start_ms == cycle_start_ms {
+            slice.previous.allocated_units = set.allocated_units;
+        }
+        slice.allocated_units = if set.auto_renew {
+            set.allocated_units
+        } else {
+            0
+        };
     }
 
     /// Applies a fact. Never decides: the record says what happened.
     pub fn apply(&mut self, wal_seq: u64, record: &Record) {
-        if let Some(cycle_start_ms) = record.cycle_start_ms() {
-            self.roll_to(cycle_start_ms);
-        }
+        let record_cycle_ms = record.cycle_start_ms().unwrap_or(self.cycle_start_ms);
+        self.roll_to(record_cycle_ms);
         match record {
             Record::AllocationSet {
                 teacher_id,
@@ -525,11 +569,12 @@ impl TeacherAccount {
                     priority: *priority,
                     auto_renew: *auto_renew,
                 },
+                record_cycle_ms,
             ),
             Record::AllocationsSet { slices, .. } => {
                 let own = self.teacher_id.clone();
                 for slice in slices.iter().filter(|s| s.teacher_id == own) {
-                    self.set_terms(wal_seq, slice);
+                    self.set_terms(wal_seq, slice, record_cycle_ms);
                 }
             }
             Record::AllocationRemoved { service, .. } => {
@@ -705,6 +750,14 @@ impl TeacherAccount {
             .map(|r| r.expires_at_ms)
             .min()
             .unwrap_or(TimestampMs::MAX)
+    }
+
+    /// Equal in everything the log holds (the expiry cache aside): how the
+    /// simulator compares a live account with the one a replay rebuilds.
+    pub fn same_state(&self, other: &Self) -> bool {
+        let mut this = self.clone();
+        this.earliest_expiry_ms = other.earliest_expiry_ms;
+        this == *other
     }
 
     /// Checks the account's own invariants; used after a restart of its actor

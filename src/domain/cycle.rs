@@ -47,6 +47,17 @@ pub fn next_cycle(
     }))
 }
 
+/// What a school's teachers need to know to roll exactly as the school does:
+/// the cycle it is in and the anchors that place the next boundary. The school
+/// publishes it; teachers follow it before every decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CycleInfo {
+    pub start_ms: TimestampMs,
+    pub anchor: BillingAnchor,
+    /// The anchor from the next cycle on, if it changes.
+    pub next_anchor: Option<BillingAnchor>,
+}
+
 impl Default for BillingAnchor {
     fn default() -> Self {
         Self(1)

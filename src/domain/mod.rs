@@ -29,7 +29,7 @@ pub use account::{
     ServiceUsageView, Step, TeacherAccount,
 };
 pub use audit::{AuditAction, AuditEntry, AuditTrail, HistoryFilter};
-pub use cycle::{BillingAnchor, Cycle, TimestampMs};
+pub use cycle::{BillingAnchor, Cycle, CycleInfo, TimestampMs};
 pub use error::{InvalidInput, RuleError};
 pub use ids::{parse_model_field, EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 pub use limits::RuleLimits;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::account::TeacherAccount;
 use super::audit::{AuditAction, AuditTrail, Draft};
-use super::cycle::{next_cycle, BillingAnchor, Cycle, TimestampMs};
+use super::cycle::{next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -175,6 +175,15 @@ impl SchoolState {
 
     pub fn cycle(&self) -> Result<Cycle, InvalidInput> {
         self.config.anchor.cycle_from(self.cycle_start_ms)
+    }
+
+    /// What the school's teachers follow (see [`TeacherAccount::follow`]).
+    pub fn cycle_info(&self) -> CycleInfo {
+        CycleInfo {
+            start_ms: self.cycle_start_ms,
+            anchor: self.config.anchor,
+            next_anchor: self.next_anchor,
+        }
     }
 
     /// A new account for a teacher of this school, in the school's cycle.
@@ -400,16 +409,6 @@ impl SchoolState {
                 .is_some_and(|p| p.available_units() >= units)
     }
 
-    pub fn grant_borrow(&mut self, service: &ServiceType, units: u64) -> bool {
-        if !self.can_borrow(service, units) {
-            return false;
-        }
-        if let Some(pool) = self.pools.get_mut(service) {
-            pool.borrowed_units = pool.borrowed_units.saturating_add(units);
-        }
-        true
-    }
-
     /// Starts a new cycle: borrowing resets; slices without auto-renew return
     /// their units to the pool.
     pub fn roll_to(&mut self, cycle_start_ms: TimestampMs) {
@@ -449,6 +448,12 @@ impl SchoolState {
         if let Some(cycle_start_ms) = record.cycle_start_ms() {
             self.roll_to(cycle_start_ms);
         }
+        // A record of a cycle that has ended here (written by an actor that
+        // had not seen the rollover) is applied as that rollover would have
+        // left it.
+        let late = record
+            .cycle_start_ms()
+            .is_some_and(|c| c < self.cycle_start_ms);
         match record {
             Record::SchoolCreated {
                 config,
@@ -500,14 +505,14 @@ impl SchoolState {
                     priority: *priority,
                     auto_renew: *auto_renew,
                 };
-                self.set_slice(&slice, change);
+                self.set_slice(&slice, change, late);
                 if let Some(grant) = grant {
                     self.approve(grant, change);
                 }
             }
             Record::AllocationsSet { slices, change, .. } => {
                 for slice in slices {
-                    self.set_slice(slice, change);
+                    self.set_slice(slice, change, late);
                 }
             }
             Record::AllocationStatusSet {
@@ -669,7 +674,7 @@ impl SchoolState {
         }
     }
 
-    fn set_slice(&mut self, slice: &SliceSet, change: &Change) {
+    fn set_slice(&mut self, slice: &SliceSet, change: &Change, late: bool) {
         let key = (slice.teacher_id.clone(), slice.service.clone());
         let old = self.slices.get(&key).copied();
         let terms = SliceTerms {
@@ -678,12 +683,20 @@ impl SchoolState {
             priority: slice.priority,
             status: old.map_or(SliceStatus::Active, |t| t.status),
         };
-        self.slices.insert(key, terms);
+        let kept = SliceTerms {
+            allocated_units: if late && !slice.auto_renew {
+                0
+            } else {
+                slice.allocated_units
+            },
+            ..terms
+        };
+        self.slices.insert(key, kept);
         let pool = self.pools.entry(slice.service.clone()).or_default();
         pool.allocated_units = pool
             .allocated_units
             .saturating_sub(old.map_or(0, |t| t.allocated_units))
-            .saturating_add(slice.allocated_units);
+            .saturating_add(kept.allocated_units);
         let draft = terms_values(
             Draft::new(AuditAction::AllocationSet, change),
             old.as_ref(),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use super::machine::{Frozen, SchoolAnswer, SchoolAsk};
 use super::views::{
     AllocationView, Decision, Durable, PoolView, SchoolView, UsageReportView, UsageView,
 };
@@ -29,12 +30,22 @@ pub struct Consume {
     pub model: Arc<str>,
 }
 
-/// The answer Consume would give, charging nothing.
+/// The answer the previewed call would give now, charging nothing.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<Decision>")]
 pub struct Check {
     pub service: ServiceType,
     pub units: u64,
+    pub previews: CheckPreviews,
+}
+
+/// Which call a Check previews. They differ for a high priority teacher
+/// short of units: Consume may borrow from the school, a hold never does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CheckPreviews {
+    #[default]
+    Consume,
+    Reserve,
 }
 
 /// Hold units until commit, release or expiry. Idempotent on the reservation id.
@@ -118,48 +129,36 @@ pub struct GrantIncrease {
     pub change: Change,
 }
 
-/// What a teacher asks its school to record about one of its slices.
-#[derive(Debug, Clone)]
-pub enum SliceChange {
-    Set {
-        allocated_units: u64,
-        priority: Priority,
-        auto_renew: bool,
-        grant: Option<Grant>,
-    },
-    Status(SliceStatus),
-    Remove,
-}
-
-/// From a teacher to its school: check the change against the pool (and the
-/// school's rules) and record it. The teacher applies the record it gets back.
+/// From a teacher to its school, the teacher waiting (see `machine::SchoolAsk`).
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Reply<(u64, Record)>")]
-pub struct ApplySliceChange {
-    pub teacher_id: TeacherId,
-    pub service: ServiceType,
-    pub change: SliceChange,
-    pub audit: Change,
-    /// False only for quotad's own changes to an individual account's slice.
-    pub managed: bool,
-}
+#[rtype(result = "Reply<SchoolAnswer>")]
+pub struct Ask(pub SchoolAsk);
 
-/// From the school to a teacher: a record that changed the teacher's terms
-/// (a bulk change), to apply unless a newer one did already.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct ApplyRecord {
-    pub wal_seq: u64,
-    pub record: Record,
-}
+/// The first half of a bulk change, to each teacher it names: report your
+/// floors and answer nothing more until the school's record (or its refusal)
+/// comes back through the [`Thaw`] you return.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "Reply<(Frozen, Thaw)>")]
+pub struct Freeze;
 
-/// Set many slices of a school at once: all or none.
-#[derive(Message, Debug, Clone)]
+/// Ends a teacher's freeze: the school's record of the change and its
+/// position, or None (refused). Dropped unsent, it also ends it, unchanged.
+pub type Thaw = tokio::sync::oneshot::Sender<Option<(u64, Record)>>;
+
+/// Set many slices of a school at once: all or none. Every teacher named is
+/// frozen (`frozen`), so its floors still hold while the school decides.
+#[derive(Message, Debug)]
 #[rtype(result = "Reply<u64>")]
 pub struct BulkSet {
     pub slices: Vec<SliceSet>,
     pub change: Change,
+    pub frozen: Vec<(Frozen, Thaw)>,
 }
+
+/// Find the actors of these teachers, starting those that have none.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Reply<Vec<Addr<super::teacher::TeacherActor>>>")]
+pub struct EnsureTeachers(pub Vec<TeacherId>);
 
 /// Change a school's settings; each None keeps the setting.
 #[derive(Message, Debug, Clone)]
@@ -172,11 +171,6 @@ pub struct UpdateSettings {
     pub next_anchor: Option<BillingAnchor>,
     pub change: Change,
 }
-
-/// From the school to a teacher: the billing anchor from the next cycle on.
-#[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct SetNextAnchor(pub BillingAnchor);
 
 /// A teacher asks for more units.
 #[derive(Message, Debug, Clone)]
@@ -246,16 +240,6 @@ pub struct UsageReport {
     pub previous: bool,
 }
 
-/// From a teacher to its school: lend `units` of the unallocated part
-/// (`dry_run`: only say whether it could).
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "bool")]
-pub struct Borrow {
-    pub service: ServiceType,
-    pub units: u64,
-    pub dry_run: bool,
-}
-
 /// Set a pool's cycle units (adds the service type if new).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<Durable<PoolView>>")]
@@ -279,11 +263,6 @@ pub struct EnsureTeacher(pub TeacherId);
 #[derive(Message, Debug, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct RollIfDue;
-
-/// From the school after a rollover: start the new cycle.
-#[derive(Message, Debug, Clone, Copy)]
-#[rtype(result = "()")]
-pub struct RollTo(pub TimestampMs);
 
 /// Makes the handler panic, to show supervision at work (tests only).
 #[derive(Message, Debug, Clone, Copy)]

@@ -5,6 +5,7 @@
 //! call to its actor, then waits for the WAL flush that makes the answer
 //! durable before returning it.
 
+pub mod machine;
 pub mod messages;
 pub mod registry;
 pub mod school;
@@ -68,28 +69,52 @@ impl EngineError {
     }
 }
 
-/// Where the rules get the time from: the system clock, or a clock a test moves.
+/// Where the rules get the time from: the system clock, or a clock a test
+/// moves. Never backwards: a reading is at least every reading before it, in
+/// every thread, so a school that reads the clock after a teacher did is
+/// never in an older billing cycle than that teacher (an NTP step back, or a
+/// test's jump back, only makes time stand still until it catches up).
 #[derive(Clone, Debug)]
-pub enum Clock {
+pub struct Clock {
+    source: ClockSource,
+    /// The latest reading handed out.
+    high_ms: Arc<AtomicI64>,
+}
+
+#[derive(Clone, Debug)]
+enum ClockSource {
     System,
     Manual(Arc<AtomicI64>),
 }
 
 impl Clock {
-    pub fn manual(start_ms: TimestampMs) -> Self {
-        Self::Manual(Arc::new(AtomicI64::new(start_ms)))
-    }
-
-    pub fn now_ms(&self) -> TimestampMs {
-        match self {
-            Clock::System => system_now_ms(),
-            Clock::Manual(now) => now.load(Ordering::SeqCst),
+    pub fn system() -> Self {
+        Self {
+            source: ClockSource::System,
+            high_ms: Arc::new(AtomicI64::new(TimestampMs::MIN)),
         }
     }
 
-    /// Moves a manual clock; the system clock cannot be moved.
+    pub fn manual(start_ms: TimestampMs) -> Self {
+        Self {
+            source: ClockSource::Manual(Arc::new(AtomicI64::new(start_ms))),
+            high_ms: Arc::new(AtomicI64::new(TimestampMs::MIN)),
+        }
+    }
+
+    pub fn now_ms(&self) -> TimestampMs {
+        let source_ms = match &self.source {
+            ClockSource::System => system_now_ms(),
+            ClockSource::Manual(now) => now.load(Ordering::SeqCst),
+        };
+        let before = self.high_ms.fetch_max(source_ms, Ordering::SeqCst);
+        before.max(source_ms)
+    }
+
+    /// Moves a manual clock (back too, which the readings do not follow);
+    /// the system clock cannot be moved.
     pub fn advance(&self, by_ms: i64) {
-        if let Clock::Manual(now) = self {
+        if let ClockSource::Manual(now) = &self.source {
             now.fetch_add(by_ms, Ordering::SeqCst);
         }
     }
@@ -156,18 +181,19 @@ impl Core {
     pub fn spawn_teacher(
         &self,
         account: TeacherAccount,
+        cycle: Arc<machine::CycleCell>,
         school: Addr<SchoolActor>,
     ) -> Addr<TeacherActor> {
         let key = (account.school_id.clone(), account.teacher_id.clone());
         let shared = self.shared.clone();
         let addr = Supervisor::start_in_arbiter(self.arbiter(), move |_| {
-            TeacherActor::new(account, school, shared)
+            TeacherActor::new(account, cycle, school, shared)
         });
         self.registry.teachers.insert(key, addr.clone());
         addr
     }
 
-    fn spawn_school(self: &Arc<Self>, school: SchoolState) -> Addr<SchoolActor> {
+    fn spawn_school(self: &Arc<Self>, school: machine::SchoolMachine) -> Addr<SchoolActor> {
         let core = self.clone();
         Supervisor::start_in_arbiter(self.arbiter(), move |_| SchoolActor::new(school, core))
     }
@@ -286,6 +312,8 @@ impl Engine {
         for (school_id, school) in state.schools {
             let services: Vec<_> = school.pools.keys().cloned().collect();
             let tier = school.config.tier;
+            let school = machine::SchoolMachine::new(school);
+            let cycle = school.cycle_cell();
             let addr = core.spawn_school(school);
             let teachers: Vec<_> = accounts
                 .remove(&school_id)
@@ -294,7 +322,7 @@ impl Engine {
                 .map(|account| {
                     (
                         account.teacher_id.clone(),
-                        core.spawn_teacher(account, addr.clone()),
+                        core.spawn_teacher(account, cycle.clone(), addr.clone()),
                     )
                 })
                 .collect();
@@ -637,7 +665,7 @@ impl Engine {
             let wal_seq = self.core.shared.wal.append(&record)?;
             let mut school = SchoolState::new(new.config.clone(), cycle.start_ms, &pools);
             school.apply(&record);
-            let addr = self.core.spawn_school(school);
+            let addr = self.core.spawn_school(machine::SchoolMachine::new(school));
             entry.insert(registry::SchoolHandle::new(
                 addr.clone(),
                 new.config.tier,
@@ -830,36 +858,53 @@ impl Engine {
     }
 
     /// Sets many slices at once: all of them or none. A slice may not shrink
-    /// below what its teacher used and holds (read just before the change).
+    /// below what its teacher used and holds. Every teacher named is frozen
+    /// first (it reports its floors and answers nothing else), then the
+    /// school decides with those floors and thaws each teacher with the
+    /// record, so no consume can slip between the check and the change.
+    /// One bulk change per school at a time: two freezing the same teachers
+    /// in parallel could each hold one the other waits for.
     pub async fn bulk_set(
         &self,
         school_id: &SchoolId,
-        msg: BulkSet,
+        slices: Vec<crate::domain::SliceSet>,
+        change: Change,
     ) -> Result<Vec<AllocationView>, EngineError> {
         let school = self.school(school_id)?;
-        for (i, slice) in msg.slices.iter().enumerate() {
+        for (i, slice) in slices.iter().enumerate() {
             self.limits()
                 .check_pool_units("allocated_units", slice.allocated_units)
                 .map_err(|e| InvalidInput::new("allocations", format!("entry {}: {}", i + 1, e)))?;
-            let teacher = TeacherRef {
-                school_id: school_id.clone(),
-                teacher_id: slice.teacher_id.clone(),
-            };
-            let Some(addr) = self.route(&teacher, Some(&slice.service))? else {
-                continue;
-            };
-            let usage = addr.send(GetUsage).await.map_err(EngineError::mailbox)??;
-            if let Some(s) = usage.services.iter().find(|s| s.service == slice.service) {
-                let floor = s.used_units.saturating_add(s.reserved_units);
-                if slice.allocated_units < floor {
-                    return Err(RuleError::precondition(format!(
-                        "nothing was changed: teacher {} has used and holds {floor} units of {}; entry {} asks for {}",
-                        slice.teacher_id, slice.service, i + 1, slice.allocated_units
-                    ))
-                    .into());
-                }
+            if !school.has_service(&slice.service) {
+                return Err(RuleError::not_found(format!(
+                    "service type {} is not configured for school {school_id}",
+                    slice.service
+                ))
+                .into());
             }
         }
+        let _one_at_a_time = school.bulk_changes.lock().await;
+        let teacher_ids: Vec<TeacherId> = slices
+            .iter()
+            .map(|s| s.teacher_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let addrs = school
+            .addr
+            .send(EnsureTeachers(teacher_ids))
+            .await
+            .map_err(EngineError::mailbox)??;
+        let freezes = addrs.iter().map(|addr| addr.send(Freeze));
+        let mut frozen = Vec::with_capacity(addrs.len());
+        for answer in futures::future::join_all(freezes).await {
+            frozen.push(answer.map_err(EngineError::mailbox)??);
+        }
+        let msg = BulkSet {
+            slices,
+            change,
+            frozen,
+        };
         let wanted: Vec<(TeacherId, ServiceType)> = msg
             .slices
             .iter()

@@ -18,6 +18,8 @@ pub struct SchoolHandle {
     pub tier: Tier,
     /// The school's service types; written only by its actor, read on every call.
     services: Arc<RwLock<BTreeSet<ServiceType>>>,
+    /// Held by a bulk change from its first freeze to its end (see `Engine::bulk_set`).
+    pub bulk_changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SchoolHandle {
@@ -30,6 +32,7 @@ impl SchoolHandle {
             addr,
             tier,
             services: Arc::new(RwLock::new(services.into_iter().collect())),
+            bulk_changes: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 

@@ -1,6 +1,7 @@
-//! One actor per school: it holds the pooled totals and is the only place
-//! that changes them (cycle units, the sum of slices, what was borrowed). It
-//! starts its teachers' actors and tells them when a new cycle begins.
+//! One actor per school: the actix shell around a [`SchoolMachine`], which
+//! holds the pooled totals and the rules that change them. The shell starts
+//! the school's teachers' actors, runs the rollover timer and gathers the
+//! teachers' usage for the views.
 //!
 //! The school never waits for a teacher (teachers wait for the school), so the
 //! two can never wait for each other.
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use futures::future::join_all;
 
+use super::machine::{CycleCell, Env, Frozen, SchoolAnswer, SchoolMachine};
 use super::messages::*;
 use super::teacher::TeacherActor;
 use super::views::{
@@ -19,15 +21,11 @@ use super::views::{
 };
 use super::{Core, EngineError};
 use crate::domain::audit::Broken;
-use crate::domain::school::SYSTEM_ACTOR;
-use crate::domain::{
-    AuditEntry, Change, Cycle, Grant, IncreaseRequest, Pool, Record, RequestOutcome, RuleError,
-    SchoolState, ServiceType, SliceTerms, TeacherId, TimestampMs,
-};
+use crate::domain::{AuditEntry, Cycle, Grant, IncreaseRequest, Pool, ServiceType, TeacherId};
 use crate::telemetry;
 
 pub struct SchoolActor {
-    school: SchoolState,
+    machine: SchoolMachine,
     core: Arc<Core>,
     teachers: HashMap<TeacherId, Addr<TeacherActor>>,
 }
@@ -37,13 +35,13 @@ impl Actor for SchoolActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.core.shared.mailbox_capacity);
-        ctx.run_interval(self.core.shared.housekeeping_interval, |act, _| {
-            let now_ms = act.core.shared.clock.now_ms();
-            if let Err(error) = act.roll_if_due(now_ms) {
-                tracing::warn!(school = %act.school.config.id, %error, "rollover failed; it is tried again");
-            }
-            if let Err(error) = act.expire_requests(now_ms) {
-                tracing::warn!(school = %act.school.config.id, %error, "request expiry failed; it is tried again");
+        ctx.run_interval(self.core.shared.housekeeping_interval, |act, ctx| {
+            let done = act.guarded(ctx, |machine, env| {
+                machine.roll_if_due(env)?;
+                machine.expire_requests(env)
+            });
+            if let Err(error) = done {
+                tracing::warn!(school = %act.machine.school.config.id, %error, "rollover or request expiry failed; it is tried again");
             }
         });
         telemetry::actor_started();
@@ -57,62 +55,48 @@ impl Actor for SchoolActor {
 impl Supervised for SchoolActor {
     fn restarting(&mut self, _: &mut Context<Self>) {
         telemetry::actor_restarted("school");
-        tracing::warn!(school = %self.school.config.id, "school actor restarted with its state intact");
+        tracing::warn!(school = %self.machine.school.config.id, "school actor restarted with its state intact");
     }
 }
 
 impl SchoolActor {
-    pub fn new(school: SchoolState, core: Arc<Core>) -> Self {
+    pub fn new(machine: SchoolMachine, core: Arc<Core>) -> Self {
         Self {
-            school,
+            machine,
             core,
             teachers: HashMap::new(),
         }
     }
 
+    /// Runs `f` on the machine with the time and the WAL. A panic becomes an
+    /// error for this caller and a restart by the supervisor.
     fn guarded<T>(
         &mut self,
         ctx: &mut Context<Self>,
-        f: impl FnOnce(&mut Self) -> Reply<T>,
+        f: impl FnOnce(&mut SchoolMachine, &Env) -> Reply<T>,
     ) -> Reply<T> {
-        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+        let shared = self.core.shared.clone();
+        let env = Env {
+            now_ms: shared.clock.now_ms(),
+            journal: &shared.wal,
+            limits: &shared.limits,
+        };
+        let rolled_from = self.machine.school.cycle_start_ms;
+        let reply = match catch_unwind(AssertUnwindSafe(|| f(&mut self.machine, &env))) {
             Ok(reply) => reply,
             Err(_) => {
-                tracing::error!(school = %self.school.config.id, "school actor panicked; restarting it");
+                tracing::error!(school = %self.machine.school.config.id, "school actor panicked; restarting it");
                 ctx.stop();
                 Err(EngineError::Internal(
                     "the school's actor failed and is restarting; retry the call".into(),
                 ))
             }
-        }
-    }
-
-    fn write(&mut self, record: &Record) -> Reply<u64> {
-        let wal_seq = self.core.shared.wal.append(record)?;
-        self.school.apply(record);
-        Ok(wal_seq)
-    }
-
-    /// Starts the new cycle when the anchor has passed, records it, and tells
-    /// every teacher (who would also roll on their next call).
-    fn roll_if_due(&mut self, now_ms: TimestampMs) -> Reply<()> {
-        let Some(cycle) = self.school.due_cycle(now_ms)? else {
-            return Ok(());
         };
-        let record = Record::CycleRolledOver {
-            school_id: self.school.config.id.clone(),
-            from_start_ms: self.school.cycle_start_ms,
-            to_start_ms: cycle.start_ms,
-            at_ms: now_ms,
-        };
-        self.write(&record)?;
-        for teacher in self.teachers.values() {
-            // A teacher with a full mailbox rolls by itself on its next call.
-            let _ = teacher.try_send(RollTo(cycle.start_ms));
+        if self.machine.school.cycle_start_ms != rolled_from {
+            telemetry::rollover();
+            tracing::info!(school = %self.machine.school.config.id, cycle_start = %crate::domain::cycle::format_ms(self.machine.school.cycle_start_ms), "billing cycle rolled over");
         }
-        telemetry::rollover();
-        tracing::info!(school = %self.school.config.id, cycle_start = %crate::domain::cycle::format_ms(cycle.start_ms), "billing cycle rolled over");
-        Ok(())
+        reply
     }
 
     fn ensure_teacher(
@@ -123,32 +107,12 @@ impl SchoolActor {
         if let Some(addr) = self.teachers.get(&teacher_id) {
             return addr.clone();
         }
-        let account = self.school.new_account(teacher_id.clone());
-        let addr = self.core.spawn_teacher(account, ctx.address());
+        let account = self.machine.school.new_account(teacher_id.clone());
+        let addr = self
+            .core
+            .spawn_teacher(account, self.machine.cycle_cell(), ctx.address());
         self.teachers.insert(teacher_id, addr.clone());
         addr
-    }
-
-    fn slice_terms(&self, teacher_id: &TeacherId, service: &ServiceType) -> Reply<SliceTerms> {
-        self.school
-            .slices
-            .get(&(teacher_id.clone(), service.clone()))
-            .copied()
-            .ok_or_else(|| {
-                EngineError::Rule(RuleError::not_found(format!(
-                    "teacher {teacher_id} has no {service} slice"
-                )))
-            })
-    }
-
-    fn request(&self, request_id: u64) -> Reply<IncreaseRequest> {
-        self.school
-            .requests
-            .get(&request_id)
-            .cloned()
-            .ok_or_else(|| {
-                EngineError::Internal(format!("request {request_id} just written is missing"))
-            })
     }
 
     /// The usage views of one teacher, or of every teacher of the school.
@@ -173,13 +137,14 @@ impl SchoolActor {
 
     /// The current cycle, or the one before it.
     fn report_cycle(&self, previous: bool) -> Reply<Cycle> {
-        let current = self.school.cycle()?;
+        let school = &self.machine.school;
+        let current = school.cycle()?;
         if !previous {
             return Ok(current);
         }
-        let start_ms = match self.school.previous_cycle_start_ms {
+        let start_ms = match school.previous_cycle_start_ms {
             0 => {
-                self.school
+                school
                     .config
                     .anchor
                     .cycle_at(current.start_ms - 1)?
@@ -191,24 +156,6 @@ impl SchoolActor {
             start_ms,
             end_ms: current.start_ms,
         })
-    }
-
-    /// Pending requests older than a week expire; each expiry is recorded.
-    fn expire_requests(&mut self, now_ms: TimestampMs) -> Reply<()> {
-        for request_id in self.school.due_expiries(now_ms) {
-            let record = Record::RequestDecided {
-                school_id: self.school.config.id.clone(),
-                request_id,
-                outcome: RequestOutcome::Expired,
-                change: Change {
-                    by: Arc::from(SYSTEM_ACTOR),
-                    reason: Arc::from("no decision within 7 days"),
-                    at_ms: now_ms,
-                },
-            };
-            self.write(&record)?;
-        }
-        Ok(())
     }
 
     /// Used units per service type, summed over the teachers' actors.
@@ -240,6 +187,21 @@ impl Handler<EnsureTeacher> for SchoolActor {
     }
 }
 
+impl Handler<EnsureTeachers> for SchoolActor {
+    type Result = Reply<Vec<Addr<TeacherActor>>>;
+
+    fn handle(
+        &mut self,
+        EnsureTeachers(teacher_ids): EnsureTeachers,
+        ctx: &mut Context<Self>,
+    ) -> Self::Result {
+        Ok(teacher_ids
+            .into_iter()
+            .map(|id| self.ensure_teacher(id, ctx))
+            .collect())
+    }
+}
+
 /// Teachers started at recovery, handed to their school.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -253,100 +215,48 @@ impl Handler<AdoptTeachers> for SchoolActor {
     }
 }
 
-impl Handler<ApplySliceChange> for SchoolActor {
-    type Result = Reply<(u64, Record)>;
+/// The cell a school's teachers follow, for the teachers started at recovery.
+#[derive(Message)]
+#[rtype(result = "Arc<CycleCell>")]
+pub struct GetCycleCell;
 
-    fn handle(&mut self, msg: ApplySliceChange, ctx: &mut Context<Self>) -> Self::Result {
-        let now_ms = self.core.shared.clock.now_ms();
-        self.guarded(ctx, |act| {
-            act.roll_if_due(now_ms)?;
-            if msg.managed {
-                act.school.config.check_managed()?;
-            }
-            let (school_id, cycle_start_ms) =
-                (act.school.config.id.clone(), act.school.cycle_start_ms);
-            let record = match msg.change {
-                SliceChange::Set {
-                    allocated_units,
-                    priority,
-                    auto_renew,
-                    grant,
-                } => {
-                    if let Some(grant) = grant {
-                        let request = act.school.pending_request(grant.request_id)?;
-                        if request.teacher_id != msg.teacher_id || request.service != msg.service {
-                            return Err(EngineError::Internal(format!(
-                                "request {} is not for this slice",
-                                grant.request_id
-                            )));
-                        }
-                    }
-                    act.school
-                        .check_allocation(&msg.teacher_id, &msg.service, allocated_units)?;
-                    Record::AllocationSet {
-                        school_id,
-                        teacher_id: msg.teacher_id,
-                        service: msg.service,
-                        allocated_units,
-                        priority,
-                        auto_renew,
-                        cycle_start_ms,
-                        change: msg.audit,
-                        grant,
-                    }
-                }
-                SliceChange::Status(status) => {
-                    act.slice_terms(&msg.teacher_id, &msg.service)?;
-                    Record::AllocationStatusSet {
-                        school_id,
-                        teacher_id: msg.teacher_id,
-                        service: msg.service,
-                        status,
-                        cycle_start_ms,
-                        change: msg.audit,
-                    }
-                }
-                SliceChange::Remove => {
-                    act.slice_terms(&msg.teacher_id, &msg.service)?;
-                    Record::AllocationRemoved {
-                        school_id,
-                        teacher_id: msg.teacher_id,
-                        service: msg.service,
-                        cycle_start_ms,
-                        change: msg.audit,
-                    }
-                }
-            };
-            Ok((act.write(&record)?, record))
-        })
+impl Handler<GetCycleCell> for SchoolActor {
+    type Result = Arc<CycleCell>;
+
+    fn handle(&mut self, _: GetCycleCell, _: &mut Context<Self>) -> Arc<CycleCell> {
+        self.machine.cycle_cell()
     }
 }
 
+impl Handler<Ask> for SchoolActor {
+    type Result = Reply<SchoolAnswer>;
+
+    fn handle(&mut self, Ask(ask): Ask, ctx: &mut Context<Self>) -> Self::Result {
+        self.guarded(ctx, |machine, env| machine.answer(ask, env))
+    }
+}
+
+/// Every teacher named is frozen: the school decides, writes one record, and
+/// thaws each teacher with its part (a refusal thaws them unchanged, as the
+/// thaws are dropped).
 impl Handler<BulkSet> for SchoolActor {
     type Result = Reply<u64>;
 
     fn handle(&mut self, msg: BulkSet, ctx: &mut Context<Self>) -> Self::Result {
-        let now_ms = self.core.shared.clock.now_ms();
-        let (wal_seq, record) = self.guarded(ctx, |act| {
-            act.roll_if_due(now_ms)?;
-            act.school.config.check_managed()?;
-            act.school.check_allocations(&msg.slices)?;
-            let record = Record::AllocationsSet {
-                school_id: act.school.config.id.clone(),
-                slices: msg.slices,
-                cycle_start_ms: act.school.cycle_start_ms,
-                change: msg.change,
-            };
-            Ok((act.write(&record)?, record))
+        let (frozen, thaws): (Vec<Frozen>, Vec<Thaw>) = msg.frozen.into_iter().unzip();
+        let mut thaws: HashMap<TeacherId, Thaw> = frozen
+            .iter()
+            .map(|f| f.teacher_id.clone())
+            .zip(thaws)
+            .collect();
+        let (wal_seq, parts) = self.guarded(ctx, |machine, env| {
+            machine.bulk_set(msg.slices, msg.change, &frozen, env)
         })?;
-        // Each teacher applies its part of the record after whatever it is
-        // doing; its mailbox keeps order, so a later read sees the new terms.
-        for (teacher_id, own) in record.allocations_per_teacher() {
-            let addr = self.ensure_teacher(teacher_id, ctx);
-            addr.do_send(ApplyRecord {
-                wal_seq,
-                record: own,
-            });
+        for (teacher_id, record) in parts {
+            if let Some(thaw) = thaws.remove(&teacher_id) {
+                // A teacher gone meanwhile (stopped) has nothing to apply.
+                let _ = thaw.send(Some((wal_seq, record)));
+            }
         }
         Ok(wal_seq)
     }
@@ -356,25 +266,7 @@ impl Handler<UpdateSettings> for SchoolActor {
     type Result = Reply<u64>;
 
     fn handle(&mut self, msg: UpdateSettings, ctx: &mut Context<Self>) -> Self::Result {
-        let next_anchor = msg.next_anchor;
-        let wal_seq = self.guarded(ctx, |act| {
-            let record = Record::SettingsSet {
-                school_id: act.school.config.id.clone(),
-                name: msg.name,
-                borrowing_enabled: msg.borrowing_enabled,
-                self_service_requests: msg.self_service_requests,
-                next_anchor: msg.next_anchor,
-                change: msg.change,
-            };
-            act.write(&record)
-        })?;
-        // Teachers roll by themselves too: they must know where the next cycle ends.
-        if let Some(anchor) = next_anchor {
-            for teacher in self.teachers.values() {
-                teacher.do_send(SetNextAnchor(anchor));
-            }
-        }
-        Ok(wal_seq)
+        self.guarded(ctx, |machine, env| machine.update_settings(msg, env))
     }
 }
 
@@ -382,24 +274,7 @@ impl Handler<FileRequest> for SchoolActor {
     type Result = Reply<Durable<IncreaseRequest>>;
 
     fn handle(&mut self, msg: FileRequest, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |act| {
-            let request_id = act.school.check_file_request(
-                &msg.teacher_id,
-                &msg.service,
-                msg.units,
-                &act.core.shared.limits,
-            )?;
-            let record = Record::RequestFiled {
-                school_id: act.school.config.id.clone(),
-                request_id,
-                teacher_id: msg.teacher_id,
-                service: msg.service,
-                units: msg.units,
-                change: msg.change,
-            };
-            let wal_seq = act.write(&record)?;
-            Ok(Durable::written(act.request(request_id)?, wal_seq))
-        })
+        self.guarded(ctx, |machine, env| machine.file_request(msg, env))
     }
 }
 
@@ -407,17 +282,8 @@ impl Handler<PrepareGrant> for SchoolActor {
     type Result = Reply<(TeacherId, ServiceType, Grant)>;
 
     fn handle(&mut self, msg: PrepareGrant, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |act| {
-            let request = act.school.pending_request(msg.request_id)?;
-            let units = SchoolState::grant_units(request, msg.units)?;
-            Ok((
-                request.teacher_id.clone(),
-                request.service.clone(),
-                Grant {
-                    request_id: request.id,
-                    units,
-                },
-            ))
+        self.guarded(ctx, |machine, _| {
+            machine.prepare_grant(msg.request_id, msg.units)
         })
     }
 }
@@ -426,16 +292,8 @@ impl Handler<RejectRequest> for SchoolActor {
     type Result = Reply<Durable<IncreaseRequest>>;
 
     fn handle(&mut self, msg: RejectRequest, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |act| {
-            act.school.pending_request(msg.request_id)?;
-            let record = Record::RequestDecided {
-                school_id: act.school.config.id.clone(),
-                request_id: msg.request_id,
-                outcome: RequestOutcome::Rejected,
-                change: msg.change,
-            };
-            let wal_seq = act.write(&record)?;
-            Ok(Durable::written(act.request(msg.request_id)?, wal_seq))
+        self.guarded(ctx, |machine, env| {
+            machine.reject_request(msg.request_id, msg.change, env)
         })
     }
 }
@@ -445,6 +303,7 @@ impl Handler<ListRequests> for SchoolActor {
 
     fn handle(&mut self, msg: ListRequests, _: &mut Context<Self>) -> Self::Result {
         Ok(self
+            .machine
             .school
             .requests
             .values()
@@ -461,6 +320,7 @@ impl Handler<ListHistory> for SchoolActor {
 
     fn handle(&mut self, msg: ListHistory, _: &mut Context<Self>) -> Self::Result {
         Ok(self
+            .machine
             .school
             .history
             .page(&msg.filter, msg.after_seq, msg.limit))
@@ -472,10 +332,11 @@ impl Handler<VerifyHistory> for SchoolActor {
 
     fn handle(&mut self, _: VerifyHistory, _: &mut Context<Self>) -> Self::Result {
         Ok(self
+            .machine
             .school
             .history
             .verify()
-            .map(|()| self.school.history.len()))
+            .map(|()| self.machine.school.history.len()))
     }
 }
 
@@ -484,7 +345,7 @@ impl Handler<ListSlices> for SchoolActor {
 
     fn handle(&mut self, msg: ListSlices, _: &mut Context<Self>) -> Self::Result {
         let usages = self.usages_of(msg.teacher_id.as_ref());
-        let school_id = self.school.config.id.clone();
+        let school_id = self.machine.school.config.id.clone();
         Box::pin(async move {
             let mut views = Vec::new();
             for usage in usages.await? {
@@ -514,8 +375,10 @@ impl Handler<ListSlices> for SchoolActor {
 impl Handler<UsageReport> for SchoolActor {
     type Result = ResponseFuture<Reply<UsageReportView>>;
 
-    fn handle(&mut self, msg: UsageReport, _: &mut Context<Self>) -> Self::Result {
-        let cycle = match self.report_cycle(msg.previous) {
+    fn handle(&mut self, msg: UsageReport, ctx: &mut Context<Self>) -> Self::Result {
+        // Roll first, so that "this cycle" is the cycle the teachers count in.
+        let rolled = self.guarded(ctx, |machine, env| machine.roll_if_due(env));
+        let cycle = match rolled.and_then(|_| self.report_cycle(msg.previous)) {
             Ok(cycle) => cycle,
             Err(error) => return Box::pin(async move { Err(error) }),
         };
@@ -561,53 +424,25 @@ impl Handler<UsageReport> for SchoolActor {
     }
 }
 
-impl Handler<Borrow> for SchoolActor {
-    type Result = bool;
-
-    fn handle(&mut self, msg: Borrow, _: &mut Context<Self>) -> bool {
-        let now_ms = self.core.shared.clock.now_ms();
-        if self.roll_if_due(now_ms).is_err() {
-            return false;
-        }
-        if msg.dry_run {
-            self.school.can_borrow(&msg.service, msg.units)
-        } else {
-            self.school.grant_borrow(&msg.service, msg.units)
-        }
-    }
-}
-
 impl Handler<SetPool> for SchoolActor {
     type Result = ResponseFuture<Reply<Durable<PoolView>>>;
 
     fn handle(&mut self, msg: SetPool, ctx: &mut Context<Self>) -> Self::Result {
-        let now_ms = self.core.shared.clock.now_ms();
-        let written = self.guarded(ctx, |act| {
-            act.roll_if_due(now_ms)?;
-            act.school
-                .check_set_pool(&msg.service, msg.cycle_units, &act.core.shared.limits)?;
-            let record = Record::PoolSet {
-                school_id: act.school.config.id.clone(),
-                service: msg.service.clone(),
-                cycle_units: msg.cycle_units,
-                cycle_start_ms: act.school.cycle_start_ms,
-                change: msg.change,
-            };
-            let wal_seq = act.write(&record)?;
-            act.core
-                .registry
-                .add_service(&act.school.config.id, &msg.service);
-            Ok(wal_seq)
-        });
+        let service = msg.service.clone();
+        let written = self.guarded(ctx, |machine, env| machine.set_pool(msg, env));
         let wal_seq = match written {
             Ok(wal_seq) => wal_seq,
             Err(error) => return Box::pin(async move { Err(error) }),
         };
+        self.core
+            .registry
+            .add_service(&self.machine.school.config.id, &service);
         let used = self.used_units();
         let pools: BTreeMap<_, _> = self
+            .machine
             .school
             .pools
-            .range(msg.service.clone()..=msg.service)
+            .range(service.clone()..=service)
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         Box::pin(async move {
@@ -623,22 +458,18 @@ impl Handler<GetSchool> for SchoolActor {
     type Result = ResponseFuture<Reply<SchoolView>>;
 
     fn handle(&mut self, _: GetSchool, ctx: &mut Context<Self>) -> Self::Result {
-        let now_ms = self.core.shared.clock.now_ms();
-        let header = self.guarded(ctx, |act| {
-            act.roll_if_due(now_ms)?;
-            Ok((
-                act.school.config.clone(),
-                act.school.cycle()?,
-                act.teachers.len(),
-            ))
+        let teacher_count = self.teachers.len();
+        let header = self.guarded(ctx, |machine, env| {
+            machine.roll_if_due(env)?;
+            Ok((machine.school.config.clone(), machine.school.cycle()?))
         });
-        let (config, cycle, teacher_count) = match header {
+        let (config, cycle) = match header {
             Ok(header) => header,
             Err(error) => return Box::pin(async move { Err(error) }),
         };
         let used = self.used_units();
-        let pools = self.school.pools.clone();
-        let next_anchor = self.school.next_anchor;
+        let pools = self.machine.school.pools.clone();
+        let next_anchor = self.machine.school.next_anchor;
         Box::pin(async move {
             let pools = pool_views(&pools, &used.await?);
             Ok(SchoolView {
@@ -655,10 +486,9 @@ impl Handler<GetSchool> for SchoolActor {
 impl Handler<RollIfDue> for SchoolActor {
     type Result = ();
 
-    fn handle(&mut self, _: RollIfDue, _: &mut Context<Self>) {
-        let now_ms = self.core.shared.clock.now_ms();
-        if let Err(error) = self.roll_if_due(now_ms) {
-            tracing::warn!(school = %self.school.config.id, %error, "rollover failed; it is tried again");
+    fn handle(&mut self, _: RollIfDue, ctx: &mut Context<Self>) {
+        if let Err(error) = self.guarded(ctx, |machine, env| machine.roll_if_due(env)) {
+            tracing::warn!(school = %self.machine.school.config.id, %error, "rollover failed; it is tried again");
         }
     }
 }
@@ -667,7 +497,7 @@ impl Handler<InjectPanic> for SchoolActor {
     type Result = Reply<()>;
 
     fn handle(&mut self, _: InjectPanic, ctx: &mut Context<Self>) -> Self::Result {
-        self.guarded(ctx, |_| panic!("injected panic"))
+        self.guarded(ctx, |_, _| panic!("injected panic"))
     }
 }
 

@@ -180,6 +180,7 @@ async fn a_high_priority_teacher_borrows_through_the_school() {
         .check(
             &teacher("high"),
             Check {
+                previews: CheckPreviews::Consume,
                 service: service(),
                 units: 15,
             },

@@ -191,6 +191,7 @@ async fn check_reserve_commit_release_and_usage_refuse_bad_fields() {
         teacher_id: "ms-lee".into(),
         service_type: SERVICE.into(),
         units: 1,
+        previews: 0,
     };
     assert_status(
         gate.check(CheckRequest {

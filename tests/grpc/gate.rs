@@ -26,6 +26,7 @@ async fn consume_until_denied_and_every_view_agrees() {
             teacher_id: "ms-lee".into(),
             service_type: SERVICE.into(),
             units: 3,
+            previews: 0,
         })
         .await
         .unwrap()
@@ -97,6 +98,7 @@ async fn check_charges_nothing() {
                 teacher_id: "ms-lee".into(),
                 service_type: SERVICE.into(),
                 units: 10,
+                previews: 0,
             })
             .await
             .unwrap()

@@ -210,6 +210,7 @@ pub async fn read_only_calls(server: &ProcessServer) {
                     teacher_id: teacher(t),
                     service_type: SERVICE.into(),
                     units: 1 + round,
+                    previews: 0,
                 })
                 .await
                 .unwrap()

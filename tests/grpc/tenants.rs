@@ -33,6 +33,7 @@ pub(crate) async fn call(
                 teacher_id: t1(),
                 service_type: svc(),
                 units: 1,
+                previews: 0,
             })
             .await
             .map(drop),
