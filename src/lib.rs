@@ -23,5 +23,6 @@ pub mod domain;
 pub mod engine;
 pub mod postgres;
 pub mod server;
+pub mod sim;
 pub mod storage;
 pub mod telemetry;

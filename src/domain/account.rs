@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::cycle::{next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
+use super::cycle::{following_start, next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{EventId, ReservationId, SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -181,8 +181,20 @@ impl TeacherAccount {
     /// cycle: a teacher never stays behind a school that has rolled, and an
     /// anchor change reaches the teacher with no message that could be lost.
     pub fn follow(&mut self, school: CycleInfo, now_ms: TimestampMs) -> Result<(), InvalidInput> {
+        self.follow_school(school);
+        self.roll_if_due(now_ms)
+    }
+
+    /// Catches up with the school's cycle (no clock): the cycles the school
+    /// went through are the ones this account goes through, and its anchors
+    /// become the school's.
+    pub fn follow_school(&mut self, school: CycleInfo) {
         if school.start_ms > self.cycle_start_ms {
-            self.roll_to(school.start_ms);
+            // Whole cycles this account never saw had no usage here.
+            if school.previous_start_ms > self.cycle_start_ms {
+                self.roll_once(school.previous_start_ms);
+            }
+            self.roll_once(school.start_ms);
         }
         // Ahead of the school (rolled by the clock first), the teacher keeps
         // the anchors it rolled with: the school's are those of the old cycle.
@@ -190,21 +202,28 @@ impl TeacherAccount {
             self.anchor = school.anchor;
             self.next_anchor = school.next_anchor;
         }
-        self.roll_if_due(now_ms)
+    }
+
+    fn roll_once(&mut self, to_start_ms: TimestampMs) {
+        for slice in self.slices.values_mut() {
+            slice.roll(self.cycle_start_ms);
+        }
+        self.cycle_start_ms = to_start_ms;
+        if let Some(anchor) = self.next_anchor.take() {
+            self.anchor = anchor;
+        }
     }
 
     /// Starts the cycle that begins at `cycle_start_ms` (if it is newer); a
     /// pending anchor takes effect with it.
+    /// Every cycle in between is passed through, so the previous cycle is
+    /// the one just before `cycle_start_ms` however late the roll is noticed.
     pub fn roll_to(&mut self, cycle_start_ms: TimestampMs) {
-        if cycle_start_ms <= self.cycle_start_ms {
-            return;
-        }
-        for slice in self.slices.values_mut() {
-            slice.roll(self.cycle_start_ms);
-        }
-        self.cycle_start_ms = cycle_start_ms;
-        if let Some(anchor) = self.next_anchor.take() {
-            self.anchor = anchor;
+        while self.cycle_start_ms < cycle_start_ms {
+            let step_ms = following_start(self.cycle_start_ms, self.anchor)
+                .filter(|next| *next < cycle_start_ms)
+                .unwrap_or(cycle_start_ms);
+            self.roll_once(step_ms);
         }
     }
 

@@ -28,10 +28,14 @@ impl Cycle {
     }
 }
 
-/// The cycle after `current` that holds `now_ms`, under `anchor` (the one in
-/// effect from the next cycle on); None while `now_ms` is still in `current`.
-/// The new cycle never starts before `current` ends, so a change of anchor
-/// neither cuts a cycle short nor resets usage early.
+/// The cycle that holds `now_ms`, when it is later than `current`; None while
+/// `now_ms` is still in `current`. `anchor` is the one in effect from the next
+/// cycle on. Cycles follow each other without gaps, each one ending at its
+/// anchor's next boundary, whenever the rollover is noticed: a rollover
+/// noticed late (a teacher idle for weeks, a clock that jumped) gives the
+/// same cycles as one noticed on time. The first cycle after a change of
+/// anchor starts where the old one ended, so a change neither cuts a cycle
+/// short nor resets usage early.
 pub fn next_cycle(
     current: Cycle,
     anchor: BillingAnchor,
@@ -40,11 +44,21 @@ pub fn next_cycle(
     if now_ms < current.end_ms {
         return Ok(None);
     }
-    let holding = anchor.cycle_at(now_ms)?;
-    Ok(Some(Cycle {
-        start_ms: holding.start_ms.max(current.end_ms),
-        end_ms: holding.end_ms,
-    }))
+    let mut cycle = anchor.cycle_from(current.end_ms)?;
+    while now_ms >= cycle.end_ms {
+        cycle = anchor.cycle_from(cycle.end_ms)?;
+    }
+    Ok(Some(cycle))
+}
+
+/// The start of the cycle after the one that starts at `start_ms`, or None
+/// when the anchor cannot say (out of range).
+pub fn following_start(start_ms: TimestampMs, anchor: BillingAnchor) -> Option<TimestampMs> {
+    anchor
+        .cycle_from(start_ms)
+        .ok()
+        .map(|c| c.end_ms)
+        .filter(|end| *end > start_ms)
 }
 
 /// What a school's teachers need to know to roll exactly as the school does:
@@ -53,6 +67,8 @@ pub fn next_cycle(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CycleInfo {
     pub start_ms: TimestampMs,
+    /// When the cycle before it started (0 before the school's first rollover).
+    pub previous_start_ms: TimestampMs,
     pub anchor: BillingAnchor,
     /// The anchor from the next cycle on, if it changes.
     pub next_anchor: Option<BillingAnchor>,
@@ -148,6 +164,29 @@ pub(crate) fn ms(rfc3339: &str) -> TimestampMs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rollover_noticed_late_gives_the_cycles_one_noticed_on_time_gives() {
+        let old = BillingAnchor::new(1).unwrap();
+        let new = BillingAnchor::new(15).unwrap();
+        let november = old.cycle_at(ms("2026-11-20T00:00:00Z")).unwrap();
+        // On time: Dec 1 starts a short cycle to the new anchor, then Dec 15.
+        let first = next_cycle(november, new, ms("2026-12-01T00:00:01Z"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.start_ms, ms("2026-12-01T00:00:00Z"));
+        assert_eq!(first.end_ms, ms("2026-12-15T00:00:00Z"));
+        // Noticed a month late: the same sequence, so the cycle holding the
+        // time starts on Jan 15, not on a date that depends on the delay.
+        let late = next_cycle(november, new, ms("2027-01-20T00:00:00Z"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(late.start_ms, ms("2027-01-15T00:00:00Z"));
+        let stepped = next_cycle(first, new, ms("2027-01-20T00:00:00Z"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(stepped, late);
+    }
 
     #[test]
     fn cycle_starts_on_the_anchor_day() {

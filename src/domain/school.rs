@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::account::TeacherAccount;
 use super::audit::{AuditAction, AuditTrail, Draft};
-use super::cycle::{next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
+use super::cycle::{following_start, next_cycle, BillingAnchor, Cycle, CycleInfo, TimestampMs};
 use super::error::{add_units, InvalidInput, RuleError};
 use super::ids::{SchoolId, ServiceType, TeacherId};
 use super::limits::RuleLimits;
@@ -181,6 +181,7 @@ impl SchoolState {
     pub fn cycle_info(&self) -> CycleInfo {
         CycleInfo {
             start_ms: self.cycle_start_ms,
+            previous_start_ms: self.previous_cycle_start_ms,
             anchor: self.config.anchor,
             next_anchor: self.next_anchor,
         }
@@ -411,14 +412,21 @@ impl SchoolState {
 
     /// Starts a new cycle: borrowing resets; slices without auto-renew return
     /// their units to the pool.
+    /// Every cycle in between is passed through (see [`next_cycle`]), so the
+    /// previous cycle is the one just before, however late the roll.
     pub fn roll_to(&mut self, cycle_start_ms: TimestampMs) {
         if cycle_start_ms <= self.cycle_start_ms {
             return;
         }
-        self.previous_cycle_start_ms = self.cycle_start_ms;
-        self.cycle_start_ms = cycle_start_ms;
-        if let Some(anchor) = self.next_anchor.take() {
-            self.config.anchor = anchor;
+        while self.cycle_start_ms < cycle_start_ms {
+            let step_ms = following_start(self.cycle_start_ms, self.config.anchor)
+                .filter(|next| *next < cycle_start_ms)
+                .unwrap_or(cycle_start_ms);
+            self.previous_cycle_start_ms = self.cycle_start_ms;
+            self.cycle_start_ms = step_ms;
+            if let Some(anchor) = self.next_anchor.take() {
+                self.config.anchor = anchor;
+            }
         }
         for terms in self.slices.values_mut() {
             if !terms.auto_renew {

@@ -58,7 +58,9 @@ impl State {
             .schools
             .get_mut(record.school_id())
             .ok_or_else(|| error("does not exist"))?;
+        let cycle_before_ms = school.cycle_start_ms;
         school.apply(record);
+        let school_cycle_ms = school.cycle_start_ms;
         match record.teacher_id() {
             Some(teacher_id) => {
                 let key = (school.config.id.clone(), teacher_id.clone());
@@ -85,12 +87,20 @@ impl State {
                         account.next_anchor = Some(*anchor);
                     }
                 }
-                if let Record::CycleRolledOver { to_start_ms, .. } = record {
-                    let id = record.school_id().clone();
-                    for account in self.accounts_of_mut(&id) {
-                        account.roll_to(*to_start_ms);
-                    }
-                }
+            }
+        }
+        // Teachers follow their school's cycle (live, through the cycle
+        // cell), so in the replay every account rolls when its school does,
+        // whichever record made the school roll.
+        if school_cycle_ms != cycle_before_ms {
+            let id = record.school_id().clone();
+            let info = self
+                .schools
+                .get(&id)
+                .map(SchoolState::cycle_info)
+                .ok_or_else(|| error("does not exist"))?;
+            for account in self.accounts_of_mut(&id) {
+                account.follow_school(info);
             }
         }
         Ok(())

@@ -202,11 +202,13 @@ fn a_teacher_without_a_slice_in_the_events_cycle_is_an_unknown_allocation() {
 }
 
 #[test]
-fn a_skipped_cycle_is_not_mistaken_for_the_previous_one() {
+fn an_account_idle_through_a_cycle_counts_a_late_event_in_that_cycle_not_in_an_older_one() {
     let mut sim = sim_with_slice(10);
     sim.limits.idempotency_window_ms = 100 * 24 * HOUR_MS;
-    // The account counts in November, then nothing until January: its
-    // previous totals are November's, so a December event has nowhere to go.
+    // The account counts in November, then nothing until January. It rolls
+    // through December as its school did (cycles follow each other whenever
+    // the rollover is noticed), so December is its previous cycle: a
+    // December event is charged there, and November's totals are not touched.
     sim.consume("t1", 1, "nov", now());
     let outcome = sim.sync(
         "t1",
@@ -215,17 +217,15 @@ fn a_skipped_cycle_is_not_mistaken_for_the_previous_one() {
         ms("2026-12-20T00:00:00Z"),
         ms("2027-01-02T00:00:00Z"),
     );
-    assert!(
-        matches!(
-            outcome,
-            SyncOutcome::Rejected {
-                reason: SyncRejection::UnknownAllocation,
-                ..
-            }
-        ),
-        "{outcome:?}"
+    assert_eq!(
+        outcome,
+        SyncOutcome::Accepted {
+            cycle_start_ms: ms("2026-12-01T00:00:00Z")
+        }
     );
-    assert_eq!(sim.slice("t1").previous.used_units, 1);
+    let previous = sim.slice("t1").previous;
+    assert_eq!(previous.cycle_start_ms, ms("2026-12-01T00:00:00Z"));
+    assert_eq!(previous.used_units, 1, "the December event, not November's");
 }
 
 #[test]
