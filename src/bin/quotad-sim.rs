@@ -78,7 +78,9 @@ fn main() -> ExitCode {
             violation.invariant,
             args.shrink_replays,
         );
-        println!("seed {seed}: {violation}");
+        // The shortest trace may break the invariant another way: say how.
+        let shown = quotad::sim::replay(protocol, &args.ignore, &trace).unwrap_or(violation);
+        println!("seed {seed}: {shown}");
         println!(
             "  shortest trace found: {} of {} steps",
             trace.len(),

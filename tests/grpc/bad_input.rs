@@ -220,6 +220,15 @@ async fn check_reserve_commit_release_and_usage_refuse_bad_fields() {
         Code::NotFound,
         "nope",
     );
+    assert_status(
+        gate.check(CheckRequest {
+            previews: 7,
+            ..check()
+        })
+        .await,
+        Code::InvalidArgument,
+        "previews",
+    );
 
     let reserve = || ReserveRequest {
         school_id: "oak".into(),

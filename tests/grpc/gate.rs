@@ -273,6 +273,68 @@ async fn high_priority_teachers_borrow_unallocated_units_when_the_school_allows_
     server.stop().await;
 }
 
+/// Issue 11, sequence 5: Check said "allowed, 4 borrowed" and Reserve of the
+/// same 4 was denied. A hold never borrows; Check previews the call it names.
+#[tokio::test]
+async fn check_gives_the_answer_of_the_call_it_previews_for_a_teacher_who_must_borrow() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school(&mut admin, "oak", 30, true).await;
+    allocate(&mut admin, "oak", "high", 10, "high")
+        .await
+        .unwrap();
+    assert!(
+        decide(&mut gate, consume("oak", "high", 8, "first"))
+            .await
+            .allowed
+    );
+    let check = |previews: CheckPreviews| CheckRequest {
+        school_id: "oak".into(),
+        teacher_id: "high".into(),
+        service_type: SERVICE.into(),
+        units: 6,
+        previews: previews as i32,
+    };
+    let for_consume = gate.check(check(CheckPreviews::Consume)).await.unwrap();
+    let for_consume = for_consume.into_inner().decision.unwrap();
+    let for_reserve = gate.check(check(CheckPreviews::Reserve)).await.unwrap();
+    let for_reserve = for_reserve.into_inner().decision.unwrap();
+
+    let reserve = gate
+        .reserve(ReserveRequest {
+            school_id: "oak".into(),
+            teacher_id: "high".into(),
+            service_type: SERVICE.into(),
+            estimate_units: 6,
+            ttl_ms: 0,
+            reservation_id: "r1".into(),
+            model: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(
+        (for_reserve.allowed, for_reserve.reason()),
+        (reserve.allowed, reserve.reason()),
+        "Check(previews = reserve) agrees with Reserve: {for_reserve:?} vs {reserve:?}"
+    );
+    assert!(!reserve.allowed, "a hold never borrows: {reserve:?}");
+    let consumed = decide(&mut gate, consume("oak", "high", 6, "second")).await;
+    assert_eq!(
+        (for_consume.allowed, for_consume.borrowed_units),
+        (consumed.allowed, consumed.borrowed_units),
+        "Check(previews = consume) agrees with Consume: {for_consume:?} vs {consumed:?}"
+    );
+    assert!(
+        consumed.allowed && consumed.borrowed_units == 4,
+        "{consumed:?}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn borrowing_is_off_unless_the_school_enables_it() {
     let (_dir, data) = temp_dir();
