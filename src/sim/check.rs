@@ -142,11 +142,14 @@ impl World {
         account
     }
 
-    /// I4: no id is charged twice within the idempotency window.
+    /// I4: no id is charged again while it is remembered (for the
+    /// idempotency window after its event happened). An id reused for an
+    /// event older than that is a new event, as the domain rules define.
     fn charged_once(&self) -> Result<(), Violation> {
-        for ((s, t, id), times) in self.charges() {
-            for pair in times.windows(2) {
-                if (pair[1] - pair[0]).abs() < self.limits.idempotency_window_ms {
+        for ((s, t, id), charges) in self.charges() {
+            for pair in charges.windows(2) {
+                let since = pair[1].recorded_at_ms - pair[0].remembered_from_ms;
+                if since.abs() < self.limits.idempotency_window_ms {
                     return broken(
                         "I4 (charged at most once)",
                         format!("school {s} teacher {t}: {id} charged twice"),
@@ -331,6 +334,17 @@ fn terms_not_looser(
     account: &TeacherAccount,
     school: &SchoolState,
 ) -> Result<(), Violation> {
+    // Terms are a cycle's terms: a teacher still counting an older cycle
+    // holds the units the school has renewed, returned or moved on.
+    if account.cycle_start_ms != school.cycle_start_ms {
+        return broken(
+            "I5 (teacher in its school's cycle)",
+            format!(
+                "school {s} teacher {t}: counts the cycle from {}, the school's began at {}",
+                account.cycle_start_ms, school.cycle_start_ms
+            ),
+        );
+    }
     for (service, slice) in &account.slices {
         let terms = school.slices.get(&(teacher_id(t), service.clone()));
         let looser = match terms {

@@ -330,7 +330,7 @@ pub struct World {
     /// Acknowledged facts: what a crash may not undo.
     pub(super) ledger: Vec<Fact>,
     /// Charges per id: (school, teacher, id) -> times recorded.
-    charges: BTreeMap<(usize, usize, String), Vec<TimestampMs>>,
+    charges: BTreeMap<(usize, usize, String), Vec<Charged>>,
     /// A violation found while executing (I4 at a restart, I6 at a Check).
     pub(super) found: Option<Violation>,
     /// Invariants (name prefixes) the run looks past.
@@ -516,7 +516,7 @@ impl World {
                 450..=699 => Some(Action::Client(self.new_op(rng))),
                 700..=799 => Some(Action::Flush),
                 800..=879 => Some(self.tick_action(rng)),
-                880..=919 => Some(Action::Clock(clock_jump(rng))),
+                880..=919 => Some(Action::Clock(self.clock_jump(rng))),
                 920..=939 => Some(Action::Snapshot),
                 940..=964 => rng.pick(&self.panickable()).map(|c| Action::Panic(*c)),
                 965..=979 => Some(Action::Crash),
@@ -530,6 +530,30 @@ impl World {
                 return action;
             }
         }
+    }
+
+    /// Jumps of every size, both ways; a third of them to just before a
+    /// school's next boundary, where rollovers race everything else.
+    fn clock_jump(&self, rng: &mut Rng) -> i64 {
+        const HOUR: i64 = 3_600_000;
+        if rng.chance(33) {
+            let s = rng.below(SCHOOLS as u64) as usize;
+            if let Ok(cycle) = self.schools[s].school.cycle() {
+                let before_ms = [1_000, 60_000][rng.below(2) as usize];
+                return (cycle.end_ms - before_ms - self.now_ms()).max(0);
+            }
+        }
+        let jumps = [
+            2_000,
+            60_000,
+            HOUR,
+            6 * HOUR,
+            24 * HOUR,
+            10 * 24 * HOUR,
+            -HOUR,
+            -24 * HOUR,
+        ];
+        jumps[rng.below(jumps.len() as u64) as usize]
     }
 
     fn tick_action(&self, rng: &mut Rng) -> Action {
@@ -1657,7 +1681,7 @@ impl World {
         }
     }
 
-    pub(super) fn charges(&self) -> &BTreeMap<(usize, usize, String), Vec<TimestampMs>> {
+    pub(super) fn charges(&self) -> &BTreeMap<(usize, usize, String), Vec<Charged>> {
         &self.charges
     }
 
@@ -1772,33 +1796,35 @@ fn is_charged(outcome: &crate::domain::SyncOutcome) -> bool {
     )
 }
 
-/// A charge's id (event or hold) and when it was recorded.
-fn charge_key(record: &Record) -> Option<((usize, usize, String), TimestampMs)> {
+/// One charge of an id, as the log has it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Charged {
+    /// From when the id is remembered: an event's own time (ids are kept for
+    /// the idempotency window after the event happened), a hold's charge.
+    pub remembered_from_ms: TimestampMs,
+    pub recorded_at_ms: TimestampMs,
+}
+
+/// A charge's id (event or hold) and when it was made.
+fn charge_key(record: &Record) -> Option<((usize, usize, String), Charged)> {
     let Record::UsageCharged(usage) = record else {
         return None;
     };
     let s = (0..SCHOOLS).find(|s| school_id(*s) == usage.school_id)?;
     let t = teacher_of(s, &usage.teacher_id)?;
-    let id = match &usage.source {
-        crate::domain::UsageSource::Event(e) => format!("event {}", e.as_str()),
-        crate::domain::UsageSource::Reservation { id, .. } => format!("hold {}", id.as_str()),
+    let (id, remembered_from_ms) = match &usage.source {
+        crate::domain::UsageSource::Event(e) => {
+            (format!("event {}", e.as_str()), usage.occurred_at_ms)
+        }
+        crate::domain::UsageSource::Reservation { id, .. } => {
+            (format!("hold {}", id.as_str()), usage.recorded_at_ms)
+        }
     };
-    Some(((s, t, id), usage.recorded_at_ms))
-}
-
-fn clock_jump(rng: &mut Rng) -> i64 {
-    const HOUR: i64 = 3_600_000;
-    let jumps = [
-        2_000,
-        60_000,
-        HOUR,
-        6 * HOUR,
-        24 * HOUR,
-        10 * 24 * HOUR,
-        -HOUR,
-        -24 * HOUR,
-    ];
-    jumps[rng.below(jumps.len() as u64) as usize]
+    let charged = Charged {
+        remembered_from_ms,
+        recorded_at_ms: usage.recorded_at_ms,
+    };
+    Some(((s, t, id), charged))
 }
 
 /// A school's state as it is once its cycle has caught up with the clock.
