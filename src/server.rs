@@ -142,6 +142,19 @@ pub async fn serve_on_store(
     store: Arc<dyn LogStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_on_clock(listeners, config, store, Clock::system(), shutdown).await
+}
+
+/// [`serve_on_store`] with the rules' clock given: tests run the real
+/// server on [`Clock::manual`] to move it across a billing cycle's end.
+/// (The snapshotter keeps the system clock: it only paces snapshots.)
+pub async fn serve_on_clock(
+    listeners: Listeners,
+    config: Config,
+    store: Arc<dyn LogStore>,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     config.validate()?;
     let auth = config.auth_mode()?;
     warn_if_insecure(&auth);
@@ -163,13 +176,8 @@ pub async fn serve_on_store(
         follower,
     )?;
     audit_accepted_loss(&wal, &mut recovered).await?;
-    let (engine, runtime) = Engine::start(
-        recovered.state,
-        wal.clone(),
-        config.engine()?,
-        Clock::system(),
-    )
-    .await?;
+    let (engine, runtime) =
+        Engine::start(recovered.state, wal.clone(), config.engine()?, clock).await?;
     let reader = analytics_reader(&config);
     let metrics_task = listeners
         .metrics

@@ -518,3 +518,26 @@ fn pool_views(
         })
         .collect()
 }
+
+/// Tests only: the school answers nothing until `0` resolves, as if a long
+/// message (an audit trail being verified) held it. Its mailbox fills in the
+/// order messages arrive, so a test can line them up the way a busy school
+/// would see them.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stall(pub tokio::sync::oneshot::Receiver<()>);
+
+#[cfg(test)]
+impl Handler<Stall> for SchoolActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Stall, ctx: &mut Context<Self>) {
+        ctx.wait(
+            async move {
+                let _ = msg.0.await;
+            }
+            .into_actor(self),
+        );
+    }
+}

@@ -266,3 +266,19 @@ impl Handler<InjectPanic> for TeacherActor {
         self.guarded(ctx, |_, _| panic!("injected panic"))
     }
 }
+
+/// Tests only: the teacher answers nothing until `0` resolves, as a teacher
+/// working through a large sync batch would; its mailbox fills meanwhile.
+#[cfg(test)]
+impl Handler<super::school::Stall> for TeacherActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::school::Stall, ctx: &mut Context<Self>) {
+        ctx.wait(
+            async move {
+                let _ = msg.0.await;
+            }
+            .into_actor(self),
+        );
+    }
+}

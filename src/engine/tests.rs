@@ -9,6 +9,7 @@ use crate::domain::{
 };
 use crate::storage::{recover, MemoryLog, WalConfig, WalWriter};
 
+mod protocol;
 mod replay;
 
 const START_MS: i64 = 1_794_000_000_000; // 2026-11-06T...
@@ -35,13 +36,24 @@ async fn start(store: MemoryLog, clock: Clock) -> Harness {
 }
 
 async fn start_on(store: Arc<dyn crate::storage::LogStore>, clock: Clock) -> Harness {
+    start_configured(store, clock, test_config()).await
+}
+
+fn test_config() -> EngineConfig {
+    EngineConfig {
+        housekeeping_interval: Duration::from_millis(20),
+        ..EngineConfig::default()
+    }
+}
+
+async fn start_configured(
+    store: Arc<dyn crate::storage::LogStore>,
+    clock: Clock,
+    config: EngineConfig,
+) -> Harness {
     let recovered = recover(store.as_ref()).unwrap();
     let (wal, writer, _durable) =
         Wal::start(store, WalConfig::default(), recovered.last_seq).unwrap();
-    let config = EngineConfig {
-        housekeeping_interval: Duration::from_millis(20),
-        ..EngineConfig::default()
-    };
     let (engine, runtime) = Engine::start(recovered.state, wal, config, clock)
         .await
         .unwrap();
@@ -50,6 +62,17 @@ async fn start_on(store: Arc<dyn crate::storage::LogStore>, clock: Clock) -> Har
         runtime: Some(runtime),
         writer: Some(writer),
     }
+}
+
+/// Waits until a record beyond `before` is written (and so in flight).
+async fn wait_written_beyond(store: &crate::storage::log::testing::HeldFlushes, before: usize) {
+    for _ in 0..500 {
+        if store.written() > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("no record was written");
 }
 
 fn change() -> Change {

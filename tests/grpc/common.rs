@@ -15,7 +15,7 @@ use quotad::domain::SchoolId;
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::*;
-use quotad::server::{serve, serve_on_store, Listeners, ServeError};
+use quotad::server::{serve, serve_on_clock, serve_on_store, Listeners, ServeError};
 use quotad::storage::{Durability, LogStore};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -97,16 +97,26 @@ impl TestServer {
     }
 
     pub async fn start_with(config: Config) -> Self {
-        Self::launch(config, None).await
+        Self::launch(config, None, None).await
     }
 
     /// quotad on `store` instead of the sled log in `config.data_dir`: for
     /// tests that make the log fail or panic.
     pub async fn start_on_store(config: Config, store: Arc<dyn LogStore>) -> Self {
-        Self::launch(config, Some(store)).await
+        Self::launch(config, Some(store), None).await
     }
 
-    async fn launch(config: Config, store: Option<Arc<dyn LogStore>>) -> Self {
+    /// quotad whose rules run on `clock` (a manual one the test moves).
+    pub async fn start_on_clock(config: Config, clock: quotad::engine::Clock) -> Self {
+        let store = quotad::storage::SledLog::open(&config.data_dir).unwrap();
+        Self::launch(config, Some(Arc::new(store)), Some(clock)).await
+    }
+
+    async fn launch(
+        config: Config,
+        store: Option<Arc<dyn LogStore>>,
+        clock: Option<quotad::engine::Clock>,
+    ) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -118,9 +128,12 @@ impl TestServer {
         let shutdown = async move {
             let _ = rx.await;
         };
-        let task = match store {
-            None => tokio::spawn(serve(listeners, config, shutdown)),
-            Some(store) => tokio::spawn(serve_on_store(listeners, config, store, shutdown)),
+        let task = match (store, clock) {
+            (None, _) => tokio::spawn(serve(listeners, config, shutdown)),
+            (Some(store), None) => tokio::spawn(serve_on_store(listeners, config, store, shutdown)),
+            (Some(store), Some(clock)) => {
+                tokio::spawn(serve_on_clock(listeners, config, store, clock, shutdown))
+            }
         };
         let server = Self {
             addr,

@@ -15,6 +15,7 @@ mod large_bulk;
 mod load;
 mod metrics;
 mod offline_client;
+mod overspend;
 mod quotactl;
 mod stress;
 mod sync;

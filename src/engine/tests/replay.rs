@@ -13,17 +13,6 @@ use crate::storage::log::testing::HeldFlushes;
 /// How long a replay is given to (wrongly) answer while its record is in flight.
 const EARLY_ANSWER_WAIT: Duration = Duration::from_millis(150);
 
-/// Waits until a record beyond `before` is written (and so in flight).
-async fn wait_written_beyond(store: &HeldFlushes, before: usize) {
-    for _ in 0..500 {
-        if store.written() > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("no record was written");
-}
-
 async fn started(clock: Clock) -> (Harness, Arc<HeldFlushes>) {
     let store = Arc::new(HeldFlushes::default());
     let h = start_on(store.clone(), clock).await;
