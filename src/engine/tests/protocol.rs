@@ -639,3 +639,140 @@ async fn check_answers_what_the_call_it_previews_answers_for_a_teacher_who_must_
     );
     assert_eq!((consumed.allowed, consumed.borrowed_units), (true, 4));
 }
+
+/// Sequence 3, the order the seed lost: x is waiting for the school (a
+/// status change, no new terms) when the school takes a bulk change for x in
+/// the last minute of November, and the school answers x only after it
+/// rolled into December. On the seed the bulk record (November's) reached x
+/// behind that December answer and gave the non-renewing slice its 50 in
+/// December, while the school had rolled them back into the pool. Whatever
+/// cycle the school writes the change in, x enforces what the school counts,
+/// the pool is spent once, and a restart rebuilds the same state.
+#[actix_rt::test]
+async fn a_bulk_change_at_a_busy_school_across_the_rollover_leaves_teacher_and_school_agreed() {
+    use crate::domain::cycle::ms;
+    let clock = Clock::manual(ms("2026-11-30T23:59:00Z"));
+    let (h, store) = held(clock.clone()).await;
+    allocate(&h, "u", 0, Priority::Normal).await.unwrap();
+    allocate(&h, "x", 0, Priority::Normal).await.unwrap();
+
+    let go = stall_school(&h).await;
+    let engine = h.engine.clone();
+    let bulk = tokio::spawn(async move {
+        engine
+            .bulk_set(&school_id(), vec![slice("x", 50, false)], change())
+            .await
+    });
+    tokio::time::sleep(SETTLE).await;
+    // The school will be busy again right after the bulk change.
+    let (go_again, stalled_again) = tokio::sync::oneshot::channel();
+    h.engine
+        .school(&school_id())
+        .unwrap()
+        .addr
+        .do_send(super::school::Stall(stalled_again));
+    let engine = h.engine.clone();
+    let status = tokio::spawn(async move {
+        let msg = SetStatus {
+            service: service(),
+            status: SliceStatus::Active,
+            change: change(),
+        };
+        engine.set_status(&teacher("x"), msg).await
+    });
+    tokio::time::sleep(SETTLE).await;
+    // The school writes the bulk record in November, then is busy.
+    drop(go);
+    tokio::time::sleep(SETTLE).await;
+    clock.advance(2 * 60_000);
+    // It rolls into December, then records x's status change.
+    drop(go_again);
+    bulk.await.unwrap().unwrap();
+    status.await.unwrap().unwrap();
+
+    let usage = h.engine.usage(&teacher("x")).await.unwrap();
+    assert_eq!(usage.cycle.start_ms, ms("2026-12-01T00:00:00Z"));
+    let view = h.engine.get_school(&school_id()).await.unwrap();
+    assert_eq!(view.cycle.start_ms, ms("2026-12-01T00:00:00Z"));
+    assert_eq!(
+        usage.services[0].allocated_units, view.pools[0].allocated_units,
+        "x enforces what the school counts for it (u has 0)"
+    );
+    assert_eq!(everyone_spends(&h, &["u", "x"], "dec").await, 100);
+    let live = allocations(&h).await;
+    drop(h);
+    assert_eq!(allocations_after_restart(store, clock).await, live);
+}
+
+/// Sequence 4, the order the old protocol lost: the anchor changes while
+/// t1's mailbox is full and the month ends before t1 gets to the news. t1
+/// rolls on its own at December 1 by the anchor it knew, learns of the new
+/// anchor only after, and the rollover message the school sent was dropped:
+/// t1 must still end December's first cycle on the 15th, as the school
+/// does, and roll there.
+#[actix_rt::test]
+async fn a_teacher_that_hears_of_a_new_anchor_after_the_month_ended_rolls_at_it() {
+    use crate::domain::cycle::ms;
+    let clock = Clock::manual(ms("2026-11-20T12:00:00Z"));
+    let config = EngineConfig {
+        mailbox_capacity: 2,
+        ..test_config()
+    };
+    let h = start_configured(Arc::new(MemoryLog::default()), clock.clone(), config).await;
+    school(&h, 1000, false).await;
+    let msg = SetAllocation {
+        service: service(),
+        allocated_units: 500,
+        priority: Some(Priority::Normal),
+        auto_renew: true,
+        change: change(),
+        managed: true,
+    };
+    h.engine.set_allocation(&teacher("t1"), msg).await.unwrap();
+
+    let (go, waiting) = stall_and_fill(&h, "dec").await;
+    let settings = UpdateSettings {
+        name: None,
+        borrowing_enabled: None,
+        self_service_requests: None,
+        next_anchor: Some(BillingAnchor::new(15).unwrap()),
+        change: change(),
+    };
+    let engine = h.engine.clone();
+    let changed = tokio::spawn(async move { engine.update_settings(&school_id(), settings).await });
+    tokio::time::sleep(SETTLE).await;
+    // November ends while t1 is still full; the school's timer rolls it.
+    clock.advance(ms("2026-12-01T00:00:01Z") - ms("2026-11-20T12:00:00Z"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(go);
+    all_allowed(waiting).await;
+    changed.await.unwrap().unwrap();
+
+    let view = h.engine.get_school(&school_id()).await.unwrap();
+    assert_eq!(
+        (view.cycle.start_ms, view.cycle.end_ms),
+        (ms("2026-12-01T00:00:00Z"), ms("2026-12-15T00:00:00Z"))
+    );
+    let usage = h.engine.usage(&teacher("t1")).await.unwrap();
+    assert_eq!(
+        (usage.cycle.start_ms, usage.cycle.end_ms),
+        (view.cycle.start_ms, view.cycle.end_ms),
+        "t1 is in the school's cycle"
+    );
+    assert_eq!(usage.services[0].used_units, 10);
+
+    clock.advance(ms("2026-12-15T00:00:01Z") - ms("2026-12-01T00:00:01Z"));
+    let (go, waiting) = stall_and_fill(&h, "mid-dec").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(go);
+    all_allowed(waiting).await;
+    let usage = h.engine.usage(&teacher("t1")).await.unwrap();
+    assert_eq!(usage.cycle.start_ms, ms("2026-12-15T00:00:00Z"));
+    assert_eq!(
+        (
+            usage.services[0].used_units,
+            usage.services[0].previous.used_units
+        ),
+        (10, 10)
+    );
+}
