@@ -331,16 +331,32 @@ impl TeacherAccount {
                 wal_seq: reservation.wal_seq,
             });
         }
+        if let HoldState::Denied(reason) = reservation.state {
+            // Reserve answered no (a retry of it says so again): nothing was
+            // held and no call should have been made on it.
+            return Err(RuleError::precondition(format!(
+                "reservation {:?} of teacher {} was denied ({}): there is nothing to commit",
+                reservation_id.as_str(),
+                self.teacher_id,
+                reason.as_str()
+            )));
+        }
         let held_units = if reservation.state == HoldState::Held {
             reservation.units
         } else {
             0
         };
-        let slice = self
-            .slices
-            .get(&reservation.service)
-            .cloned()
-            .unwrap_or_default();
+        // A hold that ended (expired or released) may be committed late, as
+        // usage that happened; but only into a slice the school still has.
+        // Charging a removed slice would bring it back at the teacher alone.
+        let slice = self.slices.get(&reservation.service).cloned().ok_or_else(|| {
+            RuleError::precondition(format!(
+                "teacher {} no longer has a slice of {} (it was removed after reservation {:?} ended): the usage cannot be charged",
+                self.teacher_id,
+                reservation.service,
+                reservation_id.as_str()
+            ))
+        })?;
         let reserved_by_others = slice.reserved_units.saturating_sub(held_units);
         add_units("actual_units", slice.used_units, actual_units)?;
         let available = slice

@@ -106,9 +106,9 @@ pub struct Slice {
     pub overage_units: u64,
     /// The cycle before the current one, for late usage and the views.
     pub previous: CycleTotals,
-    /// The log position of the record that last set the terms. A school pushes
-    /// bulk changes to the teacher's actor, which may see them after a newer
-    /// change of its own; the older one is then ignored.
+    /// The log position of the record that last set the terms. Live, terms
+    /// reach a teacher in log order; the guard keeps an older record from
+    /// undoing a newer one wherever records are applied out of order.
     pub terms_seq: u64,
 }
 

@@ -773,8 +773,8 @@ fn a_school_has_at_most_32_service_types() {
 fn replaying_the_log_reaches_the_live_state() {
     let mut sim = Sim::new(100, true, now());
     sim.allocate("t1", 10, Priority::High, true, now()).unwrap();
-    sim.consume("t1", 12, "e1", now());
     sim.reserve("t1", 3, "r1", 10, now());
+    sim.consume("t1", 12, "e1", now());
     sim.expire("t1", now() + 10);
     sim.commit("t1", "r1", 2, now() + 20).unwrap();
     sim.roll_if_due(ms("2026-12-02T00:00:00Z"));
@@ -881,7 +881,8 @@ proptest! {
                 }
                 Op::Reserve { teacher, units, ttl_ms } => {
                     let id = format!("r{counter}");
-                    if sim.reserve(&format!("t{teacher}"), units, &id, ttl_ms, now_ms).is_some() {
+                    // A denied hold is not committed (that is refused).
+                    if sim.reserve(&format!("t{teacher}"), units, &id, ttl_ms, now_ms).is_some_and(|d| d.allowed) {
                         holds[teacher].push(id);
                     }
                 }

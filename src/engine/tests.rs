@@ -821,3 +821,87 @@ async fn a_sync_batch_is_limited_and_an_unknown_school_is_not_found() {
         .unwrap_err();
     assert!(matches!(error, EngineError::Rule(RuleError::NotFound(_))));
 }
+
+fn hold(id: &str, units: u64, ttl_ms: u64) -> Reserve {
+    Reserve(HoldRequest {
+        service: service(),
+        units,
+        ttl_ms,
+        reservation_id: ReservationId::parse(id).unwrap(),
+        model: Arc::from("m"),
+    })
+}
+
+fn commit_of(id: &str, actual_units: u64) -> Commit {
+    Commit {
+        reservation_id: ReservationId::parse(id).unwrap(),
+        actual_units,
+    }
+}
+
+/// A denied hold held nothing: committing it is refused, names the hold and
+/// charges nothing (a retried Reserve tells the client it was denied).
+#[actix_rt::test]
+async fn a_commit_of_a_denied_hold_is_refused_and_charges_nothing() {
+    let h = start(MemoryLog::default(), Clock::manual(START_MS)).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    let (denied, _) = h
+        .engine
+        .reserve(&teacher("t1"), hold("r1", 11, 60_000))
+        .await
+        .unwrap();
+    assert!(!denied.allowed);
+    let refused = h.engine.commit(&teacher("t1"), commit_of("r1", 500)).await;
+    match refused {
+        Err(EngineError::Rule(RuleError::Precondition(message))) => {
+            assert!(
+                message.contains("\"r1\"") && message.contains("denied"),
+                "{message}"
+            );
+        }
+        other => panic!("a denied hold was committed: {other:?}"),
+    }
+    assert_eq!(used(&h, "t1").await, (0, 0, 0));
+}
+
+/// A hold that expired may be committed late, as usage that happened, but
+/// not into a slice removed since: that would bring the slice back at the
+/// teacher while the school no longer has it.
+#[actix_rt::test]
+async fn a_late_commit_into_a_removed_slice_is_refused_and_the_slice_stays_gone() {
+    let clock = Clock::manual(START_MS);
+    let h = start(MemoryLog::default(), clock.clone()).await;
+    school(&h, 100, false).await;
+    allocate(&h, "t1", 10, Priority::Normal).await.unwrap();
+    let (held, _) = h
+        .engine
+        .reserve(&teacher("t1"), hold("r1", 5, 1_000))
+        .await
+        .unwrap();
+    assert!(held.allowed);
+    clock.advance(2_000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(used(&h, "t1").await, (0, 0, 0), "the hold expired");
+    let msg = RemoveSlice {
+        service: service(),
+        change: change(),
+    };
+    h.engine
+        .remove_allocation(&teacher("t1"), msg)
+        .await
+        .unwrap();
+    let refused = h.engine.commit(&teacher("t1"), commit_of("r1", 5)).await;
+    match refused {
+        Err(EngineError::Rule(RuleError::Precondition(message))) => {
+            assert!(message.contains("no longer has a slice"), "{message}");
+        }
+        other => panic!("a removed slice was charged: {other:?}"),
+    }
+    let listed = h
+        .engine
+        .list_allocations(&SchoolId::parse("school").unwrap(), None, None)
+        .await
+        .unwrap();
+    assert!(listed.is_empty(), "the slice stays gone: {listed:?}");
+}

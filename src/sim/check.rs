@@ -4,7 +4,9 @@ use super::world::{
     own_view, school_id, school_now, service, teacher_id, Fact, World, SCHOOLS, TEACHERS,
 };
 use super::{Protocol, Violation};
-use crate::domain::{HoldState, SchoolState, SliceStatus, TeacherAccount, TimestampMs};
+use crate::domain::{
+    HoldState, SchoolState, ServiceType, SliceStatus, TeacherAccount, TimestampMs,
+};
 
 fn broken(invariant: &'static str, detail: String) -> Result<(), Violation> {
     Err(Violation {
@@ -345,8 +347,36 @@ fn terms_not_looser(
             ),
         );
     }
+    // The same slices as the school lists for the teacher, no more, no fewer,
+    // with the same priority and renewal: a slice the school does not know
+    // of is one it cannot count (a ghost), one it knows the teacher lacks is
+    // a change the teacher missed.
+    let mine: Vec<&ServiceType> = account.slices.keys().collect();
+    let schools: Vec<&ServiceType> = school
+        .slices
+        .keys()
+        .filter(|(teacher, _)| *teacher == teacher_id(t))
+        .map(|(_, service)| service)
+        .collect();
+    if mine != schools {
+        return broken(
+            "I5 (teacher's slices are the school's)",
+            format!("school {s} teacher {t}: has {mine:?}, the school lists {schools:?}"),
+        );
+    }
     for (service, slice) in &account.slices {
         let terms = school.slices.get(&(teacher_id(t), service.clone()));
+        if let Some(terms) = terms {
+            if (slice.priority, slice.auto_renew) != (terms.priority, terms.auto_renew) {
+                return broken(
+                    "I5 (teacher's slices are the school's)",
+                    format!(
+                        "school {s} teacher {t} {service}: enforces priority {:?} auto-renew {}, the school says {:?} {}",
+                        slice.priority, slice.auto_renew, terms.priority, terms.auto_renew
+                    ),
+                );
+            }
+        }
         let looser = match terms {
             None => slice.allocated_units > 0 && slice.status == SliceStatus::Active,
             Some(terms) => {
