@@ -4,9 +4,7 @@ use super::world::{
     own_view, school_id, school_now, service, teacher_id, Fact, World, SCHOOLS, TEACHERS,
 };
 use super::{Protocol, Violation};
-use crate::domain::{
-    HoldState, SchoolState, ServiceType, SliceStatus, TeacherAccount, TimestampMs,
-};
+use crate::domain::{HoldState, Priority, SchoolState, SliceStatus, TeacherAccount, TimestampMs};
 
 fn broken(invariant: &'static str, detail: String) -> Result<(), Violation> {
     Err(Violation {
@@ -347,36 +345,32 @@ fn terms_not_looser(
             ),
         );
     }
-    // The same slices as the school lists for the teacher, no more, no fewer,
-    // with the same priority and renewal: a slice the school does not know
-    // of is one it cannot count (a ghost), one it knows the teacher lacks is
-    // a change the teacher missed.
-    let mine: Vec<&ServiceType> = account.slices.keys().collect();
-    let schools: Vec<&ServiceType> = school
-        .slices
-        .keys()
-        .filter(|(teacher, _)| *teacher == teacher_id(t))
-        .map(|(_, service)| service)
-        .collect();
-    if mine != schools {
-        return broken(
-            "I5 (teacher's slices are the school's)",
-            format!("school {s} teacher {t}: has {mine:?}, the school lists {schools:?}"),
-        );
+    // Every slice the teacher enforces is one the school lists (a slice the
+    // school does not know of is one it cannot count: a ghost), and no more
+    // generous in priority (only High borrows) or renewal. A slice the school
+    // lists that the teacher lacks is stricter, and allowed.
+    for (service, slice) in &account.slices {
+        let terms = school.slices.get(&(teacher_id(t), service.clone()));
+        let Some(terms) = terms else {
+            return broken(
+                "I5 (teacher's slices are the school's)",
+                format!("school {s} teacher {t}: has a slice of {service} the school does not list: {slice:?}"),
+            );
+        };
+        let borrows_more = slice.priority == Priority::High && terms.priority != Priority::High;
+        let renews_more = slice.auto_renew && !terms.auto_renew;
+        if borrows_more || renews_more {
+            return broken(
+                "I5 (teacher's slices are the school's)",
+                format!(
+                    "school {s} teacher {t} {service}: enforces priority {:?} auto-renew {}, the school says {:?} {}",
+                    slice.priority, slice.auto_renew, terms.priority, terms.auto_renew
+                ),
+            );
+        }
     }
     for (service, slice) in &account.slices {
         let terms = school.slices.get(&(teacher_id(t), service.clone()));
-        if let Some(terms) = terms {
-            if (slice.priority, slice.auto_renew) != (terms.priority, terms.auto_renew) {
-                return broken(
-                    "I5 (teacher's slices are the school's)",
-                    format!(
-                        "school {s} teacher {t} {service}: enforces priority {:?} auto-renew {}, the school says {:?} {}",
-                        slice.priority, slice.auto_renew, terms.priority, terms.auto_renew
-                    ),
-                );
-            }
-        }
         let looser = match terms {
             None => slice.allocated_units > 0 && slice.status == SliceStatus::Active,
             Some(terms) => {
