@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod codec;
 pub mod convert;
 pub mod gate;
 pub mod rpc_metrics;

@@ -20,3 +20,4 @@ mod quotactl;
 mod stress;
 mod sync;
 mod tenants;
+mod undecodable;
