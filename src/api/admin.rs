@@ -466,11 +466,12 @@ impl QuotaAdmin for AdminService {
                 Status::invalid_argument("page_token: not a token from a previous answer")
             })?,
         };
+        let (from_ms, to_ms) = HistoryFilter::range(r.from_ms, r.to_ms).map_err(invalid)?;
         let filter = HistoryFilter {
             teacher_id: teacher_filter,
             service: convert::optional(&r.service_type, ServiceType::parse).map_err(invalid)?,
-            from_ms: (r.from_ms != 0).then_some(r.from_ms),
-            to_ms: (r.to_ms != 0).then_some(r.to_ms),
+            from_ms,
+            to_ms,
         };
         let msg = ListHistory {
             filter,

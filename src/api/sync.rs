@@ -32,7 +32,7 @@ pub async fn sync_usage(
     authorize(caller, Action::SyncUsage, &school_id, None)?;
     engine
         .limits()
-        .check_sync_batch(request.events.len())
+        .check_sync_batch("events", request.events.len())
         .map_err(invalid)?;
     let parsed: Vec<Parsed> = request.events.iter().map(parse_event).collect();
     authorize_teachers(caller, Action::SyncUsage, &school_id, &parsed)?;
@@ -65,7 +65,7 @@ pub async fn bulk_increment(
     check_batch_id(&request.batch_id).map_err(invalid)?;
     engine
         .limits()
-        .check_sync_batch(request.counts.len())
+        .check_sync_batch("counts", request.counts.len())
         .map_err(invalid)?;
     let model = convert::model(&request.model).map_err(invalid)?;
     let occurred_at_ms = match request.occurred_at_ms {
@@ -77,7 +77,14 @@ pub async fn bulk_increment(
     for count in &request.counts {
         let event_id = bulk_event_id(&request.batch_id, &count.feature);
         event_ids.push(event_id.as_str().to_string());
-        parsed.push(convert::service(&count.feature).map(|service| {
+        // Checked here, so that a refusal names this request's own fields.
+        let checked = convert::service(&count.feature)
+            .map_err(|e| InvalidInput::new("feature", e.problem))
+            .and_then(|service| {
+                engine.limits().check_units("count", count.count)?;
+                Ok(service)
+            });
+        parsed.push(checked.map(|service| {
             let event = SyncEvent {
                 service,
                 units: count.count,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::cycle::TimestampMs;
+use super::error::InvalidInput;
 use super::ids::{ServiceType, TeacherId};
 use super::record::Change;
 
@@ -188,6 +189,32 @@ pub struct HistoryFilter {
 }
 
 impl HistoryFilter {
+    /// A request's time range, where 0 leaves an end open: each end set is a
+    /// time since 1970, and the range is not empty.
+    pub fn range(
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<(Option<TimestampMs>, Option<TimestampMs>), InvalidInput> {
+        let end = |field: &'static str, ms: i64| match ms {
+            0 => Ok(None),
+            ms if ms > 0 && chrono::DateTime::from_timestamp_millis(ms).is_some() => Ok(Some(ms)),
+            ms => Err(InvalidInput::new(
+                field,
+                format!("{ms} is not a time since 1970 in milliseconds (0 leaves this end open)"),
+            )),
+        };
+        let (from, to) = (end("from_ms", from_ms)?, end("to_ms", to_ms)?);
+        if let (Some(from), Some(to)) = (from, to) {
+            if to <= from {
+                return Err(InvalidInput::new(
+                    "to_ms",
+                    format!("{to} is not after from_ms ({from}): the range holds nothing"),
+                ));
+            }
+        }
+        Ok((from, to))
+    }
+
     fn matches(&self, entry: &AuditEntry) -> bool {
         self.teacher_id
             .as_ref()

@@ -111,15 +111,21 @@ impl RuleLimits {
     }
 
     /// A sync batch: at least one event, at most `sync_events_per_batch_max`.
-    pub fn check_sync_batch(&self, events: usize) -> Result<usize, InvalidInput> {
+    /// A batch's size; `field` names the batch's list as the caller sent it
+    /// (`events` for SyncUsage, `counts` for BulkIncrement).
+    pub fn check_sync_batch(
+        &self,
+        field: &'static str,
+        events: usize,
+    ) -> Result<usize, InvalidInput> {
         if events == 0 {
-            return Err(InvalidInput::new("events", "must hold at least one event"));
+            return Err(InvalidInput::new(field, "must hold at least one entry"));
         }
         if events > self.sync_events_per_batch_max {
             return Err(InvalidInput::new(
-                "events",
+                field,
                 format!(
-                    "holds {events} events; one batch may hold at most {} (split it)",
+                    "holds {events} entries; one batch may hold at most {} (split it)",
                     self.sync_events_per_batch_max
                 ),
             ));

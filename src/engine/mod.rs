@@ -537,7 +537,7 @@ impl Engine {
         school_id: &SchoolId,
         events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
     ) -> Result<Vec<SyncOutcome>, EngineError> {
-        self.limits().check_sync_batch(events.len())?;
+        self.limits().check_sync_batch("events", events.len())?;
         let school = self.school(school_id)?;
         let event_count = events.len();
         // Decisions are labelled by service type only for the school's own

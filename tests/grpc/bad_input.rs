@@ -516,3 +516,136 @@ async fn an_oversized_message_is_refused_before_it_is_read() {
     assert_unchanged(&server).await;
     server.stop().await;
 }
+
+/// BulkIncrement's refusals name its own fields (`counts`, `count`,
+/// `feature`), not SyncUsage's, and charge nothing.
+#[tokio::test]
+async fn bulk_increment_names_its_own_fields() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+    let bulk = |counts: Vec<FeatureCount>| BulkIncrementRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        batch_id: "b-1".into(),
+        counts,
+        occurred_at_ms: 0,
+        model: "claude".into(),
+    };
+    assert_status(
+        gate.bulk_increment(bulk(vec![])).await,
+        Code::InvalidArgument,
+        "counts",
+    );
+    let answer = gate
+        .bulk_increment(bulk(vec![
+            FeatureCount {
+                feature: SERVICE.into(),
+                count: 0,
+            },
+            FeatureCount {
+                feature: "Not A Type!".into(),
+                count: 1,
+            },
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let messages: Vec<&str> = answer.results.iter().map(|r| r.message.as_str()).collect();
+    assert!(messages[0].starts_with("count"), "{messages:?}");
+    assert!(messages[1].starts_with("feature"), "{messages:?}");
+    assert_unchanged(&server).await;
+}
+
+/// A denied Reserve says how many units it was asked for, also on a retry.
+#[tokio::test]
+async fn a_denied_reserve_names_the_units_asked() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+    let reserve = ReserveRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        estimate_units: 37,
+        ttl_ms: 60_000,
+        reservation_id: "too-big".into(),
+        model: "claude".into(),
+    };
+    for _ in 0..2 {
+        let decision = gate
+            .reserve(reserve.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .decision
+            .unwrap();
+        assert!(!decision.allowed);
+        assert!(
+            decision.message.contains("37 asked"),
+            "{}",
+            decision.message
+        );
+    }
+    assert_unchanged(&server).await;
+}
+
+/// ListHistory refuses ends before 1970 and empty or reversed ranges, as
+/// the other time-range calls do.
+#[tokio::test]
+async fn list_history_refuses_impossible_ranges() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut admin = server.admin().await;
+    let history = |from_ms: i64, to_ms: i64| ListHistoryRequest {
+        school_id: "oak".into(),
+        teacher_id: String::new(),
+        service_type: String::new(),
+        from_ms,
+        to_ms,
+        page_size: 0,
+        page_token: String::new(),
+    };
+    let now = common::now_ms();
+    assert_status(
+        admin.list_history(history(-1, 0)).await,
+        Code::InvalidArgument,
+        "from_ms",
+    );
+    assert_status(
+        admin.list_history(history(i64::MIN, 0)).await,
+        Code::InvalidArgument,
+        "from_ms",
+    );
+    assert_status(
+        admin.list_history(history(0, -2)).await,
+        Code::InvalidArgument,
+        "to_ms",
+    );
+    assert_status(
+        admin.list_history(history(now, now - 1)).await,
+        Code::InvalidArgument,
+        "to_ms",
+    );
+    assert_status(
+        admin.list_history(history(now, now)).await,
+        Code::InvalidArgument,
+        "to_ms",
+    );
+    let open = admin
+        .list_history(history(0, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!open.entries.is_empty(), "open ends list everything");
+    let bounded = admin
+        .list_history(history(1, now + 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bounded.entries.len(), open.entries.len());
+    assert_unchanged(&server).await;
+}

@@ -276,10 +276,17 @@ impl TeacherMachine {
         Ok(Started::Ask(ask, resume))
     }
 
-    fn reservation_decision(&self, reservation: &Reservation) -> (Decision, TimestampMs) {
+    /// The answer to a Reserve of `asked_units`, from the hold it made. A
+    /// denied hold keeps no units, so its explanation names what the call
+    /// (or its retry, which asks the same) asked for.
+    fn reservation_decision(
+        &self,
+        reservation: &Reservation,
+        asked_units: u64,
+    ) -> (Decision, TimestampMs) {
         match reservation.state {
             HoldState::Denied(reason) => (
-                self.decision(&reservation.service, false, Some(reason), reservation.units),
+                self.decision(&reservation.service, false, Some(reason), asked_units),
                 0,
             ),
             _ => (
@@ -303,7 +310,8 @@ impl TeacherMachine {
         )?;
         match step {
             Step::Duplicate(reservation) => {
-                let (mut decision, expires_at_ms) = self.reservation_decision(&reservation);
+                let (mut decision, expires_at_ms) =
+                    self.reservation_decision(&reservation, request.units);
                 decision.duplicate = true;
                 Ok(self.told_from_memory((decision, expires_at_ms)))
             }
@@ -316,7 +324,7 @@ impl TeacherMachine {
                     .get(&request.reservation_id)
                     .ok_or_else(|| EngineError::Internal("a hold just written is gone".into()))?;
                 Ok(Durable::written(
-                    self.reservation_decision(reservation),
+                    self.reservation_decision(reservation, request.units),
                     wal_seq,
                 ))
             }
