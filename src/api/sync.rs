@@ -13,14 +13,14 @@ use crate::auth::{authorize, Action, Caller};
 use crate::domain::{
     EventId, InvalidInput, SchoolId, SyncEvent, SyncOutcome, SyncRejection, TeacherId,
 };
-use crate::engine::Engine;
+use crate::engine::{BadEvent, Engine};
 use crate::proto;
 
 /// Hex digits of the SHA-256 kept in a bulk event id: 160 bits, so two
 /// different (batch id, feature) pairs never meet in practice.
 const BULK_ID_HEX_DIGITS: usize = 40;
 
-type Parsed = Result<(TeacherId, SyncEvent), InvalidInput>;
+type Parsed = Result<(TeacherId, SyncEvent), BadEvent>;
 
 /// Validates, authorizes and charges a SyncUsage batch.
 pub async fn sync_usage(
@@ -79,11 +79,16 @@ pub async fn bulk_increment(
         event_ids.push(event_id.as_str().to_string());
         // Checked here, so that a refusal names this request's own fields.
         let checked = convert::service(&count.feature)
-            .map_err(|e| InvalidInput::new("feature", e.problem))
-            .and_then(|service| {
-                engine.limits().check_units("count", count.count)?;
-                Ok(service)
-            });
+            .map_err(|e| BadEvent::from(InvalidInput::new("feature", e.problem)))
+            .and_then(
+                |service| match engine.limits().check_units("count", count.count) {
+                    Ok(_) => Ok(service),
+                    Err(error) => Err(BadEvent {
+                        service: Some(service),
+                        error,
+                    }),
+                },
+            );
         parsed.push(checked.map(|service| {
             let event = SyncEvent {
                 service,
@@ -128,13 +133,19 @@ fn check_batch_id(batch_id: &str) -> Result<(), InvalidInput> {
 }
 
 fn parse_event(event: &proto::UsageEvent) -> Parsed {
-    let teacher_id = TeacherId::parse(&event.teacher_id)?;
+    let service = convert::service(&event.service_type)?;
+    // Past the service type, a refusal keeps it for the decision's label.
+    let with_service = |error: InvalidInput| BadEvent {
+        service: Some(service.clone()),
+        error,
+    };
+    let teacher_id = TeacherId::parse(&event.teacher_id).map_err(with_service)?;
     let sync_event = SyncEvent {
-        service: convert::service(&event.service_type)?,
+        service: service.clone(),
         units: event.units,
-        event_id: convert::event_id(&event.event_id)?,
+        event_id: convert::event_id(&event.event_id).map_err(with_service)?,
         occurred_at_ms: event.occurred_at_ms,
-        model: convert::model(&event.model)?,
+        model: convert::model(&event.model).map_err(with_service)?,
     };
     Ok((teacher_id, sync_event))
 }

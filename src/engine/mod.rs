@@ -535,7 +535,7 @@ impl Engine {
     pub async fn sync_usage(
         &self,
         school_id: &SchoolId,
-        events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+        events: Vec<Result<(TeacherId, SyncEvent), BadEvent>>,
     ) -> Result<Vec<SyncOutcome>, EngineError> {
         self.limits().check_sync_batch("events", events.len())?;
         let school = self.school(school_id)?;
@@ -545,10 +545,12 @@ impl Engine {
         let services: Vec<Option<ServiceType>> = events
             .iter()
             .map(|e| {
-                e.as_ref()
-                    .ok()
-                    .map(|(_, event)| event.service.clone())
-                    .filter(|service| school.has_service(service))
+                match e {
+                    Ok((_, event)) => Some(&event.service),
+                    Err(bad) => bad.service.as_ref(),
+                }
+                .filter(|service| school.has_service(service))
+                .cloned()
             })
             .collect();
         let (mut outcomes, by_teacher) = group_sync_events(&school, school_id, events);
@@ -1084,16 +1086,33 @@ type SyncByTeacher = BTreeMap<TeacherId, (Vec<usize>, Vec<SyncEvent>)>;
 
 /// The outcomes already known (bad input, a service type the school lacks)
 /// and, per teacher, the events left for its actor.
+/// A synced event refused before it reached a teacher, with its service
+/// type when that much of it was valid (its decision is labelled by it).
+#[derive(Debug, Clone)]
+pub struct BadEvent {
+    pub service: Option<ServiceType>,
+    pub error: InvalidInput,
+}
+
+impl From<InvalidInput> for BadEvent {
+    fn from(error: InvalidInput) -> Self {
+        Self {
+            service: None,
+            error,
+        }
+    }
+}
+
 fn group_sync_events(
     school: &registry::SchoolHandle,
     school_id: &SchoolId,
-    events: Vec<Result<(TeacherId, SyncEvent), InvalidInput>>,
+    events: Vec<Result<(TeacherId, SyncEvent), BadEvent>>,
 ) -> (Vec<Option<SyncOutcome>>, SyncByTeacher) {
     let mut outcomes: Vec<Option<SyncOutcome>> = vec![None; events.len()];
     let mut by_teacher = SyncByTeacher::new();
     for (index, item) in events.into_iter().enumerate() {
         match item {
-            Err(error) => outcomes[index] = Some(SyncOutcome::bad_input(&error)),
+            Err(bad) => outcomes[index] = Some(SyncOutcome::bad_input(&bad.error)),
             Ok((_, event)) if !school.has_service(&event.service) => {
                 outcomes[index] = Some(SyncOutcome::rejected(
                     SyncRejection::UnknownAllocation,

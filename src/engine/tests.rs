@@ -678,7 +678,7 @@ fn synced(
     units: u64,
     event: &str,
     occurred_at_ms: i64,
-) -> Result<(TeacherId, SyncEvent), InvalidInput> {
+) -> Result<(TeacherId, SyncEvent), BadEvent> {
     Ok((
         TeacherId::parse(teacher).unwrap(),
         SyncEvent {

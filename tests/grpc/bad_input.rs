@@ -649,3 +649,48 @@ async fn list_history_refuses_impossible_ranges() {
     assert_eq!(bounded.entries.len(), open.entries.len());
     assert_unchanged(&server).await;
 }
+
+/// A synced event refused as bad input for a field other than its service
+/// type keeps that (configured) service type as its decision's label;
+/// only an event whose type is unusable is counted under "(other)".
+#[tokio::test]
+async fn a_sync_event_refused_for_another_field_is_labelled_by_its_service() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    setup(&server).await;
+    let mut gate = server.gate().await;
+    let event = |event_id: &str, service_type: &str| UsageEvent {
+        event_id: event_id.into(),
+        teacher_id: "ms-lee".into(),
+        service_type: service_type.into(),
+        units: 1,
+        model: "claude".into(),
+        occurred_at_ms: common::now_ms(),
+    };
+    let answer = gate
+        .sync_usage(SyncUsageRequest {
+            school_id: "oak".into(),
+            events: vec![event("", SERVICE), event("e-2", "Not A Type!")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer
+        .results
+        .iter()
+        .all(|r| r.status == SyncStatus::Rejected as i32));
+    let scraped = scrape(server.metrics_addr).await;
+    let line = |service: &str| {
+        scraped.lines().find(|l| {
+            l.starts_with("quotad_decisions_total{")
+                && l.contains("call=\"sync_usage\"")
+                && l.contains("outcome=\"bad_input\"")
+                && l.contains(&format!("service=\"{service}\""))
+        })
+    };
+    let by_service = line(SERVICE).unwrap_or_else(|| panic!("no labelled line in:\n{scraped}"));
+    assert!(by_service.ends_with(" 1"), "{by_service}");
+    let other = line("(other)").unwrap_or_else(|| panic!("no (other) line in:\n{scraped}"));
+    assert!(other.ends_with(" 1"), "{other}");
+    assert_unchanged(&server).await;
+}
