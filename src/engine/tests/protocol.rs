@@ -503,21 +503,14 @@ async fn all_allowed(waiting: Vec<tokio::task::JoinHandle<Result<Decision, Engin
     }
 }
 
-/// Sequence 4: the seed told teachers of a new anchor and of each rollover
-/// with messages that a full mailbox dropped, and a teacher that missed
-/// them never rolled at the new anchor. Here a teacher reads its school's
-/// cycle itself: with its mailbox (of 2) full while the anchor changes and
-/// again while the school rolls, it still rolls at the new anchor, and
-/// every consume is charged to the cycle it was made in.
-#[actix_rt::test]
-async fn a_teacher_with_a_full_mailbox_rolls_at_a_changed_anchor() {
-    use crate::domain::cycle::ms;
-    let clock = Clock::manual(ms("2026-11-20T12:00:00Z"));
+/// A school whose teachers have a mailbox of 2, and t1 with 500 units
+/// that renew.
+async fn small_mailbox_school(clock: Clock) -> Harness {
     let config = EngineConfig {
         mailbox_capacity: 2,
         ..test_config()
     };
-    let h = start_configured(Arc::new(MemoryLog::default()), clock.clone(), config).await;
+    let h = start_configured(Arc::new(MemoryLog::default()), clock, config).await;
     school(&h, 1000, false).await;
     let msg = SetAllocation {
         service: service(),
@@ -528,15 +521,33 @@ async fn a_teacher_with_a_full_mailbox_rolls_at_a_changed_anchor() {
         managed: true,
     };
     h.engine.set_allocation(&teacher("t1"), msg).await.unwrap();
+    h
+}
 
-    let (go, waiting) = stall_and_fill(&h, "nov").await;
-    let settings = UpdateSettings {
+fn anchor_moves_to_the_15th() -> UpdateSettings {
+    UpdateSettings {
         name: None,
         borrowing_enabled: None,
         self_service_requests: None,
         next_anchor: Some(BillingAnchor::new(15).unwrap()),
         change: change(),
-    };
+    }
+}
+
+/// Sequence 4: the seed told teachers of a new anchor and of each rollover
+/// with messages that a full mailbox dropped, and a teacher that missed
+/// them never rolled at the new anchor. Here a teacher reads its school's
+/// cycle itself: with its mailbox (of 2) full while the anchor changes and
+/// again while the school rolls, it still rolls at the new anchor, and
+/// every consume is charged to the cycle it was made in.
+#[actix_rt::test]
+async fn a_teacher_with_a_full_mailbox_rolls_at_a_changed_anchor() {
+    use crate::domain::cycle::ms;
+    let clock = Clock::manual(ms("2026-11-20T12:00:00Z"));
+    let h = small_mailbox_school(clock.clone()).await;
+
+    let (go, waiting) = stall_and_fill(&h, "nov").await;
+    let settings = anchor_moves_to_the_15th();
     // The school changes the anchor while t1 is full; the call's answer
     // (a view with every teacher's usage) waits for t1.
     let engine = h.engine.clone();
@@ -714,30 +725,10 @@ async fn a_bulk_change_at_a_busy_school_across_the_rollover_leaves_teacher_and_s
 async fn a_teacher_that_hears_of_a_new_anchor_after_the_month_ended_rolls_at_it() {
     use crate::domain::cycle::ms;
     let clock = Clock::manual(ms("2026-11-20T12:00:00Z"));
-    let config = EngineConfig {
-        mailbox_capacity: 2,
-        ..test_config()
-    };
-    let h = start_configured(Arc::new(MemoryLog::default()), clock.clone(), config).await;
-    school(&h, 1000, false).await;
-    let msg = SetAllocation {
-        service: service(),
-        allocated_units: 500,
-        priority: Some(Priority::Normal),
-        auto_renew: true,
-        change: change(),
-        managed: true,
-    };
-    h.engine.set_allocation(&teacher("t1"), msg).await.unwrap();
+    let h = small_mailbox_school(clock.clone()).await;
 
     let (go, waiting) = stall_and_fill(&h, "dec").await;
-    let settings = UpdateSettings {
-        name: None,
-        borrowing_enabled: None,
-        self_service_requests: None,
-        next_anchor: Some(BillingAnchor::new(15).unwrap()),
-        change: change(),
-    };
+    let settings = anchor_moves_to_the_15th();
     let engine = h.engine.clone();
     let changed = tokio::spawn(async move { engine.update_settings(&school_id(), settings).await });
     tokio::time::sleep(SETTLE).await;
