@@ -5,10 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use quotad_proto::BearerToken;
 use serde::{Deserialize, Serialize};
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -17,22 +16,9 @@ use crate::proto::quota_gate_client::QuotaGateClient;
 use crate::proto::{self, GetUsageRequest};
 use crate::{ClientConfig, ClientError};
 
-pub(crate) type Gate = QuotaGateClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Gate = QuotaGateClient<InterceptedService<Channel, BearerToken>>;
 
 const LAST_SEEN_FILE: &str = "last_usage.json";
-
-/// Sends the bearer token with every call.
-#[derive(Clone)]
-pub(crate) struct Bearer(MetadataValue<Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
 
 /// The answer to a consume.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,8 +182,8 @@ impl QuotaClient {
             ));
         }
         let journal = Journal::open(&config.journal_dir, config.journal_entries_max)?;
-        let token = MetadataValue::try_from(format!("Bearer {}", config.token))
-            .map_err(|_| ClientError::Config("the token is not valid header text".into()))?;
+        let token = BearerToken::new(&config.token)
+            .map_err(|e| ClientError::Config(format!("token: {e}")))?;
         let channel = Channel::from_shared(config.endpoint.clone())
             .map_err(|e| ClientError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
             .connect_timeout(config.call_timeout)
@@ -205,7 +191,7 @@ impl QuotaClient {
             .connect_lazy();
         let last_seen = read_last_seen(&config);
         let inner = Inner {
-            gate: QuotaGateClient::with_interceptor(channel, Bearer(token)),
+            gate: QuotaGateClient::with_interceptor(channel, token),
             journal: Arc::new(Mutex::new(journal)),
             last_seen: Mutex::new(last_seen),
             counters: Counters::default(),

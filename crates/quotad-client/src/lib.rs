@@ -25,10 +25,8 @@ mod client;
 pub mod journal;
 mod sync;
 
-pub mod proto {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("quotad.v1");
-}
+/// The wire contract's types (from `quotad-proto`, compiled once for server and clients).
+pub use quotad_proto::v1 as proto;
 
 use std::path::PathBuf;
 use std::time::Duration;
