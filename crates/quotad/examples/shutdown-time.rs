@@ -15,10 +15,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use quotad::auth::{Authenticator, BearerToken, Role};
+use quotad::auth::{Authenticator, Role};
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
 use quotad::proto::*;
+use quotad_proto::BearerToken;
 use tonic::transport::Channel;
 
 type Result<T> = std::result::Result<T, Box<dyn Error + Send + Sync>>;

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::analytics::AnalyticsError;
+use crate::auth::{AuthError, Denied};
 use crate::engine::EngineError;
 use crate::postgres::ReadError;
 use crate::storage::WalError;
@@ -45,5 +46,21 @@ pub fn analytics_status(error: AnalyticsError) -> Status {
         }
         AnalyticsError::Read(e @ ReadError::Unavailable(_)) => Status::unavailable(e.to_string()),
         AnalyticsError::Read(e @ ReadError::Failed(_)) => Status::internal(e.to_string()),
+    }
+}
+
+/// Every authentication failure is UNAUTHENTICATED: the caller should get a
+/// valid token. (Only `Authenticator::verify` runs on requests; the key and
+/// minting errors arise at startup or in tools, never from a client.)
+impl From<AuthError> for Status {
+    fn from(error: AuthError) -> Status {
+        Status::unauthenticated(error.to_string())
+    }
+}
+
+/// A refusal says what the caller's role may do, never what exists.
+impl From<Denied> for Status {
+    fn from(denied: Denied) -> Status {
+        Status::permission_denied(denied.to_string())
     }
 }

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quotad::auth::{Authenticator, BearerToken, Role};
+use quotad::auth::{Authenticator, Role};
 use quotad::config::{Config, Secret};
 use quotad::proto::quota_admin_client::QuotaAdminClient;
 use quotad::proto::quota_gate_client::QuotaGateClient;
@@ -17,6 +17,7 @@ use quotad::proto::*;
 use quotad::server::{serve, serve_on_clock, serve_on_store, Listeners, ServeError};
 use quotad::storage::{Durability, LogStore};
 use quotad_core::SchoolId;
+use quotad_proto::BearerToken;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -28,20 +29,7 @@ pub const SERVICE: &str = "claude_messages";
 /// The key test servers sign tokens with.
 pub const KEY: &str = "a test key of at least thirty-two bytes";
 
-pub type Authed = InterceptedService<Channel, MaybeToken>;
-
-/// Sends a bearer token with every call, or no authorization at all.
-#[derive(Clone)]
-pub struct MaybeToken(Option<BearerToken>);
-
-impl tonic::service::Interceptor for MaybeToken {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        match &mut self.0 {
-            Some(token) => token.call(request),
-            None => Ok(request),
-        }
-    }
-}
+pub type Authed = InterceptedService<Channel, BearerToken>;
 pub type AdminClient = QuotaAdminClient<Authed>;
 pub type GateClient = QuotaGateClient<Authed>;
 
@@ -72,7 +60,10 @@ pub async fn clients_as(addr: SocketAddr, token: &str) -> (AdminClient, GateClie
         .connect()
         .await
         .unwrap();
-    let bearer = MaybeToken((!token.is_empty()).then(|| BearerToken::new(token).unwrap()));
+    let bearer = match token {
+        "" => BearerToken::none(),
+        token => BearerToken::new(token).unwrap(),
+    };
     (
         QuotaAdminClient::with_interceptor(channel.clone(), bearer.clone()),
         QuotaGateClient::with_interceptor(channel, bearer),

@@ -159,7 +159,7 @@ async fn probe(addr: std::net::SocketAddr) -> bool {
     else {
         return false;
     };
-    let bearer = quotad::auth::BearerToken::new(&admin_token()).unwrap();
+    let bearer = quotad_proto::BearerToken::new(&admin_token()).unwrap();
     let mut admin =
         quotad::proto::quota_admin_client::QuotaAdminClient::with_interceptor(channel, bearer);
     let request = quotad::proto::GetSchoolRequest {

@@ -6,8 +6,8 @@
 
 use prost::bytes::{Buf, BufMut};
 use prost::Message;
-use quotad::auth::BearerToken;
 use quotad::proto::*;
+use quotad_proto::BearerToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::service::interceptor::InterceptedService;
