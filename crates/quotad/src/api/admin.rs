@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::status::{invalid, to_status};
+use super::status::{invalid, invalid_entry, to_status};
 use super::{analytics, caller_and, convert};
 use crate::analytics::Analytics;
 use crate::auth::{authorize, authorize_global, Action};
@@ -58,8 +58,9 @@ impl QuotaAdmin for AdminService {
         for pool in &r.pools {
             let service = convert::service(&pool.service_type).map_err(invalid)?;
             if pools.iter().any(|(s, _)| s == &service) {
-                return Err(Status::invalid_argument(format!(
-                    "pools: service type {service} is named twice"
+                return Err(invalid(InvalidInput::new(
+                    "pools",
+                    format!("service type {service} is named twice"),
                 )));
             }
             pools.push((service, pool.cycle_units));
@@ -187,7 +188,10 @@ impl QuotaAdmin for AdminService {
         let after = match r.page_token.as_str() {
             "" => None,
             token => Some(SchoolId::parse(token).map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous answer")
+                invalid(InvalidInput::new(
+                    "page_token",
+                    "not a token from a previous answer",
+                ))
             })?),
         };
         let limit = convert::page_size(r.page_size).map_err(invalid)?;
@@ -216,9 +220,10 @@ impl QuotaAdmin for AdminService {
         let next_anchor = match r.billing_anchor_day {
             Some(day) if day != 0 => Some(BillingAnchor::new(day).map_err(invalid)?),
             Some(_) => {
-                return Err(Status::invalid_argument(
-                    "billing_anchor_day: must be between 1 and 28",
-                ))
+                return Err(invalid(InvalidInput::new(
+                    "billing_anchor_day",
+                    "must be between 1 and 28",
+                )))
             }
             None => None,
         };
@@ -227,9 +232,7 @@ impl QuotaAdmin for AdminService {
             && r.self_service_requests.is_none()
             && next_anchor.is_none()
         {
-            return Err(Status::invalid_argument(
-                "settings: nothing to change (set name, borrowing_enabled, self_service_requests or billing_anchor_day)",
-            ));
+            return Err(invalid(InvalidInput::new("settings", "nothing to change (set name, borrowing_enabled, self_service_requests or billing_anchor_day)")));
         }
         let msg = UpdateSettings {
             name,
@@ -255,24 +258,23 @@ impl QuotaAdmin for AdminService {
         let school_id = SchoolId::parse(&r.school_id).map_err(invalid)?;
         authorize(&caller, Action::BulkSetAllocations, &school_id, None)?;
         if r.allocations.is_empty() {
-            return Err(Status::invalid_argument("allocations: must not be empty"));
+            return Err(invalid(InvalidInput::new(
+                "allocations",
+                "must not be empty",
+            )));
         }
         if r.allocations.len() > BULK_ALLOCATIONS_MAX {
-            return Err(Status::invalid_argument(format!(
-                "allocations: {} entries; at most {BULK_ALLOCATIONS_MAX} per call",
-                r.allocations.len()
+            return Err(invalid(InvalidInput::new(
+                "allocations",
+                format!(
+                    "{} entries; at most {BULK_ALLOCATIONS_MAX} per call",
+                    r.allocations.len()
+                ),
             )));
         }
         let mut slices = Vec::with_capacity(r.allocations.len());
         for (i, a) in r.allocations.iter().enumerate() {
-            let entry = |e: InvalidInput| {
-                Status::invalid_argument(format!(
-                    "allocations[{}]: {}: {}",
-                    i + 1,
-                    e.field,
-                    e.problem
-                ))
-            };
+            let entry = |e: InvalidInput| invalid_entry("allocations", i + 1, e);
             slices.push(SliceSet {
                 teacher_id: TeacherId::parse(&a.teacher_id).map_err(entry)?,
                 service: convert::service(&a.service_type).map_err(entry)?,
@@ -463,7 +465,10 @@ impl QuotaAdmin for AdminService {
         let after_seq = match r.page_token.as_str() {
             "" => 0,
             token => token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("page_token: not a token from a previous answer")
+                invalid(InvalidInput::new(
+                    "page_token",
+                    "not a token from a previous answer",
+                ))
             })?,
         };
         let (from_ms, to_ms) = HistoryFilter::range(r.from_ms, r.to_ms).map_err(invalid)?;
@@ -540,9 +545,9 @@ impl QuotaAdmin for AdminService {
             Ok(CycleChoice::Current) => false,
             Ok(CycleChoice::Previous) => true,
             Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "cycle: {} is neither CURRENT (0) nor PREVIOUS (1)",
-                    r.cycle
+                return Err(invalid(InvalidInput::new(
+                    "cycle",
+                    format!("{} is neither CURRENT (0) nor PREVIOUS (1)", r.cycle),
                 )))
             }
         };

@@ -10,7 +10,9 @@ use crate::analytics::Analytics;
 use crate::auth::{authorize, Action, Caller};
 use crate::postgres::analytics::{Granularity, Grouping, RollupQuery, RollupRow, ROLLUP_ROWS_MAX};
 use crate::proto;
-use quotad_core::{analytics as rules, SchoolId, ServiceType, TeacherId, TimestampMs};
+use quotad_core::{
+    analytics as rules, InvalidInput, SchoolId, ServiceType, TeacherId, TimestampMs,
+};
 
 /// Rows a rollup answers when the request names no limit.
 const ROLLUP_ROWS_DEFAULT: usize = 1000;
@@ -37,8 +39,9 @@ pub async fn rollups(
         0 => ROLLUP_ROWS_DEFAULT,
         n if n as usize <= ROLLUP_ROWS_MAX => n as usize,
         n => {
-            return Err(Status::invalid_argument(format!(
-                "rows_max: is {n}; at most {ROLLUP_ROWS_MAX}"
+            return Err(invalid(InvalidInput::new(
+                "rows_max",
+                format!("is {n}; at most {ROLLUP_ROWS_MAX}"),
             )))
         }
     };
@@ -74,8 +77,9 @@ fn granularity(value: i32) -> Result<Granularity, Status> {
     match proto::RollupGranularity::try_from(value) {
         Ok(proto::RollupGranularity::Day) => Ok(Granularity::Day),
         Ok(proto::RollupGranularity::Month) => Ok(Granularity::Month),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "granularity: {value} is neither DAY (0) nor MONTH (1)"
+        Err(_) => Err(invalid(InvalidInput::new(
+            "granularity",
+            format!("{value} is neither DAY (0) nor MONTH (1)"),
         ))),
     }
 }
@@ -86,8 +90,11 @@ fn grouping(value: i32) -> Result<Grouping, Status> {
         Ok(proto::RollupGrouping::Service) => Ok(Grouping::Service),
         Ok(proto::RollupGrouping::Teacher) => Ok(Grouping::Teacher),
         Ok(proto::RollupGrouping::School) => Ok(Grouping::School),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "grouping: {value} is not one of TEACHER_AND_SERVICE (0), SERVICE (1), TEACHER (2), SCHOOL (3)"
+        Err(_) => Err(invalid(InvalidInput::new(
+            "grouping",
+            format!(
+            "{value} is not one of TEACHER_AND_SERVICE (0), SERVICE (1), TEACHER (2), SCHOOL (3)"
+        ),
         ))),
     }
 }
@@ -101,13 +108,15 @@ fn range(
 ) -> Result<(Option<TimestampMs>, TimestampMs), Status> {
     let in_range = |ms: i64| DateTime::<Utc>::from_timestamp_millis(ms).is_some() && ms >= 0;
     if !in_range(from_ms) {
-        return Err(Status::invalid_argument(format!(
-            "from_ms: {from_ms} is not a time since 1970"
+        return Err(invalid(InvalidInput::new(
+            "from_ms",
+            format!("{from_ms} is not a time since 1970"),
         )));
     }
     if !in_range(to_ms) {
-        return Err(Status::invalid_argument(format!(
-            "to_ms: {to_ms} is not a time since 1970"
+        return Err(invalid(InvalidInput::new(
+            "to_ms",
+            format!("{to_ms} is not a time since 1970"),
         )));
     }
     let to_ms = if to_ms == 0 { now_ms } else { to_ms };
@@ -120,13 +129,15 @@ fn range(
 
 fn check_span(from_ms: TimestampMs, to_ms: TimestampMs) -> Result<(), Status> {
     if to_ms <= from_ms {
-        return Err(Status::invalid_argument(format!(
-            "to_ms: {to_ms} is not after from_ms ({from_ms})"
+        return Err(invalid(InvalidInput::new(
+            "to_ms",
+            format!("{to_ms} is not after from_ms ({from_ms})"),
         )));
     }
     if to_ms - from_ms > ROLLUP_RANGE_DAYS_MAX * rules::DAY_MS {
-        return Err(Status::invalid_argument(format!(
-            "to_ms: the range spans more than {ROLLUP_RANGE_DAYS_MAX} days; ask for less"
+        return Err(invalid(InvalidInput::new(
+            "to_ms",
+            format!("the range spans more than {ROLLUP_RANGE_DAYS_MAX} days; ask for less"),
         )));
     }
     Ok(())

@@ -36,6 +36,15 @@ pub fn invalid(error: InvalidInput) -> Status {
     Status::invalid_argument(format!("{}: {}", error.field, error.problem))
 }
 
+/// Bad input in entry `number` (1-based, as people count) of the list field
+/// `list`: "allocations[3]: teacher_id: ...".
+pub fn invalid_entry(list: &str, number: usize, error: InvalidInput) -> Status {
+    Status::invalid_argument(format!(
+        "{list}[{number}]: {}: {}",
+        error.field, error.problem
+    ))
+}
+
 /// Analytics read Postgres: without one configured the call cannot work here
 /// (FAILED_PRECONDITION); one out of reach may come back (UNAVAILABLE, retry).
 pub fn analytics_status(error: AnalyticsError) -> Status {
