@@ -135,6 +135,34 @@ fn earliest_unknown() -> TimestampMs {
 }
 
 impl TeacherAccount {
+    /// A slice may not shrink below what its teacher used and holds this
+    /// cycle ([`Slice::floor_units`]); a slice not there yet has no floor.
+    pub fn check_shrink(
+        &self,
+        service: &ServiceType,
+        allocated_units: u64,
+    ) -> Result<(), RuleError> {
+        let Some(slice) = self.slices.get(service) else {
+            return Ok(());
+        };
+        let floor_units = slice.floor_units();
+        if allocated_units < floor_units {
+            return Err(RuleError::precondition(format!(
+                "teacher {} has used {} and holds {} units of {service} this cycle; the slice cannot shrink below {floor_units}",
+                self.teacher_id, slice.used_units, slice.reserved_units
+            )));
+        }
+        Ok(())
+    }
+
+    /// What each slice may shrink to, by service type.
+    pub fn floors(&self) -> BTreeMap<ServiceType, u64> {
+        self.slices
+            .iter()
+            .map(|(service, slice)| (service.clone(), slice.floor_units()))
+            .collect()
+    }
+
     pub fn new(
         school_id: SchoolId,
         teacher_id: TeacherId,

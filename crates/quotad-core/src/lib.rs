@@ -20,6 +20,8 @@ mod admin_tests;
 #[cfg(test)]
 mod analytics_tests;
 #[cfg(test)]
+mod floor_tests;
+#[cfg(test)]
 mod sync_tests;
 #[cfg(test)]
 mod tests;
@@ -35,7 +37,10 @@ pub use ids::{parse_model_field, EventId, ReservationId, SchoolId, ServiceType, 
 pub use limits::RuleLimits;
 pub use record::{Change, Grant, HoldEnd, Record, SliceSet, Usage, UsageSource};
 pub use requests::{IncreaseRequest, RequestOutcome, RequestStatus};
-pub use school::{Pool, SchoolConfig, SchoolState, SliceTerms, Tier};
+pub use school::{
+    check_bulk_floor, individual_owner, owner_slice_order, owner_slice_terms,
+    service_not_configured, OwnerSliceOrder, Pool, SchoolConfig, SchoolState, SliceTerms, Tier,
+};
 pub use slice::{DenyReason, Priority, Slice, SliceStatus};
 pub use state::{ApplyError, State};
 pub use sync::{SyncEvent, SyncOutcome, SyncRejection, SyncStep};

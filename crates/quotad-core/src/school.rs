@@ -95,10 +95,63 @@ impl SchoolConfig {
 
     /// The teacher id of an individual account's owner: the school id itself.
     pub fn owner(&self) -> Option<TeacherId> {
-        (self.tier == Tier::Individual)
-            .then(|| TeacherId::parse(self.id.as_str()).ok())
-            .flatten()
+        individual_owner(self.tier, &self.id)
     }
+}
+
+/// An individual account is a school of one: its owner is the teacher with
+/// the school's id. Other tiers have no owner.
+pub fn individual_owner(tier: Tier, school_id: &SchoolId) -> Option<TeacherId> {
+    (tier == Tier::Individual)
+        .then(|| TeacherId::parse(school_id.as_str()).ok())
+        .flatten()
+}
+
+/// The terms of an individual owner's only slice: the whole pool, renewed
+/// every cycle. The slice follows every change of the pool.
+pub fn owner_slice_terms(pool_units: u64) -> SliceTerms {
+    SliceTerms {
+        allocated_units: pool_units,
+        auto_renew: true,
+        priority: Priority::Normal,
+        status: SliceStatus::Active,
+    }
+}
+
+/// When an individual's pool changes, which moves first so that the slice
+/// always fits the pool: a shrinking pool shrinks the slice first, a growing
+/// one grows it after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerSliceOrder {
+    SliceThenPool,
+    PoolThenSlice,
+}
+
+pub fn owner_slice_order(pool_units_now: u64, pool_units_next: u64) -> OwnerSliceOrder {
+    if pool_units_next < pool_units_now {
+        OwnerSliceOrder::SliceThenPool
+    } else {
+        OwnerSliceOrder::PoolThenSlice
+    }
+}
+
+/// A call names a service type the school has no pool for.
+pub fn service_not_configured(school_id: &SchoolId, service: &ServiceType) -> RuleError {
+    RuleError::not_found(format!(
+        "service type {service} is not configured for school {school_id}"
+    ))
+}
+
+/// Entry `entry` (1-based) of a bulk change may not shrink its slice below
+/// `floor_units`, what its teacher used and holds ([`crate::Slice::floor_units`]).
+pub fn check_bulk_floor(entry: usize, slice: &SliceSet, floor_units: u64) -> Result<(), RuleError> {
+    if slice.allocated_units < floor_units {
+        return Err(RuleError::precondition(format!(
+            "nothing was changed: teacher {} has used and holds {floor_units} units of {}; entry {entry} asks for {}",
+            slice.teacher_id, slice.service, slice.allocated_units
+        )));
+    }
+    Ok(())
 }
 
 /// One service type's pool in the current cycle.
@@ -200,12 +253,9 @@ impl SchoolState {
     }
 
     pub fn pool(&self, service: &ServiceType) -> Result<&Pool, RuleError> {
-        self.pools.get(service).ok_or_else(|| {
-            RuleError::not_found(format!(
-                "service type {service} is not configured for school {}",
-                self.config.id
-            ))
-        })
+        self.pools
+            .get(service)
+            .ok_or_else(|| service_not_configured(&self.config.id, service))
     }
 
     /// The cycle that holds `now_ms`, when it is newer than the current one.

@@ -119,6 +119,13 @@ impl Slice {
             .saturating_sub(self.used_units.saturating_add(self.reserved_units))
     }
 
+    /// The least the slice may shrink to: what its teacher used from it and
+    /// holds this cycle. Borrowed units came from the pool's unallocated
+    /// units, not the slice, so they do not count.
+    pub fn floor_units(&self) -> u64 {
+        self.used_units.saturating_add(self.reserved_units)
+    }
+
     /// Everything the teacher used this cycle: from the slice and borrowed.
     /// This is the "used" every view shows.
     pub fn total_used_units(&self) -> u64 {

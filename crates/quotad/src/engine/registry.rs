@@ -9,7 +9,7 @@ use dashmap::DashMap;
 
 use super::school::SchoolActor;
 use super::teacher::TeacherActor;
-use quotad_core::{SchoolId, ServiceType, TeacherId, Tier};
+use quotad_core::{service_not_configured, RuleError, SchoolId, ServiceType, TeacherId, Tier};
 
 #[derive(Clone)]
 pub struct SchoolHandle {
@@ -33,6 +33,19 @@ impl SchoolHandle {
             tier,
             services: Arc::new(RwLock::new(services.into_iter().collect())),
             bulk_changes: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The school has a pool of `service`, or the rule's NOT_FOUND.
+    pub fn require_service(
+        &self,
+        school_id: &SchoolId,
+        service: &ServiceType,
+    ) -> Result<(), RuleError> {
+        if self.has_service(service) {
+            Ok(())
+        } else {
+            Err(service_not_configured(school_id, service))
         }
     }
 

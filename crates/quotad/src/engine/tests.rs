@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::storage::{recover, MemoryLog, WalConfig, WalWriter};
+use crate::storage::{recover, MemoryLog, WalConfig, WalError, WalWriter};
 use quotad_core::{
-    BillingAnchor, EventId, HoldRequest, Priority, ReservationId, SliceStatus, Tier,
+    BillingAnchor, EventId, HoldRequest, Priority, ReservationId, SliceStatus, SyncEvent,
+    SyncOutcome, SyncRejection, Tier,
 };
 
 mod protocol;

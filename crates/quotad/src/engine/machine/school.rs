@@ -12,8 +12,8 @@ use crate::engine::views::Durable;
 use crate::engine::EngineError;
 use quotad_core::school::SYSTEM_ACTOR;
 use quotad_core::{
-    Change, Grant, IncreaseRequest, Record, RequestOutcome, RuleError, SchoolState, ServiceType,
-    SliceSet, SliceTerms, TeacherId,
+    check_bulk_floor, Change, Grant, IncreaseRequest, Record, RequestOutcome, RuleError,
+    SchoolState, ServiceType, SliceSet, SliceTerms, TeacherId,
 };
 
 #[derive(Debug, Clone)]
@@ -236,13 +236,7 @@ impl SchoolMachine {
             // Counted in the teacher's cycle: if the school rolled since, the
             // new cycle's usage is smaller, so the floor is only stricter.
             let floor = teacher.floors.get(&slice.service).copied().unwrap_or(0);
-            if slice.allocated_units < floor {
-                return Err(RuleError::precondition(format!(
-                    "nothing was changed: teacher {} has used and holds {floor} units of {}; entry {} asks for {}",
-                    slice.teacher_id, slice.service, i + 1, slice.allocated_units
-                ))
-                .into());
-            }
+            check_bulk_floor(i + 1, slice, floor)?;
         }
         let record = Record::AllocationsSet {
             school_id: self.school.config.id.clone(),

@@ -470,16 +470,9 @@ impl TeacherMachine {
         env: &Env,
     ) -> Reply<Started<Durable<AllocationView>>> {
         self.housekeep(env)?;
+        self.account
+            .check_shrink(&msg.service, msg.allocated_units)?;
         let current = self.account.slices.get(&msg.service);
-        if let Some(slice) = current {
-            let floor_units = slice.used_units.saturating_add(slice.reserved_units);
-            if msg.allocated_units < floor_units {
-                return Err(EngineError::Rule(RuleError::precondition(format!(
-                    "teacher {} has used {} and holds {} units of {} this cycle; the slice cannot shrink below {floor_units}",
-                    self.account.teacher_id, slice.used_units, slice.reserved_units, msg.service
-                ))));
-            }
-        }
         let priority = msg
             .priority
             .or(current.map(|s| s.priority))
@@ -549,17 +542,7 @@ impl TeacherMachine {
         Ok(Frozen {
             teacher_id: self.account.teacher_id.clone(),
             cycle_start_ms: self.account.cycle_start_ms,
-            floors: self
-                .account
-                .slices
-                .iter()
-                .map(|(service, s)| {
-                    (
-                        service.clone(),
-                        s.used_units.saturating_add(s.reserved_units),
-                    )
-                })
-                .collect(),
+            floors: self.account.floors(),
         })
     }
 
