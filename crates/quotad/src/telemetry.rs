@@ -13,7 +13,6 @@ use std::time::Duration;
 use dashmap::DashMap;
 use metrics::{counter, gauge, histogram, Counter, Histogram};
 
-use crate::engine::PoolView;
 use quotad_core::{SchoolId, ServiceType};
 
 pub const DECISIONS_TOTAL: &str = "quotad_decisions_total";
@@ -496,10 +495,19 @@ pub fn postgres_snapshot_lag(records: u64, age: Duration) {
 /// One school's pools, as the pool gauges show them.
 pub struct SchoolPools {
     pub school_id: SchoolId,
-    pub pools: Vec<PoolView>,
+    pub pools: Vec<PoolGauges>,
 }
 
-type PoolField = fn(&PoolView) -> u64;
+/// One pool's gauges: what the metrics page shows of a school's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolGauges {
+    pub service: ServiceType,
+    pub cycle_units: u64,
+    pub allocated_units: u64,
+    pub used_units: u64,
+}
+
+type PoolField = fn(&PoolGauges) -> u64;
 
 /// The pool gauges in Prometheus text format. They are rendered here rather
 /// than through the recorder because the set of schools shown changes (a
@@ -653,13 +661,11 @@ mod tests {
         assert!(ServiceType::parse(OTHER_SERVICE_LABEL).is_err());
     }
 
-    fn pool(service: &str, cycle: u64, allocated: u64, used: u64) -> PoolView {
-        PoolView {
+    fn pool(service: &str, cycle: u64, allocated: u64, used: u64) -> PoolGauges {
+        PoolGauges {
             service: ServiceType::parse(service).unwrap(),
             cycle_units: cycle,
             allocated_units: allocated,
-            borrowed_units: 0,
-            available_units: cycle - allocated,
             used_units: used,
         }
     }

@@ -227,7 +227,7 @@ impl Engine {
             .into_iter()
             .map(|view| telemetry::SchoolPools {
                 school_id: view.config.id,
-                pools: view.pools,
+                pools: view.pools.into_iter().map(PoolView::gauges).collect(),
             })
             .collect();
         Ok((schools, omitted))

@@ -59,6 +59,18 @@ pub struct PoolView {
     pub used_units: u64,
 }
 
+impl PoolView {
+    /// What the metrics page shows of this pool.
+    pub fn gauges(self) -> crate::telemetry::PoolGauges {
+        crate::telemetry::PoolGauges {
+            service: self.service,
+            cycle_units: self.cycle_units,
+            allocated_units: self.allocated_units,
+            used_units: self.used_units,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchoolView {
     pub config: SchoolConfig,
