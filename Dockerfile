@@ -5,15 +5,12 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # protoc is vendored by the build script: no system package needed.
-COPY Cargo.toml Cargo.lock build.rs clippy.toml ./
-COPY proto proto
-COPY src src
-COPY benches benches
-# A workspace member (the client library); cargo needs it to read the workspace.
+COPY Cargo.toml Cargo.lock clippy.toml ./
+# Every crate of the workspace (cargo reads them all); the protos are in crates/quotad-proto.
 COPY crates crates
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked -p quotad -p quotactl -p quotad-bench --bins \
  && mkdir -p /out \
  && cp target/release/quotad target/release/quotactl target/release/quotad-bench /out/
 
