@@ -1,6 +1,8 @@
 //! quotad: a quota engine for AI usage in schools.
 //!
-//! - [`domain`]: the quota rules (pools, slices, cycles, reservations, idempotency), free of I/O.
+//! The quota rules (pools, slices, cycles, reservations, idempotency) are in the `quotad-core`
+//! crate, free of I/O; the wire contract is in `quotad-proto`.
+//!
 //! - [`engine`]: actix actors that hold the live state: one per teacher, supervised by one per school.
 //! - [`storage`]: the sled write-ahead log with group commit, snapshots and recovery.
 //! - [`postgres`]: the long-term store's schema and migrations.
@@ -17,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod owned_thread;
 pub mod postgres;
 pub mod server;
 pub mod sim;

@@ -23,11 +23,11 @@ mod tests;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::owned_thread::OwnedThread;
 use crate::storage::Wal;
 use quotad_core::{
     Change, DenyReason, RuleError, RuleLimits, SchoolConfig, SchoolId, ServiceType, State,
@@ -117,31 +117,16 @@ impl Core {
     }
 }
 
-/// The actix system on its own thread, with its arbiters.
+/// The actix system on its own thread, with its arbiters. Dropping it
+/// stops every actor, as [`EngineRuntime::shutdown`] does.
 pub struct EngineRuntime {
-    system: System,
-    thread: Option<JoinHandle<()>>,
+    thread: OwnedThread,
 }
 
 impl EngineRuntime {
     /// Stops every actor and waits for the actor threads to end.
     pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        self.system.stop();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the actor system thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for EngineRuntime {
-    fn drop(&mut self) {
-        self.stop();
+        self.thread.stop();
     }
 }
 
@@ -170,30 +155,29 @@ pub struct Engine {
 
 fn start_actor_threads(
     arbiters: usize,
-) -> Result<(System, Vec<ArbiterHandle>, JoinHandle<()>), EngineError> {
+) -> Result<(Vec<ArbiterHandle>, EngineRuntime), EngineError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("quotad-actors".into())
-        .spawn(move || {
-            let system = System::new();
-            let arbiters: Vec<Arbiter> = (0..arbiters.max(1)).map(|_| Arbiter::new()).collect();
-            let handles = arbiters.iter().map(Arbiter::handle).collect();
-            if tx.send((System::current(), handles)).is_err() {
-                return;
-            }
-            if let Err(error) = system.run() {
-                tracing::error!(%error, "the actor system stopped with an error");
-            }
-            for arbiter in arbiters {
-                arbiter.stop();
-                let _ = arbiter.join();
-            }
-        })
-        .map_err(|e| EngineError::Internal(format!("start the actor thread: {e}")))?;
+    let thread = OwnedThread::spawn("quotad-actors", move || {
+        let system = System::new();
+        let arbiters: Vec<Arbiter> = (0..arbiters.max(1)).map(|_| Arbiter::new()).collect();
+        let handles = arbiters.iter().map(Arbiter::handle).collect();
+        if tx.send((System::current(), handles)).is_err() {
+            return;
+        }
+        if let Err(error) = system.run() {
+            tracing::error!(%error, "the actor system stopped with an error");
+        }
+        for arbiter in arbiters {
+            arbiter.stop();
+            let _ = arbiter.join();
+        }
+    })
+    .map_err(|e| EngineError::Internal(format!("start the actor thread: {e}")))?;
     let (system, handles) = rx
         .recv()
         .map_err(|_| EngineError::Internal("the actor thread ended before it started".into()))?;
-    Ok((system, handles, thread))
+    let thread = thread.stopped_by(move || system.stop());
+    Ok((handles, EngineRuntime { thread }))
 }
 
 impl Engine {
@@ -205,7 +189,7 @@ impl Engine {
         config: EngineConfig,
         clock: Clock,
     ) -> Result<(Engine, EngineRuntime), EngineError> {
-        let (system, arbiters, thread) = start_actor_threads(config.arbiters)?;
+        let (arbiters, runtime) = start_actor_threads(config.arbiters)?;
         let shared = Arc::new(Shared {
             wal,
             clock,
@@ -219,10 +203,6 @@ impl Engine {
             arbiters,
             next_arbiter: AtomicUsize::new(0),
         });
-        let runtime = EngineRuntime {
-            system,
-            thread: Some(thread),
-        };
         let mut accounts: BTreeMap<SchoolId, Vec<TeacherAccount>> = BTreeMap::new();
         for ((school_id, _), account) in state.accounts {
             accounts.entry(school_id).or_default().push(account);

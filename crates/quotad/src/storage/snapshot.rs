@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
@@ -15,11 +14,13 @@ use super::codec;
 use super::log::{Entry, LogStore};
 use super::wal::DurableBatches;
 use super::{Recovered, StorageError};
+use crate::owned_thread::OwnedThread;
 use crate::telemetry;
 use quotad_core::{Record, RuleLimits, State, TimestampMs};
 
 pub struct Snapshotter {
-    thread: Option<JoinHandle<()>>,
+    /// Ends by itself once the WAL writer has stopped (its batches end).
+    thread: OwnedThread,
 }
 
 /// Something that follows the durable records in log order, beside the local
@@ -120,22 +121,23 @@ impl Snapshotter {
             truncated_seq: 0,
             truncate_failed: false,
         };
-        let thread = std::thread::Builder::new()
-            .name("quotad-snapshot".into())
-            .spawn(move || worker.run())
+        let thread = OwnedThread::spawn("quotad-snapshot", move || worker.run())
             .map_err(|e| StorageError::Io(format!("start the snapshot thread: {e}")))?;
-        Ok(Self {
-            thread: Some(thread),
-        })
+        Ok(Self { thread })
     }
 
     /// Waits until the WAL writer has stopped and the final snapshot is written.
     pub fn join(mut self) {
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the snapshot thread panicked");
-            }
-        }
+        self.thread.stop();
+    }
+}
+
+/// Not joined when dropped without [`Snapshotter::join`] (a start-up that
+/// failed half-way): the thread ends by itself once the WAL writer, which
+/// its owner may drop later, has stopped. Waiting here could wait for ever.
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        self.thread.detach();
     }
 }
 

@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -30,6 +29,7 @@ use tokio::sync::{watch, Notify};
 use super::codec::{self, RECORD_BYTES_MAX};
 use super::log::{Entry, LogStore};
 use super::StorageError;
+use crate::owned_thread::OwnedThread;
 use crate::telemetry;
 use quotad_core::Record;
 
@@ -143,10 +143,9 @@ pub struct Wal {
     tx: Sender<Message>,
 }
 
-/// Owns the writer thread; joining it flushes the queue.
+/// Owns the writer thread; stopping it (or dropping it) flushes the queue.
 pub struct WalWriter {
-    thread: Option<JoinHandle<()>>,
-    tx: Sender<Message>,
+    thread: OwnedThread,
 }
 
 /// Batches of durable records, handed to whoever keeps a copy of the state.
@@ -188,22 +187,14 @@ impl Wal {
             next_to_write: last_seq + 1,
             drained: true,
         };
-        let thread = std::thread::Builder::new()
-            .name("quotad-wal".into())
-            .spawn(move || writer.run_until_shutdown())
-            .map_err(|e| StorageError::Io(format!("start the WAL writer thread: {e}")))?;
+        let stop = tx.clone();
+        let thread = OwnedThread::spawn("quotad-wal", move || writer.run_until_shutdown())
+            .map_err(|e| StorageError::Io(format!("start the WAL writer thread: {e}")))?
+            .stopped_by(move || {
+                let _ = stop.send(Message::Shutdown);
+            });
         telemetry::wal_started(last_seq);
-        Ok((
-            Wal {
-                shared,
-                tx: tx.clone(),
-            },
-            WalWriter {
-                thread: Some(thread),
-                tx,
-            },
-            durable_rx,
-        ))
+        Ok((Wal { shared, tx }, WalWriter { thread }, durable_rx))
     }
 
     pub fn durability(&self) -> Durability {
@@ -306,22 +297,7 @@ impl Wal {
 impl WalWriter {
     /// Flushes every queued record and stops the writer thread.
     pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let _ = self.tx.send(Message::Shutdown);
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the WAL writer thread panicked");
-            }
-        }
-    }
-}
-
-impl Drop for WalWriter {
-    fn drop(&mut self) {
-        self.stop();
+        self.thread.stop();
     }
 }
 
