@@ -17,6 +17,7 @@ mod metrics;
 mod offline_client;
 mod overspend;
 mod quotactl;
+mod quotactl_fake;
 mod stress;
 mod sync;
 mod tenants;
