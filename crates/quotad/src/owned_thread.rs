@@ -7,8 +7,9 @@ use std::thread::JoinHandle;
 
 pub struct OwnedThread {
     name: &'static str,
-    /// Asks the thread to end; without one, the thread ends by itself.
-    stop: Option<Box<dyn FnOnce() + Send>>,
+    /// Asks the thread to end; without one, the thread ends by itself. Sync,
+    /// so that its owners stay Sync (the benches share an engine across tasks).
+    stop: Option<Box<dyn FnOnce() + Send + Sync>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -27,7 +28,7 @@ impl OwnedThread {
     }
 
     /// How to ask the thread to end, called once before it is joined.
-    pub fn stopped_by(mut self, stop: impl FnOnce() + Send + 'static) -> Self {
+    pub fn stopped_by(mut self, stop: impl FnOnce() + Send + Sync + 'static) -> Self {
         self.stop = Some(Box::new(stop));
         self
     }
