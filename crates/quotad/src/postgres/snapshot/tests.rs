@@ -1,8 +1,19 @@
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::*;
+use tokio_postgres::Client;
+
+use super::fence::{fence, Fence, Found};
+use super::usage::write_usage;
+use super::writer::{Writer, BACKOFF_FIRST};
+use super::Shared;
+use crate::config::Secret;
+use crate::postgres::rows::{Delta, UsageRow};
+use crate::postgres::{connect, PostgresError};
 use crate::storage::history::{History, HistoryId};
-use crate::storage::MemoryLog;
+use crate::storage::{codec, LogStore, MemoryLog};
+use quotad_core::Record;
 use quotad_core::{EventId, SchoolId, ServiceType, TeacherId, Usage, UsageSource};
 
 fn history(epoch: u64) -> History {
