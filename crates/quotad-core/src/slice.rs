@@ -115,8 +115,7 @@ pub struct Slice {
 impl Slice {
     /// Units a new usage may still take: allocated - used - reserved, never below 0.
     pub fn remaining_units(&self) -> u64 {
-        self.allocated_units
-            .saturating_sub(self.used_units.saturating_add(self.reserved_units))
+        self.allocated_units.saturating_sub(self.floor_units())
     }
 
     /// The least the slice may shrink to: what its teacher used from it and
