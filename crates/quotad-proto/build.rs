@@ -1,4 +1,5 @@
-//! Compiles the wire contract in proto/ with a vendored protoc, so that a fresh
+//! Compiles the wire contracts in proto/ (quotad's own, Envoy's rate limit
+//! service and Kuadrant's) with a vendored protoc, so that a fresh
 //! machine needs no system protobuf compiler.
 //!
 //! The generated servers decode requests with `crate::codec::ValidatingCodec`,
@@ -50,6 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // a request failed to decode as ("quotad.v1.ConsumeRequest").
     config.enable_type_names();
     config.service_generator(Box::new(services));
+    // Every file's descriptors, for gRPC server reflection (grpcurl, Postman).
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    config.file_descriptor_set_path(out_dir.join("quotad_descriptor.bin"));
     // No client or server here: with both off, tonic-prost-build keeps the
     // service generator set above and only adds its usual message settings.
     tonic_prost_build::configure()
@@ -57,7 +61,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .compile_with_config(
             config,
-            &["proto/quotad/v1/gate.proto", "proto/quotad/v1/admin.proto"],
+            &[
+                "proto/quotad/v1/gate.proto",
+                "proto/quotad/v1/admin.proto",
+                // The gateways' protocols, with their packages and field numbers.
+                "proto/envoy/service/ratelimit/v3/rls.proto",
+                "proto/kuadrant/service/ratelimit/v1/kuadrantrls.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

@@ -2,6 +2,8 @@
 //! server and every client, and what both sides of it share:
 //!
 //! - [`v1`]: the generated messages, clients and servers.
+//! - [`envoy`] and [`kuadrant`]: the AI gateways' rate limit protocols, under
+//!   their own packages and field numbers.
 //! - [`codec`]: the codec the generated servers decode requests with (an
 //!   undecodable body is the caller's INVALID_ARGUMENT, not INTERNAL).
 //! - [`bearer`]: the client interceptor that sends a bearer token.
@@ -18,6 +20,59 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("quotad.v1");
 }
+
+/// Envoy's rate limit service and the messages it carries, under Envoy's own
+/// package names (`proto/envoy`, see its README).
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                #![allow(clippy::all, missing_docs)]
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod extensions {
+        pub mod common {
+            pub mod ratelimit {
+                pub mod v3 {
+                    #![allow(clippy::all, missing_docs)]
+                    tonic::include_proto!("envoy.extensions.common.ratelimit.v3");
+                }
+            }
+        }
+    }
+    pub mod r#type {
+        pub mod v3 {
+            #![allow(clippy::all, missing_docs)]
+            tonic::include_proto!("envoy.r#type.v3");
+        }
+    }
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v3 {
+                #![allow(clippy::all, missing_docs)]
+                tonic::include_proto!("envoy.service.ratelimit.v3");
+            }
+        }
+    }
+}
+
+/// Kuadrant's rate limit service, with reserve/commit (`proto/kuadrant`).
+pub mod kuadrant {
+    pub mod service {
+        pub mod ratelimit {
+            pub mod v1 {
+                #![allow(clippy::all, missing_docs)]
+                tonic::include_proto!("kuadrant.service.ratelimit.v1");
+            }
+        }
+    }
+}
+
+/// Every message and service above, as a `FileDescriptorSet`: what gRPC
+/// server reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quotad_descriptor");
 
 /// The error and its causes on one line, e.g. "cannot connect to ...:
 /// transport error: ...": tonic's transport error alone says only "transport

@@ -321,7 +321,13 @@ struct Server {
 impl Server {
     fn start(args: &Args, data: &Path, durability: &str) -> Result<Self> {
         let mut child = Command::new(&args.quotad)
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"])
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--no-metrics",
+                "--no-rls",
+            ])
             .args(["--durability", durability])
             .arg("--batched-flush-interval-ms")
             .arg(args.batched_flush_interval_ms.to_string())

@@ -224,7 +224,13 @@ impl Server {
             .append(true)
             .open(&args.log)?;
         let mut command = Command::new(&args.quotad);
-        command.args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"]);
+        command.args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--no-rls",
+        ]);
         if let Some(url) = &args.database_url {
             command.args(["--database-url", url]);
         }

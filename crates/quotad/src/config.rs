@@ -1,7 +1,7 @@
 //! quotad's settings: defaults, then a TOML file, then environment variables
 //! (`QUOTAD_*`), then command-line flags, each overriding the one before.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::auth::{AuthMode, Authenticator};
 use crate::engine::EngineConfig;
+use crate::rls::{DomainConfig, Domains};
 use crate::storage::history::RecoverFrom;
 use crate::storage::{Durability, WalConfig};
 use quotad_core::analytics::AlertThresholds;
@@ -53,6 +54,17 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Where Prometheus scrapes `/metrics`.
     pub metrics_addr: SocketAddr,
+    /// Where the gateways' rate limit protocols (Envoy's, Kuadrant's) are
+    /// served without bearer tokens, for trusted callers: loopback or a
+    /// private address unless `rls_allow_public`. (They are served on
+    /// `grpc_addr` too, with tokens.)
+    pub rls_addr: SocketAddr,
+    /// Let `rls_addr` be a public (or unspecified, 0.0.0.0) address: anyone
+    /// who reaches it may charge the domains' schools.
+    pub rls_allow_public: bool,
+    /// How each rate limit domain's descriptors name a slice (README,
+    /// "Behind an AI gateway").
+    pub rls_domains: Vec<DomainConfig>,
     /// Schools whose pools are exported as gauges (the first ones in id
     /// order); the rest are counted in `quotad_pool_schools_omitted`. Bounds
     /// those gauges to 3 x this x 32 service types series.
@@ -136,6 +148,9 @@ impl Default for Config {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            rls_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            rls_allow_public: false,
+            rls_domains: Vec::new(),
             metrics_schools_max: 100,
             metrics_refresh_interval_ms: 10_000,
             data_dir: PathBuf::from("./data"),
@@ -167,6 +182,22 @@ impl Default for Config {
             alert_pool_used_percent: alerts.pool_used_percent,
             alert_anomaly_factor_percent: alerts.anomaly_factor_percent,
             alerts_interval_s: 60,
+        }
+    }
+}
+
+/// Loopback, or an address of a private network (RFC 1918, link-local,
+/// IPv6 unique local): where the rate limit listener may be bound by default.
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unique_local()
+                || v6.is_unicast_link_local()
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4| is_private(IpAddr::V4(v4)))
         }
     }
 }
@@ -257,10 +288,29 @@ impl Config {
             ));
         }
         self.service_types()?;
+        self.rls_domains()?;
+        if !self.rls_allow_public && !is_private(self.rls_addr.ip()) {
+            return Err(invalid(
+                "rls_addr",
+                format!(
+                    "{} is neither loopback nor a private address; the rate limit listener takes \
+                     no tokens, so anyone who reaches it may charge. Bind it to a private \
+                     address, or set rls_allow_public = true",
+                    self.rls_addr
+                ),
+            ));
+        }
         self.alert_thresholds()
             .validate()
             .map_err(|e| invalid(e.field, e.problem))?;
         Ok(())
+    }
+
+    /// The rate limit domains, checked (under `insecure_dev`, with the
+    /// default domain `quotad` for any school).
+    pub fn rls_domains(&self) -> Result<Domains, ConfigError> {
+        Domains::new(&self.rls_domains, self.insecure_dev, self.hold_ttl_ms_max)
+            .map_err(|e| invalid("rls_domains", e.problem))
     }
 
     pub fn alert_thresholds(&self) -> AlertThresholds {
@@ -377,6 +427,73 @@ mod tests {
         assert_eq!(config.idempotency_window_s, 8 * 24 * 3600);
         assert_eq!(config.sync_events_per_batch_max, 1_000);
         assert_eq!(config.gate_request_bytes_max(), 512_000);
+    }
+
+    #[test]
+    fn the_rls_listener_is_private_unless_allowed_public() {
+        assert_eq!(Config::default().rls_addr.to_string(), "127.0.0.1:8081");
+        for private in [
+            "127.0.0.1:8081",
+            "10.1.2.3:8081",
+            "172.16.0.9:1",
+            "192.168.1.1:1",
+            "[::1]:8081",
+            "[fd00::1]:8081",
+            "[fe80::1]:1",
+        ] {
+            let config = Config {
+                rls_addr: private.parse().unwrap(),
+                ..Config::default()
+            };
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("{private}: {e}"));
+        }
+        for public in [
+            "0.0.0.0:8081",
+            "8.8.8.8:8081",
+            "[::]:8081",
+            "[2001:db8::1]:1",
+            "172.32.0.1:1",
+        ] {
+            let config = Config {
+                rls_addr: public.parse().unwrap(),
+                ..Config::default()
+            };
+            let error = config.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("rls_addr") && error.contains("rls_allow_public"),
+                "{error}"
+            );
+            Config {
+                rls_allow_public: true,
+                ..config
+            }
+            .validate()
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn rls_domains_are_read_from_the_file_and_checked() {
+        let text = "[[rls_domains]]\nname = \"gw\"\nschools = [\"oak\"]\nholds = true\n\n\
+                    [[rls_domains]]\nname = \"open\"\nschools = [\"*\"]\nunknown_slice = \"allow\"\n";
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        let domains = config.rls_domains().unwrap();
+        assert_eq!(domains.names().collect::<Vec<_>>(), ["gw", "open"]);
+        assert!(domains.get("gw").unwrap().holds);
+        let dev = Config {
+            insecure_dev: true,
+            ..Config::default()
+        };
+        assert!(dev.rls_domains().unwrap().get("quotad").is_some());
+        let bad: Config = toml::from_str("[[rls_domains]]\nname = \"gw\"\n").unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("rls_domains") && error.contains("schools"),
+            "{error}"
+        );
     }
 
     #[test]

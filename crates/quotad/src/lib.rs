@@ -8,6 +8,7 @@
 //! - [`postgres`]: the long-term store's schema and migrations.
 //! - [`analytics`]: suggestions and alerts, from the engine's state and Postgres' daily usage.
 //! - [`api`]: the gRPC services and the one place where errors become statuses.
+//! - [`rls`]: the AI gateways' protocols: Envoy's rate limit service and Kuadrant's reserve/commit.
 //! - [`auth`]: bearer tokens (HS256 JWTs), the caller they name, and what each role may do.
 #![deny(clippy::unwrap_used)]
 
@@ -21,6 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod owned_thread;
 pub mod postgres;
+pub mod rls;
 pub mod server;
 pub mod sim;
 pub mod storage;

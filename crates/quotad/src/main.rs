@@ -82,6 +82,13 @@ struct ServeArgs {
     /// Serve no metrics endpoint.
     #[arg(long)]
     no_metrics: bool,
+    /// Where the gateways' rate limit protocols (Envoy's ShouldRateLimit,
+    /// Kuadrant's) are served without tokens: loopback or a private address.
+    #[arg(long, env = "QUOTAD_RLS_ADDR")]
+    rls_addr: Option<SocketAddr>,
+    /// No rate limit listener (the protocols stay on the gRPC port, with tokens).
+    #[arg(long)]
+    no_rls: bool,
     #[arg(long, env = "QUOTAD_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// sync: acknowledge after the WAL flush; batched: at once, flushed every few ms.
@@ -142,6 +149,7 @@ impl ServeArgs {
         set!(
             grpc_addr,
             metrics_addr,
+            rls_addr,
             data_dir,
             durability,
             batched_flush_interval_ms,
@@ -253,15 +261,29 @@ fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 format!("cannot listen for metrics on {}: {e}", config.metrics_addr)
             })?),
         };
-        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let rls = match args.no_rls {
+            true => None,
+            false => Some(TcpListener::bind(config.rls_addr).await.map_err(|e| {
+                format!(
+                    "cannot listen for rate limit calls on {}: {e}",
+                    config.rls_addr
+                )
+            })?),
+        };
+        let address = |listener: Option<&TcpListener>| {
+            listener
+                .and_then(|l| l.local_addr().ok())
+                .map_or("off".to_string(), |a| a.to_string())
+        };
         let shutdown = shutdown_signal();
         // One line on stdout that scripts and tests can wait for.
         println!(
-            "quotad listening grpc={} metrics={}",
+            "quotad listening grpc={} metrics={} rls={}",
             grpc.local_addr()?,
-            metrics_addr.map_or("off".to_string(), |a| a.to_string())
+            address(metrics.as_ref()),
+            address(rls.as_ref())
         );
-        serve(Listeners { grpc, metrics }, config, shutdown).await?;
+        serve(Listeners { grpc, metrics, rls }, config, shutdown).await?;
         Ok(())
     })
 }

@@ -77,6 +77,8 @@ pub const SERVICE_LABELS_MAX: usize = 64;
 pub const OTHER_SERVICE_LABEL: &str = "(other)";
 pub const ALERTS_ACTIVE: &str = "quotad_alerts_active";
 pub const ALERTS_FAILURES_TOTAL: &str = "quotad_alerts_failures_total";
+pub const RLS_REQUESTS_TOTAL: &str = "quotad_rls_requests_total";
+pub const RLS_UNKNOWN_SLICE_TOTAL: &str = "quotad_rls_unknown_slice_total";
 
 /// Histogram buckets for request and flush latencies, in seconds: 25 us to 1 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -107,6 +109,10 @@ pub const BATCH_BUCKETS_BYTES: &[f64] = &[
 pub const RPCS: &[(&str, &str)] = &[
     // The hot path first: the lookup scans in order.
     ("quotad.v1.QuotaGate", "Consume"),
+    (
+        "envoy.service.ratelimit.v3.RateLimitService",
+        "ShouldRateLimit",
+    ),
     ("quotad.v1.QuotaGate", "Check"),
     ("quotad.v1.QuotaGate", "Reserve"),
     ("quotad.v1.QuotaGate", "Commit"),
@@ -134,8 +140,23 @@ pub const RPCS: &[(&str, &str)] = &[
     ("quotad.v1.QuotaAdmin", "GetUsageRollups"),
     ("quotad.v1.QuotaAdmin", "GetSuggestions"),
     ("quotad.v1.QuotaAdmin", "ListAlerts"),
+    (
+        "kuadrant.service.ratelimit.v1.RateLimitService",
+        "CheckRateLimit",
+    ),
+    ("kuadrant.service.ratelimit.v1.RateLimitService", "Report"),
+    ("kuadrant.service.ratelimit.v1.RateLimitService", "Reserve"),
+    ("kuadrant.service.ratelimit.v1.RateLimitService", "Commit"),
     ("grpc.health.v1.Health", "Check"),
     ("grpc.health.v1.Health", "Watch"),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+    ),
 ];
 /// The label values of a path that is none of [`RPCS`] (answered UNIMPLEMENTED).
 const UNKNOWN_RPC: (&str, &str) = ("unknown", "unknown");
@@ -247,6 +268,33 @@ fn describe_postgres() {
         ALERTS_FAILURES_TOTAL,
         "Schools an alert pass could not compute (Postgres unavailable, too much data)."
     );
+    metrics::describe_counter!(
+        RLS_REQUESTS_TOTAL,
+        "Rate limit calls of the gateways' protocols, by protocol (envoy, kuadrant), method, domain (a configured one, or unknown) and code (ok, over_limit, invalid, error)."
+    );
+    metrics::describe_counter!(
+        RLS_UNKNOWN_SLICE_TOTAL,
+        "Rate limit descriptors that named no known slice, by domain and the answer the domain gives them (deny, allow)."
+    );
+}
+
+/// One rate limit call answered. `domain` is a configured domain's name
+/// (or "unknown"): the label set stays bounded by the config.
+pub fn rls_request(protocol: &'static str, method: &'static str, domain: &str, code: &'static str) {
+    counter!(
+        RLS_REQUESTS_TOTAL,
+        "protocol" => protocol,
+        "method" => method,
+        "domain" => domain.to_owned(),
+        "code" => code
+    )
+    .increment(1);
+}
+
+/// A descriptor that named no known slice (logged by the caller too).
+pub fn rls_unknown_slice(domain: &str, answer: &'static str) {
+    counter!(RLS_UNKNOWN_SLICE_TOTAL, "domain" => domain.to_owned(), "answer" => answer)
+        .increment(1);
 }
 
 /// Decision counters already registered, so that the hot path finds its
@@ -603,12 +651,22 @@ mod tests {
         let mut from_protos: Vec<(String, String)> = [
             include_str!("../../quotad-proto/proto/quotad/v1/gate.proto"),
             include_str!("../../quotad-proto/proto/quotad/v1/admin.proto"),
+            include_str!("../../quotad-proto/proto/envoy/service/ratelimit/v3/rls.proto"),
+            include_str!(
+                "../../quotad-proto/proto/kuadrant/service/ratelimit/v1/kuadrantrls.proto"
+            ),
         ]
         .into_iter()
         .flat_map(proto_rpcs)
         .collect();
         from_protos.push(("grpc.health.v1.Health".into(), "Check".into()));
         from_protos.push(("grpc.health.v1.Health".into(), "Watch".into()));
+        for reflection in ["grpc.reflection.v1", "grpc.reflection.v1alpha"] {
+            from_protos.push((
+                format!("{reflection}.ServerReflection"),
+                "ServerReflectionInfo".into(),
+            ));
+        }
         let mut listed: Vec<(String, String)> = RPCS
             .iter()
             .map(|(s, m)| (s.to_string(), m.to_string()))

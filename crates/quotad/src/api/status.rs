@@ -6,6 +6,7 @@ use crate::analytics::AnalyticsError;
 use crate::auth::{AuthError, Denied};
 use crate::engine::EngineError;
 use crate::postgres::ReadError;
+use crate::rls::RlsError;
 use crate::storage::WalError;
 use quotad_core::{InvalidInput, RuleError};
 
@@ -29,6 +30,21 @@ pub fn to_status(error: EngineError) -> Status {
         }
         EngineError::Unavailable(m) => Status::unavailable(m),
         EngineError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// A rate limit call (Envoy's or Kuadrant's protocol): bad input names the
+/// field; an unknown domain is NOT_FOUND; a school the domain (or the
+/// token) may not charge is PERMISSION_DENIED; the engine's own errors as
+/// for every gate call.
+pub fn rls_status(error: RlsError) -> Status {
+    match error {
+        e @ RlsError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+        e @ RlsError::UnknownDomain(_) => Status::not_found(e.to_string()),
+        e @ RlsError::SchoolNotInDomain { .. } => Status::permission_denied(e.to_string()),
+        RlsError::Denied(denied) => denied.into(),
+        e @ RlsError::NoCaller => Status::internal(e.to_string()),
+        RlsError::Engine(e) => to_status(e),
     }
 }
 

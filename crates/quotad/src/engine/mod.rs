@@ -333,6 +333,8 @@ impl Engine {
                 "teacher {} has no {service} slice in school {}",
                 teacher.teacher_id, teacher.school_id
             ),
+            allocated_units: 0,
+            cycle_end_ms: 0,
         }
     }
 

@@ -4,7 +4,7 @@ use quotad_core::{
     Cycle, DenyReason, Priority, SchoolConfig, ServiceType, ServiceUsageView, SliceStatus,
     TeacherAccount,
 };
-use quotad_core::{SchoolId, TeacherId};
+use quotad_core::{SchoolId, TeacherId, TimestampMs};
 
 /// A gate decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,12 @@ pub struct Decision {
     pub duplicate: bool,
     /// Empty when allowed; otherwise a sentence a person can read.
     pub message: String,
+    /// The slice's allocation this cycle (0 without a slice): the limit a
+    /// rate limit protocol reports.
+    pub allocated_units: u64,
+    /// When the billing cycle the decision counted in ends (0 without a
+    /// slice): when a rate limit protocol's window resets.
+    pub cycle_end_ms: TimestampMs,
 }
 
 /// A value and the log position that must be durable before it is told.

@@ -1,6 +1,8 @@
-//! The gRPC side: QuotaGate and QuotaAdmin behind the bearer-token
-//! interceptor, and the health service, served on every actor thread; and
-//! the graceful stop (NOT_SERVING first, then the calls in flight finish).
+//! The gRPC side: QuotaGate, QuotaAdmin and the gateways' rate limit
+//! protocols behind the bearer-token interceptor, the health service and
+//! server reflection, served on every actor thread; the rate limit protocols
+//! again on their own listener, without tokens; and the graceful stop
+//! (NOT_SERVING first, then the calls in flight finish).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,7 +24,10 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::proto::quota_admin_server::QuotaAdminServer;
 use crate::proto::quota_gate_server::QuotaGateServer;
+use crate::rls::{Domains, RateLimiter, Trust};
 use crate::storage::Wal;
+use quotad_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyRlsServer;
+use quotad_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantRlsServer;
 
 /// The largest response, in bytes (a usage view of 32 service types is ~3 KiB).
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -34,7 +39,12 @@ pub(super) struct Grpc {
     /// Followed by the health service.
     pub(super) wal: Wal,
     pub(super) auth: AuthMode,
+    pub(super) domains: Arc<Domains>,
 }
+
+/// Both ports' routers: every call timed by the RPC metrics layer.
+type Router =
+    tonic::transport::server::Router<tower_layer::Stack<RpcMetricsLayer, tower_layer::Identity>>;
 
 /// What one server (on one actor thread) ended with.
 type Served = oneshot::Receiver<Result<(), ServeError>>;
@@ -45,11 +55,13 @@ type Served = oneshot::Receiver<Result<(), ServeError>>;
 /// the call never crosses threads; the other half costs one hop each way.
 pub(super) async fn serve_grpc(
     listener: TcpListener,
+    rls_listener: Option<TcpListener>,
     Grpc {
         engine,
         analytics,
         wal,
         auth,
+        domains,
     }: Grpc,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -57,6 +69,8 @@ pub(super) async fn serve_grpc(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QuotaGateServer<GateService>>().await;
     health.set_serving::<QuotaAdminServer<AdminService>>().await;
+    health.set_serving::<EnvoyRlsServer<RateLimiter>>().await;
+    health.set_serving::<KuadrantRlsServer<RateLimiter>>().await;
     let health_follows_wal = tokio::spawn(follow_wal(health.clone(), wal));
     let gate = QuotaGateServer::new(GateService::new(engine.clone()))
         .max_decoding_message_size(config.gate_request_bytes_max())
@@ -64,22 +78,100 @@ pub(super) async fn serve_grpc(
     let admin = QuotaAdminServer::new(AdminService::new(engine.clone(), analytics))
         .max_decoding_message_size(config.request_bytes_max)
         .max_encoding_message_size(RESPONSE_BYTES_MAX);
-    // Every gate and admin call carries a bearer token; the health check does
-    // not, so that load balancers can probe.
+    let rate_limiter = |trust| RateLimiter::new(engine.clone(), domains.clone(), trust);
+    let limiters = |trust| {
+        let limiter = rate_limiter(trust);
+        (
+            EnvoyRlsServer::new(limiter.clone())
+                .max_decoding_message_size(config.request_bytes_max)
+                .max_encoding_message_size(RESPONSE_BYTES_MAX),
+            KuadrantRlsServer::new(limiter)
+                .max_decoding_message_size(config.request_bytes_max)
+                .max_encoding_message_size(RESPONSE_BYTES_MAX),
+        )
+    };
+    // Every gate, admin and (on this port) rate limit call carries a bearer
+    // token; the health check and reflection do not, so that load balancers
+    // can probe and grpcurl can list.
     let interceptor = AuthInterceptor::new(auth);
     let gate = InterceptedService::new(gate, interceptor.clone());
-    let admin = InterceptedService::new(admin, interceptor);
-    let listener = listener.into_std().map_err(ServeError::Listener)?;
+    let admin = InterceptedService::new(admin, interceptor.clone());
+    let (envoy, kuadrant) = limiters(Trust::Token);
+    let envoy = InterceptedService::new(envoy, interceptor.clone());
+    let kuadrant = InterceptedService::new(kuadrant, interceptor);
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let main = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer)
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(gate)
+        .add_service(admin)
+        .add_service(envoy)
+        .add_service(kuadrant);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = serve_on_arbiters(&engine, listener, main, &stop_rx)?;
+    if let Some(listener) = rls_listener {
+        let (envoy, kuadrant) = limiters(Trust::Listener);
+        let rls = tonic::transport::Server::builder()
+            .layer(RpcMetricsLayer)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(envoy)
+            .add_service(kuadrant);
+        servers.extend(serve_on_arbiters(&engine, listener, rls, &stop_rx)?);
+    }
+    let failed = until_shutdown_or_failure(&mut servers, shutdown).await;
+    health_follows_wal.abort();
+    set_not_serving(&health).await;
+    tracing::info!("health: NOT_SERVING, shutting down");
+    let _ = stop_tx.send(true);
+    end_health_watches(health).await;
+    stop_servers(servers, failed).await
+}
+
+/// Server reflection, v1 and v1alpha (grpcurl and Postman speak either),
+/// for every service quotad serves.
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(quotad_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let failed = |e: tonic_reflection::server::Error| {
+        ServeError::Listener(std::io::Error::other(format!("gRPC reflection: {e}")))
+    };
+    Ok((
+        builder().build_v1().map_err(failed)?,
+        builder().build_v1alpha().map_err(failed)?,
+    ))
+}
+
+/// Serves `router` on `listener` from every actor thread: each runs an
+/// accept loop on the same socket, until `stop` says so.
+fn serve_on_arbiters(
+    engine: &Engine,
+    listener: TcpListener,
+    router: Router,
+    stop: &watch::Receiver<bool>,
+) -> Result<Vec<Served>, ServeError> {
+    let listener = listener.into_std().map_err(ServeError::Listener)?;
     let mut servers = Vec::new();
     for arbiter in engine.arbiters() {
         let listener = listener.try_clone().map_err(ServeError::Listener)?;
-        let router = tonic::transport::Server::builder()
-            .layer(RpcMetricsLayer)
-            .add_service(health_service.clone())
-            .add_service(gate.clone())
-            .add_service(admin.clone());
-        let mut stop = stop_rx.clone();
+        let router = router.clone();
+        let mut stop = stop.clone();
         let (done_tx, done_rx) = oneshot::channel();
         let spawned = arbiter.spawn(async move {
             let served = async {
@@ -104,13 +196,7 @@ pub(super) async fn serve_grpc(
         }
         servers.push(done_rx);
     }
-    let failed = until_shutdown_or_failure(&mut servers, shutdown).await;
-    health_follows_wal.abort();
-    set_not_serving(&health).await;
-    tracing::info!("health: NOT_SERVING, shutting down");
-    let _ = stop_tx.send(true);
-    end_health_watches(health).await;
-    stop_servers(servers, failed).await
+    Ok(servers)
 }
 
 /// Runs until asked to stop (None), or until one server ends: its index and
@@ -153,10 +239,12 @@ async fn stop_servers(
 
 /// Every name the health service answers for: the server as a whole ("")
 /// and each service.
-const HEALTH_SERVICES: [&str; 3] = [
+const HEALTH_SERVICES: [&str; 5] = [
     "",
     <QuotaGateServer<GateService> as NamedService>::NAME,
     <QuotaAdminServer<AdminService> as NamedService>::NAME,
+    <EnvoyRlsServer<RateLimiter> as NamedService>::NAME,
+    <KuadrantRlsServer<RateLimiter> as NamedService>::NAME,
 ];
 
 /// Says NOT_SERVING once the WAL is poisoned: every change would be refused,
@@ -167,7 +255,7 @@ async fn follow_wal(health: HealthReporter, wal: Wal) {
     tracing::error!(%reason, "health: NOT_SERVING, the write-ahead log failed");
 }
 
-/// For QuotaGate, QuotaAdmin and the server as a whole.
+/// For every service and the server as a whole.
 async fn set_not_serving(health: &HealthReporter) {
     for service in HEALTH_SERVICES {
         health

@@ -99,6 +99,9 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// None: no metrics endpoint.
     pub metrics: Option<TcpListener>,
+    /// The gateways' rate limit protocols without tokens; None: only on
+    /// the gRPC port.
+    pub rls: Option<TcpListener>,
 }
 
 /// Runs quotad on the sled log in `data_dir` until `shutdown` resolves, then
@@ -182,8 +185,9 @@ pub async fn serve_on_clock(
         analytics,
         wal: wal.clone(),
         auth,
+        domains: Arc::new(config.rls_domains()?),
     };
-    let served = serve_grpc(listeners.grpc, grpc, &config, shutdown).await;
+    let served = serve_grpc(listeners.grpc, listeners.rls, grpc, &config, shutdown).await;
     for task in [metrics_task, alerts_task].into_iter().flatten() {
         task.abort();
     }

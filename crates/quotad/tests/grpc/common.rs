@@ -73,6 +73,8 @@ pub async fn clients_as(addr: SocketAddr, token: &str) -> (AdminClient, GateClie
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The rate limit listener (Envoy's and Kuadrant's protocols, no tokens).
+    pub rls_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -110,11 +112,14 @@ impl TestServer {
     ) -> Self {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rls = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, metrics_addr) = (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let rls_addr = rls.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let listeners = Listeners {
             grpc,
             metrics: Some(metrics),
+            rls: Some(rls),
         };
         let shutdown = async move {
             let _ = rx.await;
@@ -129,6 +134,7 @@ impl TestServer {
         let server = Self {
             addr,
             metrics_addr,
+            rls_addr,
             shutdown: Some(tx),
             task: Some(task),
         };
@@ -226,6 +232,7 @@ impl ProcessServer {
                 "--grpc-addr",
                 grpc_addr,
                 "--no-metrics",
+                "--no-rls",
                 "--durability",
                 durability,
             ])

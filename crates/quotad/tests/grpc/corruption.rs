@@ -55,7 +55,13 @@ enum Outcome {
 /// unit and id is there, and panics (naming `case`) on anything else.
 async fn outcome(case: &str, data: &Path, extra: &[&str]) -> Outcome {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quotad"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--no-rls",
+        ])
         .arg("--data-dir")
         .arg(data)
         .args(extra)

@@ -18,6 +18,7 @@ mod offline_client;
 mod overspend;
 mod quotactl;
 mod quotactl_fake;
+mod rls;
 mod stress;
 mod sync;
 mod tenants;

@@ -558,6 +558,7 @@ async fn the_server_refuses_to_start_without_a_key_unless_told_it_is_a_dev_lapto
         quotad::server::Listeners {
             grpc: listener,
             metrics: None,
+            rls: None,
         },
         config,
         std::future::pending(),

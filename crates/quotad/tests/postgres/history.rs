@@ -36,7 +36,13 @@ fn process_with(data_dir: &Path, url: &str, extra: &[&str]) -> ProcessServer {
 /// as it must when it refuses the directory; its status and stderr.
 fn start_expecting_refusal(data_dir: &Path, url: &str) -> (ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_quotad"))
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--no-metrics"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--no-metrics",
+            "--no-rls",
+        ])
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--database-url", url])
@@ -238,6 +244,7 @@ async fn history_a_data_directory_of_another_history_is_refused_and_postgres_kee
     let listeners = quotad::server::Listeners {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         metrics: None,
+        rls: None,
     };
     let refused = quotad::server::serve(listeners, config, std::future::pending()).await;
     let message = refused.expect_err("another history").to_string();
@@ -324,6 +331,7 @@ async fn history_recovering_from_postgres_needs_postgres_to_answer() {
     let listeners = quotad::server::Listeners {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         metrics: None,
+        rls: None,
     };
     let refused = quotad::server::serve(listeners, config, std::future::pending()).await;
     let message = refused.expect_err("nothing to recover from").to_string();

@@ -445,6 +445,7 @@ async fn quotad_starts_while_postgres_is_down_and_catches_it_up_when_it_answers(
     let listeners = quotad::server::Listeners {
         grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
         metrics: None,
+        rls: None,
     };
     let refused = quotad::server::serve(listeners, config, std::future::pending()).await;
     let message = refused.expect_err("no state to start from").to_string();

@@ -132,6 +132,14 @@ impl TeacherMachine {
             message: reason
                 .map(|r| self.account.explain(service, r, units))
                 .unwrap_or_default(),
+            allocated_units: self
+                .account
+                .slices
+                .get(service)
+                .map_or(0, |slice| slice.allocated_units),
+            // An account's cycle is always one its anchor can give; 0 (an
+            // unknown end) only if that ever changed.
+            cycle_end_ms: self.account.cycle().map_or(0, |cycle| cycle.end_ms),
         }
     }
 
