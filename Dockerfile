@@ -28,7 +28,11 @@ ENV QUOTAD_GRPC_ADDR=0.0.0.0:50051 \
     QUOTAD_METRICS_ADDR=0.0.0.0:9464 \
     QUOTAD_DATA_DIR=/var/lib/quotad \
     QUOTAD_LOG=info
-EXPOSE 50051 9464
+# The gateways' rate limit listener takes no tokens, so it stays on the
+# container's loopback unless told otherwise: with the gateway on a network
+# of its own, set QUOTAD_RLS_ADDR=0.0.0.0:8081 and QUOTAD_RLS_ALLOW_PUBLIC=true
+# (README, "Behind an AI gateway"); its domains come from the config file.
+EXPOSE 50051 9464 8081
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/quotad"]
 CMD ["serve"]

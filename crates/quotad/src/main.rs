@@ -89,6 +89,11 @@ struct ServeArgs {
     /// No rate limit listener (the protocols stay on the gRPC port, with tokens).
     #[arg(long)]
     no_rls: bool,
+    /// Let --rls-addr be a public or unspecified (0.0.0.0) address: whoever
+    /// reaches it may charge the domains' schools (e.g. in a container whose
+    /// network only the gateway shares).
+    #[arg(long, env = "QUOTAD_RLS_ALLOW_PUBLIC")]
+    rls_allow_public: bool,
     #[arg(long, env = "QUOTAD_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// sync: acknowledge after the WAL flush; batched: at once, flushed every few ms.
@@ -168,6 +173,7 @@ impl ServeArgs {
             config.auth_key = Some(quotad::config::Secret(key.clone()));
         }
         config.insecure_dev |= self.insecure_dev;
+        config.rls_allow_public |= self.rls_allow_public;
         config.accept_data_loss |= self.accept_data_loss;
         config.validate()?;
         Ok(config)

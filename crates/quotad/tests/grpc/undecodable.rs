@@ -21,6 +21,8 @@ use crate::common::{self, *};
 
 const CONSUME: &str = "/quotad.v1.QuotaGate/Consume";
 const SET_ALLOCATION: &str = "/quotad.v1.QuotaAdmin/SetAllocation";
+const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+const KUADRANT_RESERVE: &str = "/kuadrant.service.ratelimit.v1.RateLimitService/Reserve";
 
 /// Field 1 (school_id), wire type 2 (length-delimited), two bytes that are
 /// not UTF-8 (0xc3 starts a two-byte sequence; 0x28 cannot continue it).
@@ -132,8 +134,16 @@ async fn garbage_bytes_are_invalid_argument_and_change_nothing() {
         "quotad.v1.ConsumeRequest",
     );
     assert_undecodable(
-        call_raw(&server, SET_ALLOCATION, garbage).await,
+        call_raw(&server, SET_ALLOCATION, garbage.clone()).await,
         "quotad.v1.SetAllocationRequest",
+    );
+    assert_undecodable(
+        call_raw(&server, SHOULD_RATE_LIMIT, garbage.clone()).await,
+        "envoy.service.ratelimit.v3.RateLimitRequest",
+    );
+    assert_undecodable(
+        call_raw(&server, KUADRANT_RESERVE, garbage).await,
+        "kuadrant.service.ratelimit.v1.ReserveRequest",
     );
 
     assert_eq!(state(&server).await, before, "garbage changed the state");
