@@ -67,6 +67,8 @@ pub const ALL_NAMES: &[&str] = &[
     POOL_SCHOOLS_OMITTED,
     ALERTS_ACTIVE,
     ALERTS_FAILURES_TOTAL,
+    RLS_REQUESTS_TOTAL,
+    RLS_UNKNOWN_SLICE_TOTAL,
 ];
 
 /// Distinct service types that get their own `service` label on decisions;

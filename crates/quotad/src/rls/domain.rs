@@ -167,7 +167,8 @@ impl Domains {
     }
 }
 
-/// Domain names are metric labels and log fields: short and plain.
+/// Domain names are metric labels and log fields: short and plain (`/`
+/// too, for Envoy Gateway's `<namespace>/<gateway>/<listener>`).
 const DOMAIN_NAME_BYTES_MAX: usize = 64;
 
 impl Domain {
@@ -180,10 +181,10 @@ impl Domain {
             && table
                 .name
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:/".contains(&b));
         if !name_ok {
             return Err(problem(format!(
-                "name must be 1-{DOMAIN_NAME_BYTES_MAX} bytes of letters, digits and _ - . :"
+                "name must be 1-{DOMAIN_NAME_BYTES_MAX} bytes of letters, digits and _ - . : /"
             )));
         }
         let schools = match table.schools.as_slice() {
@@ -296,6 +297,11 @@ mod tests {
     #[test]
     fn a_domain_names_its_schools() {
         let domains = Domains::new(&[table("gw", &["oak", "elm"])], false, 60_000).unwrap();
+        let generated = Domains::new(&[table("infra/eg/http", &["*"])], false, 60_000).unwrap();
+        assert!(
+            generated.get("infra/eg/http").is_some(),
+            "Envoy Gateway's names"
+        );
         let gw = domains.get("gw").unwrap();
         assert!(gw.schools.allows(&SchoolId::parse("oak").unwrap()));
         assert!(!gw.schools.allows(&SchoolId::parse("ash").unwrap()));

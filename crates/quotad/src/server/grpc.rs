@@ -99,7 +99,7 @@ pub(super) async fn serve_grpc(
     let (envoy, kuadrant) = limiters(Trust::Token);
     let envoy = InterceptedService::new(envoy, interceptor.clone());
     let kuadrant = InterceptedService::new(kuadrant, interceptor);
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(None)?;
     let main = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer)
         .add_service(health_service.clone())
@@ -113,6 +113,11 @@ pub(super) async fn serve_grpc(
     let mut servers = serve_on_arbiters(&engine, listener, main, &stop_rx)?;
     if let Some(listener) = rls_listener {
         let (envoy, kuadrant) = limiters(Trust::Listener);
+        let (reflection_v1, reflection_v1alpha) = reflection(Some(&[
+            <EnvoyRlsServer<RateLimiter> as NamedService>::NAME,
+            <KuadrantRlsServer<RateLimiter> as NamedService>::NAME,
+            HEALTH_SERVICE,
+        ]))?;
         let rls = tonic::transport::Server::builder()
             .layer(RpcMetricsLayer)
             .add_service(health_service)
@@ -131,9 +136,15 @@ pub(super) async fn serve_grpc(
     stop_servers(servers, failed).await
 }
 
-/// Server reflection, v1 and v1alpha (grpcurl and Postman speak either),
-/// for every service quotad serves.
-fn reflection() -> Result<
+/// The health service's name, as reflection lists it.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Server reflection, v1 and v1alpha (grpcurl and Postman speak either):
+/// every service of quotad's, or (on the rate limit listener) only those
+/// named, so that a port lists what it serves.
+fn reflection(
+    only: Option<&[&'static str]>,
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -145,9 +156,22 @@ fn reflection() -> Result<
     ServeError,
 > {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(quotad_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if let Some(names) = only {
+            for name in names {
+                builder = builder.with_service_name(*name);
+            }
+            // Named services replace the default list, reflection's own too.
+            for reflection in [
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ] {
+                builder = builder.with_service_name(reflection);
+            }
+        }
+        builder
     };
     let failed = |e: tonic_reflection::server::Error| {
         ServeError::Listener(std::io::Error::other(format!("gRPC reflection: {e}")))

@@ -194,7 +194,7 @@ fn documented_metrics() -> BTreeSet<String> {
 
 /// Documented families with no series on a fresh server, and why: their
 /// labels name things that do not exist yet.
-const ONLY_AFTER_USE: [(&str, &str); 5] = [
+const ONLY_AFTER_USE: [(&str, &str); 7] = [
     (
         telemetry::DECISIONS_TOTAL,
         "labelled by service type, which only schools have; a series per decision made",
@@ -206,6 +206,14 @@ const ONLY_AFTER_USE: [(&str, &str); 5] = [
     (telemetry::POOL_CYCLE_UNITS, "labelled by school: none yet"),
     (telemetry::POOL_ALLOCATED_UNITS, "labelled by school: none yet"),
     (telemetry::POOL_USED_UNITS, "labelled by school: none yet"),
+    (
+        telemetry::RLS_REQUESTS_TOTAL,
+        "labelled by domain and answer: a series per kind of rate limit call answered",
+    ),
+    (
+        telemetry::RLS_UNKNOWN_SLICE_TOTAL,
+        "labelled by domain: a series once a descriptor named no known slice",
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread")]
