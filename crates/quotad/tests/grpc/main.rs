@@ -5,6 +5,7 @@
 mod admin;
 mod bad_input;
 mod common;
+mod contract;
 mod corruption;
 mod crash;
 mod crash_restart;
