@@ -188,7 +188,7 @@ impl Default for Config {
 
 /// Loopback, or an address of a private network (RFC 1918, link-local,
 /// IPv6 unique local): where the rate limit listener may be bound by default.
-fn is_private(ip: IpAddr) -> bool {
+pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
         IpAddr::V6(v6) => {

@@ -92,7 +92,12 @@ struct ServeArgs {
     /// Let --rls-addr be a public or unspecified (0.0.0.0) address: whoever
     /// reaches it may charge the domains' schools (e.g. in a container whose
     /// network only the gateway shares).
-    #[arg(long, env = "QUOTAD_RLS_ALLOW_PUBLIC")]
+    #[arg(
+        long,
+        env = "QUOTAD_RLS_ALLOW_PUBLIC",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
     rls_allow_public: bool,
     #[arg(long, env = "QUOTAD_DATA_DIR")]
     data_dir: Option<PathBuf>,

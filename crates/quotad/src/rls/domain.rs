@@ -233,6 +233,13 @@ impl Domain {
         if distinct.len() != keys.len() {
             return Err(problem("its descriptor keys must all differ".into()));
         }
+        if table.holds && table.event_key.is_empty() {
+            return Err(problem(
+                "holds = true needs an event_key: the stream-done call finds its hold by the \
+                 event id"
+                    .into(),
+            ));
+        }
         if table.hold_ttl_ms > hold_ttl_ms_max {
             return Err(problem(format!(
                 "hold_ttl_ms is {}; a hold may live at most {hold_ttl_ms_max} ms",
@@ -343,6 +350,14 @@ mod tests {
                     ..table("gw", &["*"])
                 },
                 "hold_ttl_ms",
+            ),
+            (
+                DomainConfig {
+                    holds: true,
+                    event_key: String::new(),
+                    ..table("gw", &["*"])
+                },
+                "needs an event_key",
             ),
         ];
         for (bad, says) in cases {

@@ -61,15 +61,37 @@ pub struct Item {
     pub target: Target,
     /// 0: a pure check.
     pub units: u64,
-    /// The id this descriptor's charge carries (a slice's only); None
-    /// when the request carries none. A stream-done charge's id is its own
-    /// (`<id>:done`), so that the usage it reports is not taken for a
-    /// retry of the request-path consume of the same event.
-    pub event_id: Option<EventId>,
-    /// The hold a request-path reserve makes, and its stream-done commit
-    /// ends: the event's id (a slice's only; None without an event id).
-    pub hold_id: Option<ReservationId>,
+    /// The ids this descriptor's charge carries (a slice's only); None
+    /// when the request carries none. Every one is checked here, so that
+    /// no id of a slice can be refused after another slice was charged.
+    pub ids: Option<SliceIds>,
     pub model: Arc<str>,
+}
+
+/// The ids of one slice's charge for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceIds {
+    /// A request-path consume's.
+    pub event: EventId,
+    /// Usage that already happened (a stream-done call, a Report, a
+    /// commit of a hold quotad does not know): its own id (`<id>:done`),
+    /// so that it is not taken for a retry of the request-path consume of
+    /// the same event.
+    pub done: EventId,
+    /// The hold a reserve makes and its commit ends.
+    pub hold: ReservationId,
+}
+
+/// Where a request's event id comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum EventSource<'a> {
+    /// The domain's event entry, if a descriptor has one.
+    Descriptors,
+    /// That entry, else this id (Kuadrant's Reserve: a fresh one).
+    DescriptorsOr(&'a str),
+    /// This id, whatever the descriptors say (Kuadrant's Commit: the
+    /// reservation id), named by this field in errors.
+    Given(&'a str, &'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,13 +121,23 @@ pub enum Units {
     Amount(u64),
 }
 
-/// The id the k-th slice of a request charges with: the request's own for
-/// the first, `<id>#<k>` after, so that each slice counts the event once
-/// and a retry (the same descriptors) finds the same ids.
-pub fn derived_id(base: &str, k: usize) -> String {
-    match k {
-        0 => base.to_string(),
-        k => format!("{base}#{k}"),
+/// The id a slice charges an event with. Ids are per teacher, so the
+/// event's own id serves every teacher the request names, whatever the
+/// order of its descriptors; a teacher named with several service types
+/// gets `<id>#<service type>` for each, so that each counts once.
+pub fn slice_id(base: &str, service: &ServiceType, teacher_has_several: bool) -> String {
+    match teacher_has_several {
+        false => base.to_string(),
+        true => format!("{base}#{service}"),
+    }
+}
+
+/// The id of the `repeat`-th descriptor (from 0) of a request that names
+/// the same slice again: `<id>#<repeat>` after the first.
+fn repeated_id(id: &str, repeat: usize) -> String {
+    match repeat {
+        0 => id.to_string(),
+        n => format!("{id}#{n}"),
     }
 }
 
@@ -140,6 +172,7 @@ pub fn plan(
     descriptors: &[RateLimitDescriptor],
     units: Units,
     phase: Option<Phase>,
+    events: EventSource,
     units_max: u64,
 ) -> Result<Plan, RlsError> {
     if descriptors.is_empty() {
@@ -166,13 +199,13 @@ pub fn plan(
         Some(phase) => phase,
         None => request_phase(&mapped)?,
     };
-    // The descriptor's own event entry, else the request's first.
-    let request_event = mapped
-        .iter()
-        .enumerate()
-        .find_map(|(i, m)| m.event.map(|(j, value)| (i, j, value)));
+    // The descriptor's own event entry, else the request's first; the
+    // field that names it when it is refused.
+    let request_event = mapped.iter().enumerate().find_map(|(i, m)| {
+        m.event
+            .map(|(j, value)| (value_field(i, j), "event_id: ", value))
+    });
     let mut items = Vec::with_capacity(descriptors.len());
-    let mut slices = 0;
     for (i, (descriptor, m)) in descriptors.iter().zip(&mapped).enumerate() {
         let units = item_units(i, descriptor, units, units_max)?;
         let model = match m.model {
@@ -181,40 +214,106 @@ pub fn plan(
             None => Arc::from(""),
         };
         let target = target(domain, i, m)?;
-        let event = m.event.map(|(j, value)| (i, j, value)).or(request_event);
-        let (event_id, hold_id) = match (&target, event) {
-            (Target::Slice(_), Some((ei, ej, base))) => {
-                let bad = |e: InvalidInput| {
-                    invalid(value_field(ei, ej), format!("event_id: {}", e.problem))
-                };
-                let id = derived_id(base, slices);
-                let event_id = match phase {
-                    Phase::Request => EventId::parse(&id),
-                    Phase::StreamDone => EventId::parse(&done_id(&id)),
-                }
-                .map_err(bad)?;
-                (
-                    Some(event_id),
-                    Some(ReservationId::parse(&id).map_err(bad)?),
-                )
-            }
-            _ => (None, None),
+        let own = m
+            .event
+            .map(|(j, value)| (value_field(i, j), "event_id: ", value));
+        let event = match events {
+            EventSource::Given(id, field) => Some((field.to_string(), "", id)),
+            EventSource::Descriptors => own.or_else(|| request_event.clone()),
+            EventSource::DescriptorsOr(id) => own
+                .or_else(|| request_event.clone())
+                .or_else(|| Some(("descriptors".to_string(), "", id))),
         };
-        if matches!(target, Target::Slice(_)) {
-            slices += 1;
-        }
-        items.push(Item {
-            target,
-            units,
-            event_id,
-            hold_id,
-            model,
-        });
+        items.push((target, units, model, event));
     }
+    let several = teachers_with_several_services(&items);
+    // How often each slice was named so far: the same slice named twice
+    // counts twice, as in Envoy's own service.
+    let mut named: Vec<&SliceRef> = Vec::new();
+    let slices: Vec<Option<SliceRef>> = items
+        .iter()
+        .map(|(target, ..)| match target {
+            Target::Slice(slice) => Some(slice.clone()),
+            _ => None,
+        })
+        .collect();
+    let repeats: Vec<usize> = slices
+        .iter()
+        .map(|slice| match slice {
+            Some(slice) => {
+                let before = named.iter().filter(|s| **s == slice).count();
+                named.push(slice);
+                before
+            }
+            None => 0,
+        })
+        .collect();
+    let items = items
+        .into_iter()
+        .zip(repeats)
+        .map(|((target, units, model, event), repeat)| {
+            let ids = match (&target, event) {
+                (Target::Slice(slice), Some((field, label, base))) => {
+                    let split = several.contains(&slice.teacher);
+                    let id = repeated_id(&slice_id(base, &slice.service, split), repeat);
+                    Some(slice_ids(&id, field, label)?)
+                }
+                _ => None,
+            };
+            let needs_hold = domain.holds && phase == Phase::Request && units > 0;
+            if needs_hold && ids.is_none() && matches!(target, Target::Slice(_)) {
+                return Err(invalid(
+                    "descriptors".into(),
+                    format!(
+                        "domain {:?} holds units until the stream-done call, which finds its hold \
+                         by the event id: give every request one ({})",
+                        domain.name,
+                        domain.event_key.as_deref().unwrap_or("event_key")
+                    ),
+                ));
+            }
+            Ok(Item {
+                target,
+                units,
+                ids,
+                model,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Plan {
         phase,
         items,
         event_id: request_event.map(|(_, _, value)| value.to_string()),
+    })
+}
+
+/// The teachers a request names with more than one service type.
+fn teachers_with_several_services<T>(items: &[(Target, u64, Arc<str>, T)]) -> Vec<TeacherRef> {
+    let mut seen: Vec<(&TeacherRef, &ServiceType)> = Vec::new();
+    let mut several = Vec::new();
+    for (target, ..) in items {
+        let Target::Slice(slice) = target else {
+            continue;
+        };
+        let other_service = seen
+            .iter()
+            .any(|(teacher, service)| **teacher == slice.teacher && **service != slice.service);
+        if other_service && !several.contains(&slice.teacher) {
+            several.push(slice.teacher.clone());
+        }
+        seen.push((&slice.teacher, &slice.service));
+    }
+    several
+}
+
+/// A slice's three ids for the event `id`, each checked (`field` names the
+/// id's source when one is too long, `label` what it was read as).
+fn slice_ids(id: &str, field: String, label: &str) -> Result<SliceIds, RlsError> {
+    let bad = |e: InvalidInput| invalid(field.clone(), format!("{label}{}", e.problem));
+    Ok(SliceIds {
+        event: EventId::parse(id).map_err(bad)?,
+        done: EventId::parse(&done_id(id)).map_err(bad)?,
+        hold: ReservationId::parse(id).map_err(bad)?,
     })
 }
 
@@ -392,6 +491,11 @@ mod tests {
         }
     }
 
+    fn with_hits(mut d: RateLimitDescriptor, hits: u64) -> RateLimitDescriptor {
+        d.hits_addend = Some(hits);
+        d
+    }
+
     fn slice_of(entries: &[(&str, &str)]) -> RateLimitDescriptor {
         let mut all = vec![
             ("school_id", "oak"),
@@ -403,13 +507,28 @@ mod tests {
     }
 
     fn read(d: &Domain, descriptors: &[RateLimitDescriptor], hits: u32) -> Plan {
-        plan(d, descriptors, Units::Hits(hits), None, 1_000_000).unwrap()
+        plan(
+            d,
+            descriptors,
+            Units::Hits(hits),
+            None,
+            EventSource::Descriptors,
+            1_000_000,
+        )
+        .unwrap()
     }
 
     fn error(d: &Domain, descriptors: &[RateLimitDescriptor]) -> String {
-        plan(d, descriptors, Units::Hits(1), None, 1_000_000)
-            .unwrap_err()
-            .to_string()
+        plan(
+            d,
+            descriptors,
+            Units::Hits(1),
+            None,
+            EventSource::Descriptors,
+            1_000_000,
+        )
+        .unwrap_err()
+        .to_string()
     }
 
     #[test]
@@ -472,64 +591,136 @@ mod tests {
         );
         let p = read(&d, &[slice_of(&[])], 40);
         assert_eq!(p.items[0].units, 40);
-        let amount = plan(&d, &[slice_of(&[])], Units::Amount(9), None, 100).unwrap();
+        let amount = plan(
+            &d,
+            &[slice_of(&[])],
+            Units::Amount(9),
+            None,
+            EventSource::Descriptors,
+            100,
+        )
+        .unwrap();
         assert_eq!(amount.items[0].units, 9);
-        let too_many = plan(&d, &[slice_of(&[])], Units::Hits(101), None, 100).unwrap_err();
+        let too_many = plan(
+            &d,
+            &[slice_of(&[])],
+            Units::Hits(101),
+            None,
+            EventSource::Descriptors,
+            100,
+        )
+        .unwrap_err();
         assert!(too_many.to_string().starts_with("hits_addend: is 101"));
         let mut big = slice_of(&[]);
         big.hits_addend = Some(u64::MAX);
-        let too_many = plan(&d, &[big], Units::Hits(1), None, 100).unwrap_err();
+        let too_many = plan(
+            &d,
+            &[big],
+            Units::Hits(1),
+            None,
+            EventSource::Descriptors,
+            100,
+        )
+        .unwrap_err();
         assert!(too_many
             .to_string()
             .starts_with("descriptors[1].hits_addend"));
     }
 
     #[test]
-    fn each_slice_gets_its_own_id_from_the_requests_event() {
+    fn each_slice_charges_the_requests_event_whatever_the_order() {
         let d = domain(|_| {});
-        let other = descriptor(
-            &[
-                ("school_id", "oak"),
-                ("teacher_id", "mr-ash"),
-                ("service_type", "chat"),
-            ],
-            None,
-        );
-        let p = read(
-            &d,
-            &[
-                descriptor(&[("event_id", "req-1")], None),
-                slice_of(&[]),
-                other,
-            ],
-            0,
-        );
-        let ids: Vec<_> = p
-            .items
-            .iter()
-            .map(|i| i.event_id.as_ref().map(|e| e.as_str().to_string()))
-            .collect();
-        assert_eq!(ids, [None, Some("req-1".into()), Some("req-1#1".into())]);
+        let ash = |service: &str| {
+            descriptor(
+                &[
+                    ("school_id", "oak"),
+                    ("teacher_id", "mr-ash"),
+                    ("service_type", service),
+                ],
+                None,
+            )
+        };
+        let ids = |p: &Plan| -> Vec<Option<(String, String, String)>> {
+            p.items
+                .iter()
+                .map(|i| {
+                    i.ids.as_ref().map(|ids| {
+                        (
+                            ids.event.as_str().to_string(),
+                            ids.done.as_str().to_string(),
+                            ids.hold.as_str().to_string(),
+                        )
+                    })
+                })
+                .collect()
+        };
+        let own = |id: &str| Some((id.to_string(), format!("{id}:done"), id.to_string()));
+        let event = descriptor(&[("event_id", "req-1")], None);
+        let p = read(&d, &[event.clone(), slice_of(&[]), ash("chat")], 0);
+        assert_eq!(ids(&p), [None, own("req-1"), own("req-1")]);
         assert_eq!(p.event_id.as_deref(), Some("req-1"));
-        assert_eq!(p.items[2].hold_id.as_ref().unwrap().as_str(), "req-1#1");
-        let done = read(
-            &d,
-            &[slice_of(&[
-                ("event_id", "req-1"),
-                ("quotad_phase", "stream_done"),
-            ])],
-            0,
-        );
-        assert_eq!(
-            done.items[0].event_id.as_ref().unwrap().as_str(),
-            "req-1:done"
-        );
-        assert_eq!(done.items[0].hold_id.as_ref().unwrap().as_str(), "req-1");
+        // Another order, or a subset: the same ids for the same slices.
+        let p = read(&d, &[ash("chat"), event.clone()], 0);
+        assert_eq!(ids(&p), [own("req-1"), None]);
+        // One teacher with two service types: one id per service type.
+        let p = read(&d, &[ash("chat"), event.clone(), ash("images")], 0);
+        assert_eq!(ids(&p), [own("req-1#chat"), None, own("req-1#images")]);
+        // The same slice twice counts twice.
+        let p = read(&d, &[ash("chat"), event, ash("chat")], 0);
+        assert_eq!(ids(&p), [own("req-1"), None, own("req-1#1")]);
         let none = read(&d, &[slice_of(&[])], 0);
-        assert_eq!(none.items[0].event_id, None);
+        assert_eq!(none.items[0].ids, None);
         let off = domain(|t| t.event_key = String::new());
         let p = read(&off, &[slice_of(&[("event_id", "req-1")])], 0);
-        assert_eq!(p.items[0].event_id, None);
+        assert_eq!(p.items[0].ids, None);
+    }
+
+    #[test]
+    fn every_id_a_slice_may_need_is_checked_before_anything_is_charged() {
+        let d = domain(|_| {});
+        // 124 bytes: the event's own id fits, "<id>:done" does not.
+        let long = "e".repeat(124);
+        let error = error(&d, &[slice_of(&[("event_id", &long)])]);
+        assert!(
+            error.starts_with("descriptors[1].entries[4].value: event_id: is 129 bytes"),
+            "{error}"
+        );
+        let given = plan(
+            &d,
+            &[slice_of(&[])],
+            Units::Amount(1),
+            Some(Phase::StreamDone),
+            EventSource::Given(&long, "reservation_id"),
+            10,
+        )
+        .unwrap_err();
+        assert!(
+            given.to_string().starts_with("reservation_id: is 129"),
+            "{given}"
+        );
+        let fresh = plan(
+            &d,
+            &[slice_of(&[])],
+            Units::Amount(1),
+            Some(Phase::Request),
+            EventSource::DescriptorsOr("rls-1"),
+            10,
+        )
+        .unwrap();
+        assert_eq!(fresh.items[0].ids.as_ref().unwrap().hold.as_str(), "rls-1");
+    }
+
+    #[test]
+    fn a_holds_domain_needs_an_event_id_to_find_the_hold_again() {
+        let holds = domain(|t| t.holds = true);
+        let error = error(&holds, &[slice_of(&[])]);
+        assert!(
+            error.starts_with("descriptors: domain \"gw\" holds units"),
+            "{error}"
+        );
+        read(&holds, &[slice_of(&[("event_id", "r1")])], 1);
+        // A pure check holds nothing: no id needed.
+        read(&holds, &[with_hits(slice_of(&[]), 0)], 1);
     }
 
     #[test]
@@ -559,6 +750,7 @@ mod tests {
             &[slice_of(&[("quotad_phase", "request")])],
             Units::Hits(1),
             Some(Phase::StreamDone),
+            EventSource::Descriptors,
             10,
         )
         .unwrap();

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::answer::{response, Outcome, SliceState};
 use super::domain::{Domain, Domains};
-use super::plan::{derived_id, done_id, plan, Item, Phase, Plan, SliceRef, Target, Units};
+use super::plan::{plan, EventSource, Item, Phase, Plan, SliceIds, SliceRef, Target, Units};
 use super::RlsError;
 use crate::api::status::rls_status;
 use crate::auth::{authorize, Action, Caller};
@@ -132,7 +132,9 @@ impl RateLimiter {
     }
 
     /// ShouldRateLimit, CheckRateLimit and Report: each descriptor decided
-    /// (or charged) on its own, as Envoy's own service does.
+    /// (or charged) on its own, as Envoy's own service does: an answer
+    /// OVER_LIMIT for one descriptor still charges the others (Kuadrant's
+    /// Reserve is the all-or-none call).
     async fn rate_limit(
         &self,
         caller: Option<&Caller>,
@@ -150,33 +152,43 @@ impl RateLimiter {
             &request.descriptors,
             Units::Hits(request.hits_addend),
             phase,
+            EventSource::Descriptors,
             self.units_max(),
         )?;
         self.admit(domain, caller, &plan, method.action(plan.phase))?;
-        let mut outcomes = Vec::with_capacity(plan.items.len());
-        for item in &plan.items {
-            let outcome = match &item.target {
-                Target::Unmapped => Outcome::Ignored,
-                Target::Partial => Outcome::Unknown,
-                Target::Slice(slice) => {
-                    let decided = match plan.phase {
-                        Phase::Request => self.decide(domain, slice, item).await,
-                        Phase::StreamDone => self.report(domain, slice, item).await,
-                    };
-                    known_or_unknown(slice, decided)?
-                }
-            };
-            if outcome == Outcome::Unknown {
-                telemetry::rls_unknown_slice(&domain.name, domain.unknown_slice.as_str());
-                tracing::info!(
-                    domain = %domain.name,
-                    answer = domain.unknown_slice.as_str(),
-                    "rate limit descriptor names no known slice"
-                );
-            }
-            outcomes.push(outcome);
-        }
+        // Kuadrant's CheckRateLimit only checks, as Limitador's does: the
+        // usage comes with Report.
+        let check_only = method == Method::CheckRateLimit;
+        let outcomes = futures::future::join_all(
+            plan.items
+                .iter()
+                .map(|item| self.outcome(domain, plan.phase, check_only, item)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+        count_unknown(domain, &outcomes);
         Ok(response(domain, &outcomes, self.engine.clock().now_ms()))
+    }
+
+    async fn outcome(
+        &self,
+        domain: &Domain,
+        phase: Phase,
+        check_only: bool,
+        item: &Item,
+    ) -> Result<Outcome, RlsError> {
+        let slice = match &item.target {
+            Target::Unmapped => return Ok(Outcome::Ignored),
+            Target::Partial => return Ok(Outcome::Unknown),
+            Target::Slice(slice) => slice,
+        };
+        let decided = match phase {
+            _ if check_only => self.peek(slice, item.units.max(1)).await,
+            Phase::Request => self.decide(domain, slice, item).await,
+            Phase::StreamDone => self.report(domain, slice, item).await,
+        };
+        known_or_unknown(slice, decided)
     }
 
     /// The request path: a pure check (0 units), a consume, or a hold.
@@ -187,65 +199,100 @@ impl RateLimiter {
         item: &Item,
     ) -> Result<Decision, EngineError> {
         if item.units == 0 {
-            return self.peek(slice).await;
+            return self.peek(slice, 1).await;
         }
         if domain.holds {
-            let hold = HoldRequest {
-                service: slice.service.clone(),
-                units: item.units,
-                ttl_ms: domain.hold_ttl_ms,
-                reservation_id: item.hold_id.clone().unwrap_or_else(fresh_reservation_id),
-                model: item.model.clone(),
-            };
-            let (decision, _) = self.engine.reserve(&slice.teacher, Reserve(hold)).await?;
-            return Ok(decision);
+            // The plan refuses a holds request without an event id.
+            let ids = item.ids.as_ref().ok_or_else(|| {
+                EngineError::Internal("a hold was planned without an event id".into())
+            })?;
+            return self
+                .hold(slice, item, ids.hold.clone(), domain.hold_ttl_ms)
+                .await;
         }
         let consume = Consume {
             service: slice.service.clone(),
             units: item.units,
-            event_id: item.event_id.clone().unwrap_or_else(fresh_event_id),
+            event_id: item
+                .ids
+                .as_ref()
+                .map(|ids| ids.event.clone())
+                .unwrap_or_else(fresh_event_id),
             occurred_at_ms: 0,
             model: item.model.clone(),
         };
         self.engine.consume(&slice.teacher, consume).await
     }
 
-    /// Whether one more unit may be spent now: what a pure check answers,
+    /// A hold of the item's units. A hold the rules cannot make now (the
+    /// teacher holds as many as allowed) is a refusal, like an exhausted
+    /// slice: to a gateway both are "over the limit".
+    async fn hold(
+        &self,
+        slice: &SliceRef,
+        item: &Item,
+        reservation_id: ReservationId,
+        ttl_ms: u64,
+    ) -> Result<Decision, EngineError> {
+        let hold = HoldRequest {
+            service: slice.service.clone(),
+            units: item.units,
+            ttl_ms,
+            reservation_id,
+            model: item.model.clone(),
+        };
+        match self.engine.reserve(&slice.teacher, Reserve(hold)).await {
+            Ok((decision, _)) => Ok(decision),
+            Err(EngineError::Rule(RuleError::Precondition(message))) => {
+                let mut decision = self.peek(slice, 1).await?;
+                if decision.reason != Some(DenyReason::NoAllocation) {
+                    decision.allowed = false;
+                    decision.message = message;
+                }
+                Ok(decision)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Whether `units` may be spent now, charging nothing: a pure check,
     /// and the state a charge of usage that already happened reports.
-    async fn peek(&self, slice: &SliceRef) -> Result<Decision, EngineError> {
+    async fn peek(&self, slice: &SliceRef, units: u64) -> Result<Decision, EngineError> {
         let check = Check {
             service: slice.service.clone(),
-            units: 1,
+            units,
             previews: CheckPreviews::Consume,
         };
         self.engine.check(&slice.teacher, check).await
     }
 
     /// The stream-done call (or a Report): usage that already happened,
-    /// never refused. With holds, the event's hold is committed; without
-    /// one (or once it is gone), the usage is charged as a synced event.
+    /// never refused. On a holds domain the event's hold is committed (or
+    /// released, for 0 units); without one (or once it is gone) the usage
+    /// is charged as a synced event.
     async fn report(
         &self,
         domain: &Domain,
         slice: &SliceRef,
         item: &Item,
     ) -> Result<Decision, EngineError> {
-        if item.units > 0 {
-            let committed = match (&item.hold_id, domain.holds) {
-                (Some(hold_id), true) => {
-                    self.commit_or_report(slice, hold_id, item.event_id.clone(), item)
-                        .await?
-                }
-                _ => {
-                    self.charge_usage(slice, item.event_id.clone(), item)
-                        .await?
-                }
-            };
-            if let Some(unknown) = committed {
-                return Ok(unknown);
+        let ids = item.ids.as_ref();
+        let unknown = match (ids, domain.holds) {
+            (Some(ids), true) if item.units == 0 => {
+                self.release(slice, ids.hold.clone()).await?;
+                None
             }
+            (Some(ids), true) => self.commit_or_report(slice, ids, item).await?,
+            (_, _) if item.units == 0 => None,
+            (_, _) => {
+                self.charge_usage(slice, ids.map(|ids| ids.done.clone()), item)
+                    .await?
+            }
+        };
+        if let Some(unknown) = unknown {
+            return Ok(unknown);
         }
-        let mut decision = self.peek(slice).await?;
+        let mut decision = self.peek(slice, 1).await?;
         if decision.reason != Some(DenyReason::NoAllocation) {
             // Already spent: the answer is only what is left.
             decision.allowed = true;
@@ -253,25 +300,53 @@ impl RateLimiter {
         Ok(decision)
     }
 
-    /// Commits `hold_id` with the item's units; a hold that is unknown
-    /// (never made, or forgotten) is charged as usage instead. Some: the
-    /// slice is unknown.
+    /// Ends a hold without charging; one that is gone (or was never made)
+    /// is nothing to end. The units it freed.
+    async fn release(
+        &self,
+        slice: &SliceRef,
+        reservation_id: ReservationId,
+    ) -> Result<u64, EngineError> {
+        match self
+            .engine
+            .release(&slice.teacher, Release { reservation_id })
+            .await
+        {
+            Err(EngineError::Rule(RuleError::NotFound(_))) => Ok(0),
+            other => other,
+        }
+    }
+
+    /// Commits the event's hold with the item's units. A hold quotad cannot
+    /// commit (unknown, forgotten, or one that Reserve refused) is charged
+    /// as usage that happened instead. Some: the slice is unknown.
     async fn commit_or_report(
         &self,
         slice: &SliceRef,
-        hold_id: &ReservationId,
-        event_id: Option<EventId>,
+        ids: &SliceIds,
         item: &Item,
     ) -> Result<Option<Decision>, EngineError> {
+        Ok(self.commit_hold(slice, ids, item).await?.1)
+    }
+
+    /// [`Self::commit_or_report`], also saying whether a live hold ended.
+    async fn commit_hold(
+        &self,
+        slice: &SliceRef,
+        ids: &SliceIds,
+        item: &Item,
+    ) -> Result<(bool, Option<Decision>), EngineError> {
         let commit = Commit {
-            reservation_id: hold_id.clone(),
+            reservation_id: ids.hold.clone(),
             actual_units: item.units,
         };
         match self.engine.commit(&slice.teacher, commit).await {
-            Ok(_) => Ok(None),
-            Err(EngineError::Rule(RuleError::NotFound(_))) => {
-                self.charge_usage(slice, event_id, item).await
-            }
+            Ok(result) => Ok((!result.duplicate && !result.outcome.hold_had_expired, None)),
+            Err(EngineError::Rule(RuleError::NotFound(_) | RuleError::Precondition(_))) => Ok((
+                false,
+                self.charge_usage(slice, Some(ids.done.clone()), item)
+                    .await?,
+            )),
             Err(error) => Err(error),
         }
     }
@@ -292,26 +367,31 @@ impl RateLimiter {
             model: item.model.clone(),
         };
         let teacher_id = slice.teacher.teacher_id.clone();
-        let outcomes = self
+        let synced = self
             .engine
             .sync_usage(&slice.teacher.school_id, vec![Ok((teacher_id, event))])
-            .await?;
-        match outcomes.into_iter().next() {
-            Some(SyncOutcome::Rejected {
+            .await;
+        match synced.map(|outcomes| outcomes.into_iter().next()) {
+            // No such school: as unknown as a teacher without a slice.
+            Err(EngineError::Rule(RuleError::NotFound(_)))
+            | Ok(Some(SyncOutcome::Rejected {
                 reason: SyncRejection::UnknownAllocation,
                 ..
-            }) => Ok(Some(unknown_decision())),
-            Some(SyncOutcome::Rejected { message, .. }) => {
+            })) => Ok(Some(unknown_decision())),
+            Ok(Some(SyncOutcome::Rejected { message, .. })) => {
                 Err(EngineError::Rule(RuleError::precondition(message)))
             }
-            Some(_) => Ok(None),
-            None => Err(EngineError::Internal(
+            Ok(Some(_)) => Ok(None),
+            Ok(None) => Err(EngineError::Internal(
                 "a synced event got no outcome".into(),
             )),
+            Err(error) => Err(error),
         }
     }
 
-    /// Kuadrant's Reserve: a hold on every slice named, all or none.
+    /// Kuadrant's Reserve: a hold on every slice named, all or none. The
+    /// descriptors are read as ShouldRateLimit reads them: one naming no
+    /// known slice is answered per the domain's `unknown_slice`.
     async fn reserve(
         &self,
         caller: Option<&Caller>,
@@ -333,47 +413,54 @@ impl RateLimiter {
                 field: "ttl".into(),
                 problem: e.problem,
             })?;
+        let fresh = fresh_reservation_id();
         let plan = plan(
             domain,
             &request.descriptors,
             Units::Amount(request.amount),
             Some(Phase::Request),
+            EventSource::DescriptorsOr(fresh.as_str()),
             self.units_max(),
         )?;
         self.admit(domain, caller, &plan, Action::Reserve)?;
-        let base = plan
-            .event_id
-            .clone()
-            .unwrap_or_else(|| fresh_reservation_id().as_str().to_string());
-        let mut held = Vec::new();
-        let mut refused = false;
-        for (k, (slice, item)) in plan.slices().enumerate() {
-            let reservation_id = reservation_id(&base, k)?;
-            let hold = HoldRequest {
-                service: slice.service.clone(),
-                units: item.units,
-                ttl_ms,
-                reservation_id: reservation_id.clone(),
-                model: item.model.clone(),
+        let tries = futures::future::join_all(plan.items.iter().map(|item| async move {
+            let slice = match &item.target {
+                Target::Unmapped => return Ok((Outcome::Ignored, None)),
+                Target::Partial => return Ok((Outcome::Unknown, None)),
+                Target::Slice(slice) => slice,
             };
-            let decided = self.engine.reserve(&slice.teacher, Reserve(hold)).await;
-            match known_or_unknown(slice, decided.map(|(decision, _)| decision))? {
-                Outcome::Slice(state) if state.allowed => held.push((slice, reservation_id)),
-                Outcome::Slice(_) => refused = true,
-                _ => {
-                    telemetry::rls_unknown_slice(&domain.name, domain.unknown_slice.as_str());
-                    refused |= domain.unknown_slice == super::UnknownSlice::Deny;
+            let ids = item.ids.as_ref().ok_or_else(|| {
+                RlsError::Engine(EngineError::Internal(
+                    "a reserve was planned without an id".into(),
+                ))
+            })?;
+            let decided = self.hold(slice, item, ids.hold.clone(), ttl_ms).await;
+            let outcome = known_or_unknown(slice, decided)?;
+            let held = matches!(&outcome, Outcome::Slice(state) if state.allowed)
+                .then(|| (slice, ids.hold.clone()));
+            Ok((outcome, held))
+        }))
+        .await;
+        let mut held = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut failed = None;
+        for tried in tries {
+            match tried {
+                Ok((outcome, hold)) => {
+                    outcomes.push(outcome);
+                    held.extend(hold);
                 }
-            }
-            if refused {
-                break;
+                Err(error) => failed = failed.or(Some(error)),
             }
         }
-        if refused {
+        count_unknown(domain, &outcomes);
+        let answer = response(domain, &outcomes, self.engine.clock().now_ms());
+        if failed.is_some() || answer.overall_code() == Code::OverLimit {
             for (slice, reservation_id) in held {
-                self.engine
-                    .release(&slice.teacher, Release { reservation_id })
-                    .await?;
+                self.release(slice, reservation_id).await?;
+            }
+            if let Some(error) = failed {
+                return Err(error);
             }
             return Ok(kuadrant::ReserveResponse {
                 code: Code::OverLimit.into(),
@@ -382,12 +469,14 @@ impl RateLimiter {
         }
         Ok(kuadrant::ReserveResponse {
             code: Code::Ok.into(),
-            reservation_id: base,
+            reservation_id: plan.event_id.unwrap_or_else(|| fresh.as_str().to_string()),
         })
     }
 
     /// Kuadrant's Commit: the actual amount on each slice's hold; a hold
-    /// that is unknown or gone is charged as a Report.
+    /// that is unknown or gone is charged as a Report. The holds are found
+    /// by the reservation id and the slices the descriptors name, in any
+    /// order; 0 ends them without charging.
     async fn commit(
         &self,
         caller: Option<&Caller>,
@@ -405,51 +494,37 @@ impl RateLimiter {
             &request.descriptors,
             Units::Amount(request.actual_amount),
             Some(Phase::StreamDone),
+            EventSource::Given(&request.reservation_id, "reservation_id"),
             self.units_max(),
         )?;
         self.admit(domain, caller, &plan, Action::Commit)?;
-        let mut released = 0;
-        let mut slices = 0;
-        for (k, (slice, item)) in plan.slices().enumerate() {
-            slices += 1;
-            let reservation_id = reservation_id(&request.reservation_id, k)?;
-            let event_id = EventId::parse(&done_id(reservation_id.as_str())).map_err(|e| {
-                RlsError::Invalid {
-                    field: "reservation_id".into(),
-                    problem: e.problem,
-                }
+        let ended = futures::future::join_all(plan.slices().map(|(slice, item)| async move {
+            let ids = item.ids.as_ref().ok_or_else(|| {
+                EngineError::Internal("a commit was planned without an id".into())
             })?;
             if item.units == 0 {
-                let release = Release { reservation_id };
-                match self.engine.release(&slice.teacher, release).await {
-                    Ok(units) => released += usize::from(units > 0),
-                    Err(EngineError::Rule(RuleError::NotFound(_))) => {}
-                    Err(error) => return Err(error.into()),
-                }
-                continue;
+                return Ok((self.release(slice, ids.hold.clone()).await? > 0, None));
             }
-            let commit = Commit {
-                reservation_id: reservation_id.clone(),
-                actual_units: item.units,
-            };
-            match self.engine.commit(&slice.teacher, commit).await {
-                Ok(result) => {
-                    released += usize::from(!result.duplicate && !result.outcome.hold_had_expired)
-                }
-                Err(EngineError::Rule(RuleError::NotFound(_))) => {
-                    if self
-                        .charge_usage(slice, Some(event_id), item)
-                        .await?
-                        .is_some()
-                    {
-                        telemetry::rls_unknown_slice(&domain.name, domain.unknown_slice.as_str());
-                    }
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
+            self.commit_hold(slice, ids, item).await
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, EngineError>>()?;
+        let mut outcomes: Vec<Outcome> = plan
+            .items
+            .iter()
+            .filter(|item| matches!(item.target, Target::Partial))
+            .map(|_| Outcome::Unknown)
+            .collect();
+        outcomes.extend(
+            ended
+                .iter()
+                .filter(|(_, unknown)| unknown.is_some())
+                .map(|_| Outcome::Unknown),
+        );
+        count_unknown(domain, &outcomes);
         Ok(kuadrant::CommitResponse {
-            reservation_released: slices > 0 && released == slices,
+            reservation_released: !ended.is_empty() && ended.iter().all(|(live, _)| *live),
         })
     }
 
@@ -506,6 +581,18 @@ fn known_or_unknown(
     }
 }
 
+/// Logs and counts each descriptor that named no known slice.
+fn count_unknown(domain: &Domain, outcomes: &[Outcome]) {
+    for _ in outcomes.iter().filter(|o| **o == Outcome::Unknown) {
+        telemetry::rls_unknown_slice(&domain.name, domain.unknown_slice.as_str());
+        tracing::info!(
+            domain = %domain.name,
+            answer = domain.unknown_slice.as_str(),
+            "rate limit descriptor names no known slice"
+        );
+    }
+}
+
 fn unknown_decision() -> Decision {
     Decision {
         allowed: false,
@@ -517,13 +604,6 @@ fn unknown_decision() -> Decision {
         allocated_units: 0,
         cycle_end_ms: 0,
     }
-}
-
-fn reservation_id(base: &str, k: usize) -> Result<ReservationId, RlsError> {
-    ReservationId::parse(&derived_id(base, k)).map_err(|e| RlsError::Invalid {
-        field: "reservation_id".into(),
-        problem: e.problem,
-    })
 }
 
 /// Kuadrant's ttl: unset or 0 is the domain's (then the server's) default.
@@ -545,9 +625,17 @@ fn ttl_ms(ttl: Option<&prost_types::Duration>, domain_ttl_ms: u64) -> Result<u64
 
 fn fresh_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];
-    // The OS's generator does not fail on Linux once booted; a fixed id
-    // would only lose idempotency between two calls that carry none anyway.
-    let _ = getrandom::fill(&mut bytes);
+    // The OS's generator does not fail on Linux once booted. If it ever
+    // did, the clock and a counter still make the id unique in this process.
+    if getrandom::fill(&mut bytes).is_err() {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes[..8].copy_from_slice(&now.to_le_bytes());
+        bytes[8..].copy_from_slice(&n.to_le_bytes());
+    }
     format!("{prefix}{}", hex::encode(bytes))
 }
 

@@ -146,6 +146,7 @@ pub async fn serve_on_clock(
     config.validate()?;
     let auth = config.auth_mode()?;
     warn_if_insecure(&auth);
+    warn_if_rls_public(listeners.rls.as_ref());
     let metrics = prometheus()?;
     telemetry::register_at_start(config.postgres_url.is_some());
     let (mut recovered, follower) = match &config.postgres_url {
@@ -195,6 +196,20 @@ pub async fn serve_on_clock(
     served?;
     wal.poisoned_because()
         .map_or(Ok(()), |reason| Err(ServeError::WalPoisoned(reason)))
+}
+
+/// A rate limit listener that anyone may reach charges without a token.
+fn warn_if_rls_public(listener: Option<&TcpListener>) {
+    let Some(addr) = listener.and_then(|l| l.local_addr().ok()) else {
+        return;
+    };
+    if !crate::config::is_private(addr.ip()) {
+        tracing::warn!(
+            %addr,
+            "the rate limit listener takes no tokens and is bound to a public address \
+             (rls_allow_public): whoever reaches it may charge the domains' schools"
+        );
+    }
 }
 
 fn warn_if_insecure(auth: &AuthMode) {

@@ -65,11 +65,11 @@ def main():
             domain="gw", descriptors=slice_only, reservation_id=reservation_id, actual_amount=actual_amount
         )
 
-    # CheckRateLimit: as ShouldRateLimit, 2 units charged.
+    # CheckRateLimit only checks (as Limitador's): 2 units fit, none charged.
     checked = checks.call("CheckRateLimit 2", stub.CheckRateLimit, request("gw", with_event("kq-1"), hits_addend=2))
     if checked:
         checks.equal(code_name(checked.overall_code), "OK", "CheckRateLimit 2: overall_code")
-        checks.equal([s.limit_remaining for s in checked.statuses], [units - 2], "CheckRateLimit 2: limit_remaining")
+        checks.equal([s.limit_remaining for s in checked.statuses], [units], "CheckRateLimit 2: limit_remaining")
         if checked.statuses:
             checks.equal(
                 checked.statuses[0].current_limit.name,
@@ -88,21 +88,21 @@ def main():
             "Reserve 3: reservation_id is rls-<32 hex>",
             reservation_id,
         )
-    checks.equal(remaining("after Reserve 3"), units - 2 - 3, "limit_remaining with the hold")
+    checks.equal(remaining("after Reserve 3"), units - 3, "limit_remaining with the hold")
 
     # Commit more than was held: the actual amount is charged, the hold ends.
     committed = checks.call("Commit 5 of a hold of 3", stub.Commit, commit(reservation_id, 5))
     if committed:
         checks.equal(committed.reservation_released, True, "Commit 5: reservation_released")
-    checks.equal(remaining("after Commit 5"), units - 7, "limit_remaining after Commit 5")
+    checks.equal(remaining("after Commit 5"), units - 5, "limit_remaining after Commit 5")
     checks.call("Commit retry", stub.Commit, commit(reservation_id, 5))
-    checks.equal(remaining("after the Commit retry"), units - 7, "a Commit retry charges nothing")
+    checks.equal(remaining("after the Commit retry"), units - 5, "a Commit retry charges nothing")
 
     # Reserve more than remains: OVER_LIMIT, no reservation id, nothing held,
     # not even on the other slice named (multi's), which had room: all or none.
     other = scenario.teacher("multi")
     other_remaining = remaining("the other slice before", who=other)
-    amount = units - 7 + 1
+    amount = units - 5 + 1
     assert other_remaining is None or other_remaining >= amount, "multi's slice must have room"
     both = [descriptor(slice_entries(scenario, other)), descriptor(slice_entries(scenario, teacher))]
     over = checks.call("Reserve over the remaining", stub.Reserve, reserve(amount, both))
@@ -120,7 +120,7 @@ def main():
                   invalid)
     checks.status("Report more than one call may charge", stub.Report,
                   request("gw", with_event("kq-huge", UNITS_TOO_MANY)), invalid)
-    checks.equal(remaining("after refused Reserves"), units - 7, "refused calls charge and hold nothing")
+    checks.equal(remaining("after refused Reserves"), units - 5, "refused calls charge and hold nothing")
 
     # With an event id in the descriptors, that is the reservation id.
     named = checks.call("Reserve 1 with event kq-r2", stub.Reserve, reserve(1, with_event("kq-r2"), ttl_ms=60_000))
@@ -132,10 +132,10 @@ def main():
         checks.equal(released.reservation_released, True, "Commit kq-r2: reservation_released")
 
     # Report: usage that happened, charged past the slice, never refused.
-    report = request("gw", with_event("kq-p1"), hits_addend=3)
-    reported = checks.call("Report 3 (past the slice)", stub.Report, report)
+    report = request("gw", with_event("kq-p1"), hits_addend=5)
+    reported = checks.call("Report 5 (past the slice)", stub.Report, report)
     if reported:
-        checks.equal(code_name(reported.overall_code), "OK", "Report 3: overall_code")
+        checks.equal(code_name(reported.overall_code), "OK", "Report 5: overall_code")
     checks.call("Report retry", stub.Report, report)
 
     over_check = checks.call("CheckRateLimit past the slice", stub.CheckRateLimit, request("gw", with_event("kq-2")))

@@ -115,8 +115,8 @@ async fn envoy_and_kuadrant_clients_generated_from_their_own_protos() {
         (HOLDS.0, 4, 2, None),
         // 1 + 2 in one request (its retry nothing), gw-fixed 1.
         (MULTI.0, 4, 0, None),
-        // CheckRateLimit 2, Commit 5 (of a hold of 3), Commit 1, Report 3 and
-        // the Commit of an unknown hold 2.
+        // CheckRateLimit nothing (it only checks), Commit 5 (of a hold of 3),
+        // Commit 1, Report 5 and the Commit of an unknown hold 2.
         (KUADRANT.0, 13, 0, None),
         // No slice: nothing.
         (STRANGER, 0, 0, Some(0)),

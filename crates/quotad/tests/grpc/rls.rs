@@ -854,3 +854,273 @@ async fn reflection_lists_what_each_port_serves() {
         assert_eq!(names, serves, "{addr}");
     }
 }
+
+#[tokio::test]
+async fn kuadrant_check_rate_limit_only_checks_and_report_charges() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut k = kuadrant(server.rls_addr).await;
+    let check = |hits| request("gw", vec![slice("ms-lee", &[])], hits);
+    for hits in [0, 1, 10] {
+        let answer = k.check_rate_limit(check(hits)).await.unwrap().into_inner();
+        assert_eq!(answer.overall_code(), Code::Ok, "{hits}");
+    }
+    let too_much = k.check_rate_limit(check(11)).await.unwrap().into_inner();
+    assert_eq!(too_much.overall_code(), Code::OverLimit, "11 of 10");
+    assert_eq!(
+        used_units(&mut gate, "oak", "ms-lee").await,
+        0,
+        "a check charges nothing"
+    );
+    k.report(check(4)).await.unwrap();
+    assert_eq!(used_units(&mut gate, "oak", "ms-lee").await, 4);
+}
+
+#[tokio::test]
+async fn kuadrant_reserve_answers_descriptors_naming_no_slice_per_the_domain() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut k = kuadrant(server.rls_addr).await;
+    let reserve = |domain: &str, descriptors| kuadrant::ReserveRequest {
+        domain: domain.into(),
+        descriptors,
+        amount: 5,
+        ttl: None,
+    };
+    let path = RateLimitDescriptor {
+        entries: entries(&[("path", "/v1")]),
+        limit: None,
+        hits_addend: None,
+    };
+    let partial = RateLimitDescriptor {
+        entries: entries(&[("school_id", "oak")]),
+        limit: None,
+        hits_addend: None,
+    };
+    for descriptors in [
+        vec![path.clone()],
+        vec![partial.clone()],
+        vec![slice("nobody", &[])],
+    ] {
+        let denied = k
+            .reserve(reserve("gw", descriptors.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (denied.code(), denied.reservation_id.as_str()),
+            (Code::OverLimit, "")
+        );
+        let allowed = k
+            .reserve(reserve("gw-allow", descriptors))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(allowed.code(), Code::Ok);
+    }
+    // Beside a known slice, an unmapped descriptor is ignored; a partial one
+    // is still unknown, and refuses the whole Reserve.
+    let with_path = k
+        .reserve(reserve("gw", vec![path, slice("ms-lee", &[])]))
+        .await
+        .unwrap();
+    assert_eq!(with_path.into_inner().code(), Code::Ok);
+    let with_partial = k
+        .reserve(reserve("gw", vec![partial, slice("ms-lee", &[])]))
+        .await
+        .unwrap();
+    assert_eq!(with_partial.into_inner().code(), Code::OverLimit);
+    let s = &usage(&mut gate, "oak", "ms-lee").await.services[0];
+    assert_eq!(s.reserved_units, 5, "only the Reserve answered OK holds");
+}
+
+#[tokio::test]
+async fn ids_too_long_for_any_step_are_refused_before_anything_is_charged() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 100).await;
+    let mut admin = server.admin().await;
+    allocate(&mut admin, "oak", "mr-ash", 100, "normal")
+        .await
+        .unwrap();
+    let mut k = kuadrant(server.rls_addr).await;
+    let mut rls = envoy(server.rls_addr).await;
+    // Fits as an event id, but not as "<id>:done", the id a Commit that
+    // finds no hold would charge with.
+    let long = "x".repeat(124);
+    let both = vec![
+        slice("ms-lee", &[("event_id", &long)]),
+        slice("mr-ash", &[]),
+    ];
+    let status = k
+        .reserve(kuadrant::ReserveRequest {
+            domain: "gw".into(),
+            descriptors: both.clone(),
+            amount: 5,
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = k
+        .commit(kuadrant::CommitRequest {
+            domain: "gw".into(),
+            descriptors: vec![slice("ms-lee", &[]), slice("mr-ash", &[])],
+            reservation_id: long.clone(),
+            actual_amount: 7,
+        })
+        .await
+        .unwrap_err();
+    assert!(status.message().starts_with("reservation_id"), "{status:?}");
+    let status = rls
+        .should_rate_limit(request("gw-holds", both, 3))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    for teacher in ["ms-lee", "mr-ash"] {
+        let s = &usage(&mut gate, "oak", teacher).await.services[0];
+        assert_eq!((s.used_units, s.reserved_units), (0, 0), "{teacher}");
+    }
+}
+
+#[tokio::test]
+async fn kuadrant_commit_finds_each_hold_whatever_the_order_of_its_descriptors() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut admin = server.admin().await;
+    allocate(&mut admin, "oak", "mr-ash", 10, "normal")
+        .await
+        .unwrap();
+    let mut k = kuadrant(server.rls_addr).await;
+    let held = k
+        .reserve(kuadrant::ReserveRequest {
+            domain: "gw".into(),
+            descriptors: vec![slice("ms-lee", &[]), slice("mr-ash", &[])],
+            amount: 4,
+            ttl: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let done = k
+        .commit(kuadrant::CommitRequest {
+            domain: "gw".into(),
+            descriptors: vec![slice("mr-ash", &[]), slice("ms-lee", &[])],
+            reservation_id: held.reservation_id,
+            actual_amount: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(done.reservation_released);
+    for teacher in ["ms-lee", "mr-ash"] {
+        let s = &usage(&mut gate, "oak", teacher).await.services[0];
+        assert_eq!((s.used_units, s.reserved_units), (3, 0), "{teacher}");
+    }
+}
+
+#[tokio::test]
+async fn a_holds_domain_needs_an_event_id_and_a_stream_done_of_nothing_ends_the_hold() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut rls = envoy(server.rls_addr).await;
+    let status = rls
+        .should_rate_limit(request("gw-holds", vec![slice("ms-lee", &[])], 4))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("event id"), "{status:?}");
+    let hold = request("gw-holds", vec![slice("ms-lee", &[("event_id", "r1")])], 8);
+    assert_eq!(ask(&mut rls, hold).await.overall_code(), Code::Ok);
+    let nothing = slice(
+        "ms-lee",
+        &[("event_id", "r1"), ("quotad_phase", "stream_done")],
+    );
+    let answer = ask(
+        &mut rls,
+        request("gw-holds", vec![with_hits(nothing, 0)], 0),
+    )
+    .await;
+    assert_eq!(answer.overall_code(), Code::Ok);
+    let s = &usage(&mut gate, "oak", "ms-lee").await.services[0];
+    assert_eq!(
+        (s.used_units, s.reserved_units),
+        (0, 0),
+        "the failed call's hold ended"
+    );
+    let next = request("gw-holds", vec![slice("ms-lee", &[("event_id", "r2")])], 8);
+    assert_eq!(ask(&mut rls, next).await.overall_code(), Code::Ok);
+}
+
+#[tokio::test]
+async fn an_over_limit_answer_still_charges_the_descriptors_that_were_allowed() {
+    // As Envoy's own rate limit service: each descriptor is counted on its
+    // own (README, "Behind an AI gateway"). Kuadrant's Reserve is the
+    // all-or-none call.
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start_with(config(&data)).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut admin = server.admin().await;
+    allocate(&mut admin, "oak", "mr-ash", 2, "normal")
+        .await
+        .unwrap();
+    let mut rls = envoy(server.rls_addr).await;
+    let both = vec![slice("ms-lee", &[]), with_hits(slice("mr-ash", &[]), 3)];
+    let answer = ask(&mut rls, request("gw", both, 1)).await;
+    assert_eq!(codes(&answer), [Code::Ok, Code::OverLimit]);
+    assert_eq!(used_units(&mut gate, "oak", "ms-lee").await, 1);
+    assert_eq!(used_units(&mut gate, "oak", "mr-ash").await, 0);
+}
+
+#[tokio::test]
+async fn a_domain_reads_its_own_keys_and_a_fixed_service_type() {
+    let (_dir, data) = temp_dir();
+    let mut config = config(&data);
+    config.rls_domains.push(domain("custom", |d| {
+        d.school_key = "tenant".into();
+        d.teacher_key = "user".into();
+        d.service_type = Some(SERVICE.into());
+        d.event_key = "request".into();
+        d.phase_key = "when".into();
+        d.model_key = "llm".into();
+    }));
+    let server = TestServer::start_with(config).await;
+    let mut gate = oak_with(&server, 10).await;
+    let mut rls = envoy(server.rls_addr).await;
+    let ours = |more: &[(&str, &str)]| {
+        let mut all = vec![("tenant", "oak"), ("user", "ms-lee"), ("llm", "claude-x")];
+        all.extend_from_slice(more);
+        RateLimitDescriptor {
+            entries: entries(&all),
+            limit: None,
+            hits_addend: None,
+        }
+    };
+    let first = request("custom", vec![ours(&[("request", "q1")])], 2);
+    ask(&mut rls, first.clone()).await;
+    ask(&mut rls, first).await;
+    assert_eq!(
+        used_units(&mut gate, "oak", "ms-lee").await,
+        2,
+        "the event key is 'request'"
+    );
+    let done = request(
+        "custom",
+        vec![ours(&[("request", "q1"), ("when", "stream_done")])],
+        20,
+    );
+    assert_eq!(
+        ask(&mut rls, done).await.overall_code(),
+        Code::Ok,
+        "the phase key is 'when'"
+    );
+    assert_eq!(used_units(&mut gate, "oak", "ms-lee").await, 22);
+    // The default keys name nothing here.
+    let defaults = ask(&mut rls, request("custom", vec![slice("ms-lee", &[])], 1)).await;
+    assert_eq!(defaults.overall_code(), Code::OverLimit);
+    assert!(defaults.statuses[0].current_limit.is_none());
+}
