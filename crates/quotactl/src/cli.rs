@@ -116,14 +116,18 @@ pub enum AllocCommand {
     ///
     /// priority is low, normal or high (empty: normal); auto_renew is true, false, 1, 0, yes or
     /// no (empty: false); both in any case. Each teacher and service type pair may appear once.
+    /// A file states each slice in full: an empty cell sets the default, it does not keep what
+    /// the slice has now (as leaving --priority or --auto-renew out of `alloc set` does).
     ///
     /// Every bad line is reported with its number (the header is line 1), and nothing is sent
     /// unless every line is right.
     Import(AllocImportArgs),
     /// Write a school's slices as CSV, in the format `alloc import` reads.
     ///
-    /// The CSV goes to stdout unless --output is given; --json changes only the summary printed
-    /// with --output. A slice's status (suspended or active) and usage are not part of the file.
+    /// The CSV goes to stdout unless --output is given. With --json, stdout gets a JSON array
+    /// instead, one object per slice with the CSV's columns as keys; with --json and --output the
+    /// file is still CSV and the summary is JSON. A slice's status (suspended or active) and
+    /// usage are not part of the export.
     Export(AllocExportArgs),
 }
 
@@ -369,9 +373,16 @@ pub struct AllocSetArgs {
     /// Unset: keep the slice's current priority ("normal" for a new slice).
     #[arg(long, value_enum)]
     pub priority: Option<Priority>,
-    /// Keep the slice's units at cycle rollover instead of returning them to the pool.
-    #[arg(long)]
-    pub auto_renew: bool,
+    /// on: the slice keeps its units at cycle rollover; off: they return to the pool.
+    /// `--auto-renew` alone is on. Unset: keep the slice's current setting (off for a new slice).
+    #[arg(
+        long,
+        value_enum,
+        num_args = 0..=1,
+        default_missing_value = "on",
+        value_name = "on|off"
+    )]
+    pub auto_renew: Option<OnOff>,
     #[command(flatten)]
     pub audit: Audit,
 }

@@ -227,7 +227,8 @@ fn check_row(
                 service_type: service_type.to_string(),
                 allocated_units: units,
                 priority: priority.to_string(),
-                auto_renew,
+                // Sent even when false, like the priority: the file states the slice in full.
+                auto_renew: Some(auto_renew),
             })
         }
         _ => Err(problems),
@@ -266,6 +267,7 @@ fn parse_priority(text: &str) -> Result<&'static str, String> {
     }
 }
 
+/// Empty is false, sent as such (as for the priority): a file states every slice in full.
 fn parse_auto_renew(text: &str) -> Result<bool, String> {
     match text.to_ascii_lowercase().as_str() {
         "" | "false" | "0" | "no" => Ok(false),
@@ -320,7 +322,7 @@ mod tests {
             service_type: service.to_string(),
             allocated_units: units,
             priority: priority.to_string(),
-            auto_renew: renew,
+            auto_renew: Some(renew),
         }
     }
 
@@ -482,7 +484,7 @@ mod tests {
                     &s.service_type,
                     s.allocated_units,
                     &s.priority,
-                    s.auto_renew,
+                    s.auto_renew == Some(true),
                 )
             })
             .collect();

@@ -64,7 +64,30 @@ fn a_bulk_entry_below_its_floor_refuses_the_whole_change_and_names_the_entry() {
     let refused = check_bulk_floor(3, &entry, 50).unwrap_err();
     assert_eq!(
         refused.to_string(),
-        "nothing was changed: teacher t1 has used and holds 50 units of claude_messages; entry 3 asks for 49"
+        "nothing was changed: the slice of teacher t1 of claude_messages cannot shrink below 50 units (what was used and is held of it this cycle, or its units now if fewer); entry 3 asks for 49"
+    );
+}
+
+/// A slice that ran over (late usage charged as overage) may keep its units
+/// or grow, still below what was used; only shrinking it is refused.
+#[test]
+fn a_slice_used_past_its_units_may_keep_or_grow_them_but_not_shrink() {
+    let mut account = account_using_30_holding_20();
+    let slice = account.slices.get_mut(&service()).unwrap();
+    slice.allocated_units = 10;
+    slice.used_units = 40;
+    slice.overage_units = 30;
+    slice.reserved_units = 0;
+    assert_eq!(account.slices[&service()].lowest_allowed_units(), 10);
+    assert_eq!(account.floors(), [(service(), 10)].into_iter().collect());
+    assert_eq!(account.check_shrink(&service(), 10), Ok(()));
+    assert_eq!(account.check_shrink(&service(), 11), Ok(()));
+    let refused = account.check_shrink(&service(), 9).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .ends_with("the slice cannot shrink below 10"),
+        "{refused}"
     );
 }
 

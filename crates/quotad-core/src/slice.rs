@@ -125,6 +125,15 @@ impl Slice {
         self.used_units.saturating_add(self.reserved_units)
     }
 
+    /// The fewest units a change may set the slice to: its floor, or its
+    /// units now when its teacher used more than the slice has (late usage
+    /// and commits are charged past it, as overage). Only a change that
+    /// shrinks the slice can go below its floor, so one that keeps or grows
+    /// a slice that ran over is never refused for what was used.
+    pub fn lowest_allowed_units(&self) -> u64 {
+        self.floor_units().min(self.allocated_units)
+    }
+
     /// Everything the teacher used this cycle: from the slice and borrowed.
     /// This is the "used" every view shows.
     pub fn total_used_units(&self) -> u64 {

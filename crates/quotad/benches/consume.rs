@@ -100,7 +100,7 @@ impl Bench {
                 service: service.clone(),
                 allocated_units: 1_000_000_000,
                 priority: Some(Priority::Normal),
-                auto_renew: false,
+                auto_renew: Some(false),
                 change: change(),
                 managed: true,
             };

@@ -268,7 +268,7 @@ async fn set_up(server: &Server, token: &str, teachers: usize) -> Result<()> {
                 service_type: SERVICE.into(),
                 allocated_units: 1_000_000_000,
                 priority: "normal".into(),
-                auto_renew: false,
+                auto_renew: Some(false),
                 changed_by: "batched-loss".into(),
                 reason: "measurement".into(),
             })

@@ -202,7 +202,7 @@ async fn set_up(channel: Channel, token: &str, teachers: usize) -> Result<()> {
                 service_type: SERVICE.into(),
                 allocated_units: 1_000_000_000,
                 priority: "normal".into(),
-                auto_renew: false,
+                auto_renew: Some(false),
                 changed_by: "shutdown-time".into(),
                 reason: "measurement".into(),
             })

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tonic::Status;
 
 use crate::cli::{
-    AllocCommand, AllocExportArgs, AllocListArgs, AllocSetArgs, AllocSliceArgs, Audit,
+    AllocCommand, AllocExportArgs, AllocListArgs, AllocSetArgs, AllocSliceArgs, Audit, OnOff,
 };
 use crate::connect::{AdminClient, Server};
 use crate::csv;
@@ -22,7 +22,7 @@ use crate::error::CliError;
 use crate::output::{list_json, on_off, plural, show, table, Output, Render, ToJson};
 
 /// Runs one `alloc` subcommand. `import` and `bulk` check their file before connecting;
-/// `export` prints CSV, or a summary when it writes a file.
+/// `export` prints CSV (a JSON array with --json), or a summary when it writes a file.
 pub async fn run_alloc(
     server: &Server,
     command: AllocCommand,
@@ -65,11 +65,11 @@ async fn set_allocation(mut admin: AdminClient, args: AllocSetArgs) -> Result<Al
         teacher_id: args.slice.teacher_id,
         service_type: args.slice.service_type,
         allocated_units: args.units,
-        // Empty asks the server to keep the current priority.
+        // Left out (empty, unset), each keeps the slice's current value.
         priority: args
             .priority
             .map_or_else(String::new, |p| p.wire_name().to_string()),
-        auto_renew: args.auto_renew,
+        auto_renew: args.auto_renew.map(OnOff::is_on),
         changed_by: args.audit.changed_by.unwrap_or_default(),
         reason: args.audit.reason.unwrap_or_default(),
     };
@@ -188,11 +188,14 @@ async fn export_allocations(
     // Sorted, so that two exports of the same slices are the same file and diff cleanly.
     allocations
         .sort_by(|a, b| (&a.teacher_id, &a.service_type).cmp(&(&b.teacher_id, &b.service_type)));
-    let csv =
-        csv::write(&allocations).map_err(|error| CliError::Output(io::Error::other(error)))?;
     let Some(path) = args.output else {
-        return Ok(Output::bytes(csv));
+        if json {
+            return Ok(Output::text(export_json(&allocations).to_string()));
+        }
+        return Ok(Output::bytes(write_csv(&allocations)?));
     };
+    // The file is what `alloc import` reads, whatever --json says of the summary.
+    let csv = write_csv(&allocations)?;
     std::fs::write(&path, csv).map_err(|error| CliError::WriteFile {
         path: path.clone(),
         error,
@@ -202,6 +205,25 @@ async fn export_allocations(
         allocation_count: allocations.len(),
     };
     Ok(Output::text(show(summary, json)))
+}
+
+fn write_csv(allocations: &[Allocation]) -> Result<Vec<u8>, CliError> {
+    csv::write(allocations).map_err(|error| CliError::Output(io::Error::other(error)))
+}
+
+/// `--json alloc export`: the slices as a JSON array, one object per line of the CSV export,
+/// with the CSV's columns ([`csv::HEADER`]) as its keys.
+fn export_json(allocations: &[Allocation]) -> Value {
+    let slices = allocations.iter().map(|allocation| {
+        json!({
+            "teacher_id": allocation.teacher_id,
+            "service_type": allocation.service_type,
+            "allocated_units": allocation.allocated_units,
+            "priority": allocation.priority,
+            "auto_renew": allocation.auto_renew,
+        })
+    });
+    Value::Array(slices.collect())
 }
 
 impl ToJson for Allocation {
@@ -334,5 +356,48 @@ impl Render for ExportSummary {
             plural(self.allocation_count),
             self.path.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON export holds the same fields as the CSV export, with their types.
+    #[test]
+    fn the_json_export_has_the_csv_columns() {
+        let allocation = Allocation {
+            school_id: "s1".to_string(),
+            teacher_id: "t1".to_string(),
+            service_type: "claude_messages".to_string(),
+            allocated_units: 30,
+            used_units: 7,
+            reserved_units: 1,
+            priority: "high".to_string(),
+            auto_renew: true,
+            status: "suspended".to_string(),
+        };
+        let exported = export_json(std::slice::from_ref(&allocation));
+        let Value::Array(slices) = &exported else {
+            panic!("not an array: {exported}");
+        };
+        let Value::Object(slice) = &slices[0] else {
+            panic!("not an object: {exported}");
+        };
+        let mut keys: Vec<&str> = slice.keys().map(String::as_str).collect();
+        let mut columns = csv::HEADER.to_vec();
+        keys.sort_unstable();
+        columns.sort_unstable();
+        assert_eq!(keys, columns);
+        assert_eq!(
+            exported,
+            json!([{
+                "teacher_id": "t1",
+                "service_type": "claude_messages",
+                "allocated_units": 30,
+                "priority": "high",
+                "auto_renew": true,
+            }])
+        );
     }
 }

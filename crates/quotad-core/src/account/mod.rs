@@ -138,7 +138,8 @@ fn earliest_unknown() -> TimestampMs {
 
 impl TeacherAccount {
     /// A slice may not shrink below what its teacher used and holds this
-    /// cycle ([`Slice::floor_units`]); a slice not there yet has no floor.
+    /// cycle ([`Slice::lowest_allowed_units`]: keeping or growing a slice
+    /// that ran over is allowed); a slice not there yet has no floor.
     pub fn check_shrink(
         &self,
         service: &ServiceType,
@@ -147,21 +148,22 @@ impl TeacherAccount {
         let Some(slice) = self.slices.get(service) else {
             return Ok(());
         };
-        let floor_units = slice.floor_units();
-        if allocated_units < floor_units {
+        let lowest_units = slice.lowest_allowed_units();
+        if allocated_units < lowest_units {
             return Err(RuleError::precondition(format!(
-                "teacher {} has used {} and holds {} units of {service} this cycle; the slice cannot shrink below {floor_units}",
+                "teacher {} has used {} and holds {} units of {service} this cycle; the slice cannot shrink below {lowest_units}",
                 self.teacher_id, slice.used_units, slice.reserved_units
             )));
         }
         Ok(())
     }
 
-    /// What each slice may shrink to, by service type.
+    /// What each slice may shrink to, by service type
+    /// ([`Slice::lowest_allowed_units`]).
     pub fn floors(&self) -> BTreeMap<ServiceType, u64> {
         self.slices
             .iter()
-            .map(|(service, slice)| (service.clone(), slice.floor_units()))
+            .map(|(service, slice)| (service.clone(), slice.lowest_allowed_units()))
             .collect()
     }
 

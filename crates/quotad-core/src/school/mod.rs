@@ -143,11 +143,12 @@ pub fn service_not_configured(school_id: &SchoolId, service: &ServiceType) -> Ru
 }
 
 /// Entry `entry` (1-based) of a bulk change may not shrink its slice below
-/// `floor_units`, what its teacher used and holds ([`crate::Slice::floor_units`]).
+/// `floor_units`, what its teacher used and holds, or the slice's units now
+/// if they are fewer ([`crate::Slice::lowest_allowed_units`]).
 pub fn check_bulk_floor(entry: usize, slice: &SliceSet, floor_units: u64) -> Result<(), RuleError> {
     if slice.allocated_units < floor_units {
         return Err(RuleError::precondition(format!(
-            "nothing was changed: teacher {} has used and holds {floor_units} units of {}; entry {entry} asks for {}",
+            "nothing was changed: the slice of teacher {} of {} cannot shrink below {floor_units} units (what was used and is held of it this cycle, or its units now if fewer); entry {entry} asks for {}",
             slice.teacher_id, slice.service, slice.allocated_units
         )));
     }

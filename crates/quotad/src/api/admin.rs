@@ -10,14 +10,14 @@ use std::sync::Arc;
 
 use crate::engine::{
     Engine, FileRequest, ListHistory, ListRequests, NewSchool, RejectRequest, RemoveSlice,
-    SetAllocation, SetPool, SetStatus, UpdateSettings,
+    SetAllocation, SetPool, SetStatus, SliceSpec, UpdateSettings,
 };
 use crate::proto::quota_admin_server::QuotaAdmin;
 use crate::proto::*;
 use quotad_core::requests::check_reason;
 use quotad_core::{
-    BillingAnchor, Change, HistoryFilter, InvalidInput, Priority, RequestStatus, SchoolConfig,
-    SchoolId, ServiceType, SliceSet, SliceStatus, TeacherId, Tier,
+    BillingAnchor, Change, HistoryFilter, InvalidInput, RequestStatus, SchoolConfig, SchoolId,
+    ServiceType, SliceStatus, TeacherId, Tier,
 };
 
 /// Slices one BulkSetAllocations call may set (the WAL's record limit is sized for it).
@@ -128,14 +128,12 @@ impl QuotaAdmin for AdminService {
             &teacher.school_id,
             Some(&teacher.teacher_id),
         )?;
-        let priority = match r.priority.as_str() {
-            "" => None,
-            other => Some(Priority::parse(other).map_err(invalid)?),
-        };
+        // Whatever is left out keeps the slice's current value (the teacher's
+        // actor knows it): an empty priority, an unset auto_renew.
         let msg = SetAllocation {
             service: convert::service(&r.service_type).map_err(invalid)?,
             allocated_units: r.allocated_units,
-            priority,
+            priority: convert::priority(&r.priority).map_err(invalid)?,
             auto_renew: r.auto_renew,
             change: convert::change(caller.author(&r.changed_by), &r.reason, self.now_ms())
                 .map_err(invalid)?,
@@ -275,14 +273,12 @@ impl QuotaAdmin for AdminService {
         let mut slices = Vec::with_capacity(r.allocations.len());
         for (i, a) in r.allocations.iter().enumerate() {
             let entry = |e: InvalidInput| invalid_entry("allocations", i + 1, e);
-            slices.push(SliceSet {
+            // As in SetAllocation, what is left out keeps the slice's value.
+            slices.push(SliceSpec {
                 teacher_id: TeacherId::parse(&a.teacher_id).map_err(entry)?,
                 service: convert::service(&a.service_type).map_err(entry)?,
                 allocated_units: a.allocated_units,
-                priority: match a.priority.as_str() {
-                    "" => Priority::Normal,
-                    p => Priority::parse(p).map_err(entry)?,
-                },
+                priority: convert::priority(&a.priority).map_err(entry)?,
                 auto_renew: a.auto_renew,
             });
         }

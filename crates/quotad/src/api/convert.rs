@@ -11,7 +11,7 @@ use crate::proto;
 use quotad_core::record::CHANGE_TEXT_BYTES_MAX;
 use quotad_core::{
     parse_model_field, AuditEntry, Change, DenyReason, EventId, IncreaseRequest, InvalidInput,
-    RequestStatus, ReservationId, SchoolId, ServiceType, TeacherId, TimestampMs,
+    Priority, RequestStatus, ReservationId, SchoolId, ServiceType, TeacherId, TimestampMs,
 };
 
 pub fn teacher(school_id: &str, teacher_id: &str) -> Result<TeacherRef, InvalidInput> {
@@ -33,6 +33,12 @@ pub fn check_previews(value: i32) -> Result<CheckPreviews, InvalidInput> {
             ),
         )),
     }
+}
+
+/// A slice's priority in a change: empty leaves it out (None keeps the
+/// current one).
+pub fn priority(value: &str) -> Result<Option<Priority>, InvalidInput> {
+    optional(value, Priority::parse)
 }
 
 pub fn service(value: &str) -> Result<ServiceType, InvalidInput> {

@@ -100,7 +100,7 @@ impl Engine {
             service: service.clone(),
             allocated_units: terms.allocated_units,
             priority: Some(terms.priority),
-            auto_renew: terms.auto_renew,
+            auto_renew: Some(terms.auto_renew),
             change: change.clone(),
             managed: false,
         };
@@ -250,15 +250,17 @@ impl Engine {
 
     /// Sets many slices at once: all of them or none. A slice may not shrink
     /// below what its teacher used and holds. Every teacher named is frozen
-    /// first (it reports its floors and answers nothing else), then the
-    /// school decides with those floors and thaws each teacher with the
-    /// record, so no consume can slip between the check and the change.
+    /// first (it reports its floors and terms and answers nothing else), then
+    /// the school decides with those floors and thaws each teacher with the
+    /// record, so no consume can slip between the check and the change. An
+    /// entry's priority or auto-renew left out is the frozen teacher's own,
+    /// which cannot change before the school writes it.
     /// One bulk change per school at a time: two freezing the same teachers
     /// in parallel could each hold one the other waits for.
     pub async fn bulk_set(
         &self,
         school_id: &SchoolId,
-        slices: Vec<quotad_core::SliceSet>,
+        slices: Vec<SliceSpec>,
         change: Change,
     ) -> Result<Vec<AllocationView>, EngineError> {
         let school = self.school(school_id)?;
@@ -285,6 +287,8 @@ impl Engine {
         for answer in futures::future::join_all(freezes).await {
             frozen.push(answer.map_err(EngineError::mailbox)??);
         }
+        // An error here drops the thaws unsent, which thaws every teacher unchanged.
+        let slices = resolve_bulk(slices, frozen.iter().map(|(f, _)| f))?;
         let msg = BulkSet {
             slices,
             change,

@@ -1,5 +1,6 @@
 //! The messages the actors answer. One struct per message, each documented.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -89,7 +90,9 @@ pub struct GetUsage;
 #[rtype(result = "Reply<Durable<Vec<SyncOutcome>>>")]
 pub struct SyncUsage(pub Vec<SyncEvent>);
 
-/// Create or change the teacher's slice (sent to the teacher, which asks its school).
+/// Create or change the teacher's slice (sent to the teacher, which asks its
+/// school). Priority and auto-renew left out (None) keep the slice's own,
+/// which only the teacher knows for sure: see [`KeptTerms::after`].
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Reply<Durable<AllocationView>>")]
 pub struct SetAllocation {
@@ -97,10 +100,97 @@ pub struct SetAllocation {
     pub allocated_units: u64,
     /// None keeps the current priority (normal for a new slice).
     pub priority: Option<Priority>,
-    pub auto_renew: bool,
+    /// None keeps the current setting (off for a new slice).
+    pub auto_renew: Option<bool>,
     pub change: Change,
     /// False only for quotad's own changes to an individual account's slice.
     pub managed: bool,
+}
+
+/// The terms of a slice that a change may leave out, and so keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeptTerms {
+    pub priority: Priority,
+    pub auto_renew: bool,
+}
+
+impl KeptTerms {
+    /// The terms after a change that names `priority` and `auto_renew` or
+    /// leaves them out (None): each one left out stays as it is on the slice
+    /// (`current`), and a new slice (`current` None) starts at the defaults,
+    /// normal priority without auto-renew. One rule for SetAllocation and
+    /// for every entry of a bulk change, so that an omitted field means
+    /// "keep" in both.
+    pub fn after(
+        current: Option<KeptTerms>,
+        priority: Option<Priority>,
+        auto_renew: Option<bool>,
+    ) -> KeptTerms {
+        let current = current.unwrap_or_default();
+        KeptTerms {
+            priority: priority.unwrap_or(current.priority),
+            auto_renew: auto_renew.unwrap_or(current.auto_renew),
+        }
+    }
+}
+
+/// One slice of a bulk change as the caller asked for it: priority and
+/// auto-renew left out (None) keep the slice's own. They become a
+/// [`SliceSet`] (everything named) only once the teacher is frozen and has
+/// reported its slices' terms ([`Frozen::terms`], [`resolve_bulk`]), so that
+/// what is kept cannot change before the school writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceSpec {
+    pub teacher_id: TeacherId,
+    pub service: ServiceType,
+    pub allocated_units: u64,
+    pub priority: Option<Priority>,
+    pub auto_renew: Option<bool>,
+}
+
+/// Every term named: what a caller that states a slice in full asks.
+impl From<SliceSet> for SliceSpec {
+    fn from(set: SliceSet) -> SliceSpec {
+        SliceSpec {
+            teacher_id: set.teacher_id,
+            service: set.service,
+            allocated_units: set.allocated_units,
+            priority: Some(set.priority),
+            auto_renew: Some(set.auto_renew),
+        }
+    }
+}
+
+/// The new terms of every slice of a bulk change, with what each entry left
+/// out taken from its frozen teacher's report. A teacher missing from
+/// `frozen` is an engine bug (every teacher named is frozen first), not the
+/// caller's.
+pub fn resolve_bulk<'a>(
+    specs: Vec<SliceSpec>,
+    frozen: impl IntoIterator<Item = &'a Frozen>,
+) -> Reply<Vec<SliceSet>> {
+    let frozen: BTreeMap<&TeacherId, &Frozen> =
+        frozen.into_iter().map(|f| (&f.teacher_id, f)).collect();
+    specs
+        .into_iter()
+        .map(|spec| {
+            let teacher = frozen.get(&spec.teacher_id).ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "teacher {} was not frozen for the bulk change",
+                    spec.teacher_id
+                ))
+            })?;
+            let current = teacher.terms.get(&spec.service).copied();
+            let terms = KeptTerms::after(current, spec.priority, spec.auto_renew);
+            Ok(SliceSet {
+                teacher_id: spec.teacher_id,
+                service: spec.service,
+                allocated_units: spec.allocated_units,
+                priority: terms.priority,
+                auto_renew: terms.auto_renew,
+            })
+        })
+        .collect()
 }
 
 /// Suspend or reactivate a slice.

@@ -141,7 +141,7 @@ async fn allocate(
         service: service(),
         allocated_units: units,
         priority: Some(priority),
-        auto_renew: false,
+        auto_renew: Some(false),
         change: change(),
         managed: true,
     };
@@ -613,7 +613,7 @@ async fn a_changed_anchor_moves_the_next_rollover_and_teachers_follow() {
         service: service(),
         allocated_units: 10,
         priority: Some(Priority::Normal),
-        auto_renew: true,
+        auto_renew: Some(true),
         change: change(),
         managed: true,
     };

@@ -24,7 +24,7 @@ fn spec(teacher: &str, units: u64) -> AllocationSpec {
         service_type: SERVICE.into(),
         allocated_units: units,
         priority: String::new(),
-        auto_renew: false,
+        auto_renew: Some(false),
     }
 }
 
@@ -256,6 +256,111 @@ async fn bulk_allocation_is_all_or_nothing() {
     let mut gate = server.gate().await;
     let d = decide(&mut gate, consume("oak", "c", 40, "c1")).await;
     assert!(d.allowed, "{d:?}");
+    server.stop().await;
+}
+
+/// A slice's (priority, auto_renew) as the server answers it.
+fn terms(allocation: &Allocation) -> (&str, bool) {
+    (allocation.priority.as_str(), allocation.auto_renew)
+}
+
+/// SetAllocation and every entry of BulkSetAllocations treat a field left
+/// out the same way: an empty priority and an unset auto_renew keep the
+/// slice's own; a new slice starts at normal, without auto-renew.
+#[tokio::test]
+async fn fields_left_out_keep_the_slices_priority_and_auto_renew() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let mut admin = server.admin().await;
+    create_school(&mut admin, "oak", 100, false).await;
+    let set = |units: u64, priority: &str, auto_renew: Option<bool>| SetAllocationRequest {
+        school_id: "oak".into(),
+        teacher_id: "ms-lee".into(),
+        service_type: SERVICE.into(),
+        allocated_units: units,
+        priority: priority.into(),
+        auto_renew,
+        changed_by: "principal".into(),
+        reason: "test".into(),
+    };
+    let mut set_allocation = async |request: SetAllocationRequest| {
+        admin.set_allocation(request).await.unwrap().into_inner()
+    };
+    // A new slice with nothing named: the defaults.
+    let new = set_allocation(set(10, "", None)).await;
+    assert_eq!(terms(&new), ("normal", false));
+    let named = set_allocation(set(10, "high", Some(true))).await;
+    assert_eq!(terms(&named), ("high", true));
+    // Only the units: priority and auto-renew stay (auto-renew was turned
+    // off here before proto3 optional).
+    let kept = set_allocation(set(12, "", None)).await;
+    assert_eq!((kept.allocated_units, terms(&kept)), (12, ("high", true)));
+    // An explicit false turns it off, and keeps the priority.
+    let off = set_allocation(set(12, "", Some(false))).await;
+    assert_eq!(terms(&off), ("high", false));
+
+    let entry =
+        |teacher: &str, units: u64, priority: &str, auto_renew: Option<bool>| AllocationSpec {
+            teacher_id: teacher.into(),
+            service_type: SERVICE.into(),
+            allocated_units: units,
+            priority: priority.into(),
+            auto_renew,
+        };
+    let answer = admin
+        .bulk_set_allocations(bulk(
+            "oak",
+            vec![
+                entry("ms-lee", 5, "", Some(true)),
+                entry("mr-ng", 5, "", None),
+            ],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // ms-lee keeps "high" (a bulk entry's empty priority used to set
+    // "normal"); mr-ng is new: the defaults.
+    assert_eq!(terms(&answer.allocations[0]), ("high", true));
+    assert_eq!(terms(&answer.allocations[1]), ("normal", false));
+    let answer = admin
+        .bulk_set_allocations(bulk(
+            "oak",
+            vec![entry("ms-lee", 6, "", None), entry("mr-ng", 6, "low", None)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(terms(&answer.allocations[0]), ("high", true));
+    assert_eq!(terms(&answer.allocations[1]), ("low", false));
+    // What the answers said is what the slices are (the teachers' actors
+    // enforce the same terms the school recorded).
+    let listed = admin
+        .list_allocations(ListAllocationsRequest {
+            school_id: "oak".into(),
+            teacher_id: String::new(),
+            service_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .allocations;
+    let listed: Vec<(&str, (&str, bool))> = listed
+        .iter()
+        .map(|a| (a.teacher_id.as_str(), terms(a)))
+        .collect();
+    assert_eq!(
+        listed,
+        [("mr-ng", ("low", false)), ("ms-lee", ("high", true))]
+    );
+    let mut gate = server.gate().await;
+    let usage = common::usage(&mut gate, "oak", "ms-lee").await;
+    assert_eq!(
+        (
+            usage.services[0].priority.as_str(),
+            usage.services[0].auto_renew
+        ),
+        ("high", true)
+    );
     server.stop().await;
 }
 
@@ -602,6 +707,84 @@ async fn an_individual_account_has_the_whole_pool_and_no_allocation_management()
     );
     let below_used = admin.set_pool(set_pool(40)).await.unwrap_err();
     assert_eq!(below_used.code(), Code::FailedPrecondition);
+    server.stop().await;
+}
+
+/// Found by the fuzz suite (tests/fuzz): an individual account whose usage
+/// ran past its slice (late usage is charged as overage) could not follow
+/// a growing pool: the pool grew, then the slice's change was refused, and
+/// the refused SetPool had changed the pool. A change that keeps or grows a
+/// slice is never refused for what was used; a shrink below it is refused
+/// and changes nothing.
+#[tokio::test]
+async fn a_slice_that_ran_over_may_grow_and_a_refused_change_leaves_the_pool_as_it_was() {
+    let (_dir, data) = temp_dir();
+    let server = TestServer::start(&data).await;
+    let (mut admin, mut gate) = (server.admin().await, server.gate().await);
+    create_school_of(&mut admin, "sam", "individual", 10).await;
+    let synced = gate
+        .sync_usage(SyncUsageRequest {
+            school_id: "sam".into(),
+            events: vec![UsageEvent {
+                event_id: "offline-1".into(),
+                teacher_id: "sam".into(),
+                service_type: SERVICE.into(),
+                units: 15,
+                model: "claude".into(),
+                occurred_at_ms: common::now_ms(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        synced.results[0].status,
+        SyncStatus::AcceptedOverQuota as i32
+    );
+    let set_pool = |units| SetPoolRequest {
+        school_id: "sam".into(),
+        service_type: SERVICE.into(),
+        cycle_units: units,
+        changed_by: "billing".into(),
+        reason: "plan change".into(),
+    };
+    let pool_and_slice = async |admin: &mut AdminClient| {
+        let pool = common::school(admin, "sam").await.pools[0].cycle_units;
+        (pool, allocations(admin, "sam").await)
+    };
+    // Used 15 of 10: growing to 12 is allowed, pool and slice together.
+    admin.set_pool(set_pool(12)).await.unwrap();
+    assert_eq!(
+        pool_and_slice(&mut admin).await,
+        (12, vec![("sam".to_string(), 12)])
+    );
+    let entries = async |admin: &mut AdminClient| {
+        let request = ListHistoryRequest {
+            school_id: "sam".into(),
+            teacher_id: String::new(),
+            service_type: String::new(),
+            from_ms: 0,
+            to_ms: 0,
+            page_size: 1000,
+            page_token: String::new(),
+        };
+        admin
+            .list_history(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len()
+    };
+    let entries_before = entries(&mut admin).await;
+    let refused = admin.set_pool(set_pool(5)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        pool_and_slice(&mut admin).await,
+        (12, vec![("sam".to_string(), 12)]),
+        "a refused change changed the pool or the slice"
+    );
+    assert_eq!(entries(&mut admin).await, entries_before);
     server.stop().await;
 }
 

@@ -369,7 +369,7 @@ async fn admin_calls_refuse_bad_fields() {
         service_type: SERVICE.into(),
         allocated_units: 5,
         priority: "normal".into(),
-        auto_renew: false,
+        auto_renew: Some(false),
         changed_by: "principal".into(),
         reason: "test".into(),
     };

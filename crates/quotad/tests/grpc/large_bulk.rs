@@ -39,7 +39,7 @@ fn largest_bulk(units_of_last: u64) -> BulkSetAllocationsRequest {
                 1
             },
             priority: "normal".into(),
-            auto_renew: true,
+            auto_renew: Some(true),
         })
         .collect();
     BulkSetAllocationsRequest {

@@ -52,7 +52,7 @@ fn spec(teacher: &str, units: u64, auto_renew: bool) -> AllocationSpec {
         service_type: SERVICE.into(),
         allocated_units: units,
         priority: "normal".into(),
-        auto_renew,
+        auto_renew: Some(auto_renew),
     }
 }
 

@@ -90,6 +90,34 @@ async fn the_walkthrough_and_a_csv_round_trip_work_end_to_end() {
             "ms-lee,claude_messages,30,high,true"
         ]
     );
+    // --json prints the same slices as JSON, not CSV: an array of objects
+    // with the CSV's columns as keys, in the same order.
+    let json_export = quotactl(
+        server.addr,
+        &principal,
+        &["--json", "alloc", "export", "oak"],
+    )
+    .await;
+    ok(&json_export);
+    let slices: serde_json::Value = serde_json::from_slice(&json_export.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", text(&json_export)));
+    let slice = |teacher: &str, service: &str, units: u64, priority: &str, renew: bool| {
+        serde_json::json!({
+            "teacher_id": teacher,
+            "service_type": service,
+            "allocated_units": units,
+            "priority": priority,
+            "auto_renew": renew,
+        })
+    };
+    assert_eq!(
+        slices,
+        serde_json::json!([
+            slice("mr-ng", "claude_messages", 20, "normal", false),
+            slice("mr-ng", "lesson_generation", 50, "low", false),
+            slice("ms-lee", "claude_messages", 30, "high", true),
+        ])
+    );
     // Export, then import of the same file, changes nothing.
     let again = write(dir.path(), "again.csv", &csv);
     ok(&quotactl(server.addr, &principal, &["alloc", "import", "oak", &again]).await);
@@ -141,6 +169,43 @@ async fn the_walkthrough_and_a_csv_round_trip_work_end_to_end() {
 
     let verify = quotactl(server.addr, &principal, &["history", "verify", "oak"]).await;
     ok(&verify);
+    // `alloc set` without --priority or --auto-renew keeps both (ms-lee is
+    // high and auto-renewing); --auto-renew off turns it off, and only it.
+    let slice_of = |output: &Output| -> serde_json::Value {
+        assert!(output.status.success(), "{:?}", text(output));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let set = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "--json",
+            "alloc",
+            "set",
+            "oak",
+            "ms-lee",
+            "claude_messages",
+            "40",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let kept = slice_of(&quotactl(server.addr, &principal, &set(&[])).await);
+    assert_eq!(
+        (
+            &kept["allocated_units"],
+            &kept["priority"],
+            &kept["auto_renew"]
+        ),
+        (&40.into(), &"high".into(), &true.into()),
+        "{kept}"
+    );
+    let off = slice_of(&quotactl(server.addr, &principal, &set(&["--auto-renew", "off"])).await);
+    assert_eq!(
+        (&off["priority"], &off["auto_renew"]),
+        (&"high".into(), &false.into()),
+        "{off}"
+    );
+    let on = slice_of(&quotactl(server.addr, &principal, &set(&["--auto-renew"])).await);
+    assert_eq!(on["auto_renew"], true, "{on}");
     // A teacher may not manage allocations: a clear refusal and exit code 2.
     let teacher = token("ms-lee", Role::Teacher, &["oak"]);
     let refused = quotactl(

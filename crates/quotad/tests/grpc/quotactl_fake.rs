@@ -143,7 +143,7 @@ impl QuotaAdmin for FakeAdmin {
                 service_type: spec.service_type.clone(),
                 allocated_units: spec.allocated_units,
                 priority: spec.priority.clone(),
-                auto_renew: spec.auto_renew,
+                auto_renew: spec.auto_renew.unwrap_or(false),
                 status: "active".to_string(),
                 ..Allocation::default()
             })

@@ -322,7 +322,7 @@ async fn duration_until_reset_is_the_time_to_the_cycles_end() {
             service_type: SERVICE.into(),
             allocated_units: 10,
             priority: "normal".into(),
-            auto_renew: true,
+            auto_renew: Some(true),
             changed_by: "principal".into(),
             reason: "test".into(),
         })

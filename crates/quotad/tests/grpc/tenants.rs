@@ -157,7 +157,7 @@ pub(crate) async fn call(
                     service_type: svc(),
                     allocated_units: 10,
                     priority: String::new(),
-                    auto_renew: false,
+                    auto_renew: Some(false),
                 }],
                 changed_by: String::new(),
                 reason: String::new(),

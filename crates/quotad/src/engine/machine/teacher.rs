@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use super::{CycleCell, Env, SchoolAnswer, SchoolAsk, SliceChange};
 use crate::engine::messages::{
-    Check, CheckPreviews, Commit, CommitResult, Consume, GrantIncrease, Release, RemoveSlice,
-    Reply, Reserve, SetAllocation, SetStatus,
+    Check, CheckPreviews, Commit, CommitResult, Consume, GrantIncrease, KeptTerms, Release,
+    RemoveSlice, Reply, Reserve, SetAllocation, SetStatus,
 };
 use crate::engine::views::{AllocationView, Decision, Durable, UsageView};
 use crate::engine::EngineError;
@@ -31,6 +31,14 @@ use quotad_core::{
 /// How often idle ids are pruned, at most.
 const PRUNE_INTERVAL_MS: i64 = 60_000;
 
+/// What a slice change that leaves priority or auto-renew out keeps of `slice`.
+fn kept_terms(slice: &Slice) -> KeptTerms {
+    KeptTerms {
+        priority: slice.priority,
+        auto_renew: slice.auto_renew,
+    }
+}
+
 /// How a call finishes once the school has answered its ask.
 pub type Resume<T> =
     Box<dyn FnOnce(&mut TeacherMachine, Reply<SchoolAnswer>, &Env) -> Reply<T> + Send>;
@@ -42,12 +50,17 @@ pub enum Started<T> {
 }
 
 /// What a teacher frozen for a bulk change tells the school: the least each
-/// of its slices may shrink to (used + held), in the cycle it counted them.
+/// of its slices may shrink to (used + held, or its units if fewer), in the
+/// cycle it counted them, and each slice's priority and auto-renew, which an
+/// entry that leaves them out keeps
+/// ([`crate::engine::messages::resolve_bulk`]). Frozen, the teacher changes
+/// neither until the school has decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frozen {
     pub teacher_id: TeacherId,
     pub cycle_start_ms: TimestampMs,
     pub floors: BTreeMap<ServiceType, u64>,
+    pub terms: BTreeMap<ServiceType, KeptTerms>,
 }
 
 #[derive(Debug, Clone)]
@@ -480,15 +493,12 @@ impl TeacherMachine {
         self.housekeep(env)?;
         self.account
             .check_shrink(&msg.service, msg.allocated_units)?;
-        let current = self.account.slices.get(&msg.service);
-        let priority = msg
-            .priority
-            .or(current.map(|s| s.priority))
-            .unwrap_or_default();
+        let current = self.account.slices.get(&msg.service).map(kept_terms);
+        let terms = KeptTerms::after(current, msg.priority, msg.auto_renew);
         let change = SliceChange::Set {
             allocated_units: msg.allocated_units,
-            priority,
-            auto_renew: msg.auto_renew,
+            priority: terms.priority,
+            auto_renew: terms.auto_renew,
             grant: None,
         };
         Ok(self.change_slice(msg.service, change, msg.change, msg.managed))
@@ -551,6 +561,12 @@ impl TeacherMachine {
             teacher_id: self.account.teacher_id.clone(),
             cycle_start_ms: self.account.cycle_start_ms,
             floors: self.account.floors(),
+            terms: self
+                .account
+                .slices
+                .iter()
+                .map(|(service, slice)| (service.clone(), kept_terms(slice)))
+                .collect(),
         })
     }
 

@@ -18,7 +18,7 @@ fn school_id() -> SchoolId {
     SchoolId::parse(SCHOOL).unwrap()
 }
 
-fn slice(name: &str, units: u64, auto_renew: bool) -> SliceSet {
+fn slice(name: &str, units: u64, auto_renew: bool) -> SliceSpec {
     SliceSet {
         teacher_id: TeacherId::parse(name).unwrap(),
         service: service(),
@@ -26,6 +26,7 @@ fn slice(name: &str, units: u64, auto_renew: bool) -> SliceSet {
         priority: Priority::Normal,
         auto_renew,
     }
+    .into()
 }
 
 async fn held(clock: Clock) -> (Harness, Arc<HeldFlushes>) {
@@ -515,7 +516,7 @@ async fn small_mailbox_school(clock: Clock) -> Harness {
         service: service(),
         allocated_units: 500,
         priority: Some(Priority::Normal),
-        auto_renew: true,
+        auto_renew: Some(true),
         change: change(),
         managed: true,
     };

@@ -34,7 +34,7 @@ use crate::engine::machine::{
 };
 use crate::engine::{
     Check, Clock, Commit, Consume, EngineError, FileRequest, GrantIncrease, Release, RemoveSlice,
-    Reply, Reserve, SetAllocation, SetPool, SetStatus, UpdateSettings,
+    Reply, Reserve, SetAllocation, SetPool, SetStatus, SliceSpec, UpdateSettings,
 };
 use crate::storage::WalError;
 use quotad_core::{
@@ -191,7 +191,9 @@ enum Flow {
     Approve,
     Bulk {
         s: usize,
-        slices: Vec<SliceSet>,
+        /// As asked: what an entry leaves out is taken from its teacher's
+        /// report once every teacher is frozen.
+        slices: Vec<SliceSpec>,
         waiting: BTreeSet<usize>,
         frozen: Vec<(usize, Frozen)>,
         failed: bool,

@@ -11,12 +11,10 @@ use super::{
 };
 use crate::engine::{
     Check, CheckPreviews, Commit, Consume, FileRequest, Release, RemoveSlice, Reserve,
-    SetAllocation, SetPool, SetStatus, UpdateSettings,
+    SetAllocation, SetPool, SetStatus, SliceSpec, UpdateSettings,
 };
 use crate::sim::{Protocol, Rng};
-use quotad_core::{
-    BillingAnchor, HoldRequest, Priority, SliceSet, SliceStatus, SyncEvent, TimestampMs,
-};
+use quotad_core::{BillingAnchor, HoldRequest, Priority, SliceStatus, SyncEvent, TimestampMs};
 
 /// A client call, with the values it was made with.
 #[derive(Debug, Clone)]
@@ -62,18 +60,20 @@ pub enum Op {
         t: usize,
         events: Vec<(u8, u64, i64)>,
     },
+    /// Priority and auto-renew: None leaves them out (the slice keeps its own).
     Set {
         call: u64,
         s: usize,
         t: usize,
         units: u64,
-        auto_renew: bool,
-        high: bool,
+        auto_renew: Option<bool>,
+        priority: Option<Priority>,
     },
+    /// Per teacher: units, auto-renew and priority (None: keep).
     Bulk {
         call: u64,
         s: usize,
-        slices: Vec<(usize, u64, bool)>,
+        slices: Vec<(usize, u64, Option<bool>, Option<Priority>)>,
     },
     Remove {
         call: u64,
@@ -171,14 +171,22 @@ impl World {
                 s,
                 t,
                 units: rng.below(8),
-                auto_renew: rng.chance(60),
-                high: rng.chance(40),
+                auto_renew: rng.chance(75).then(|| rng.chance(60)),
+                priority: rng.chance(75).then(|| {
+                    if rng.chance(40) {
+                        Priority::High
+                    } else {
+                        Priority::Normal
+                    }
+                }),
             },
             70..=79 => {
                 let mut slices = Vec::new();
                 for t in 0..TEACHERS {
                     if rng.chance(70) {
-                        slices.push((t, rng.below(8), rng.chance(60)));
+                        let auto_renew = rng.chance(75).then(|| rng.chance(60));
+                        let priority = rng.chance(30).then_some(Priority::Normal);
+                        slices.push((t, rng.below(8), auto_renew, priority));
                     }
                 }
                 Op::Bulk { call, s, slices }
@@ -267,22 +275,28 @@ impl World {
     }
 
     /// The engine's bulk change: freeze every teacher named, then the school.
-    fn start_bulk(&mut self, call: u64, s: usize, slices: Vec<(usize, u64, bool)>, now_ms: i64) {
+    fn start_bulk(
+        &mut self,
+        call: u64,
+        s: usize,
+        slices: Vec<(usize, u64, Option<bool>, Option<Priority>)>,
+        now_ms: i64,
+    ) {
         if self.bulk_busy[s] || slices.is_empty() {
             return;
         }
         self.bulk_busy[s] = true;
-        let sets: Vec<SliceSet> = slices
+        let specs: Vec<SliceSpec> = slices
             .iter()
-            .map(|(t, units, auto_renew)| SliceSet {
+            .map(|(t, units, auto_renew, priority)| SliceSpec {
                 teacher_id: teacher_id(*t),
                 service: service(),
                 allocated_units: *units,
-                priority: Priority::Normal,
+                priority: *priority,
                 auto_renew: *auto_renew,
             })
             .collect();
-        let waiting: BTreeSet<usize> = slices.iter().map(|(t, _, _)| *t).collect();
+        let waiting: BTreeSet<usize> = slices.iter().map(|(t, ..)| *t).collect();
         for t in &waiting {
             self.send(
                 Node::Call(call),
@@ -296,7 +310,7 @@ impl World {
             call,
             Flow::Bulk {
                 s,
-                slices: sets,
+                slices: specs,
                 waiting,
                 frozen: Vec::new(),
                 failed: false,
@@ -358,16 +372,12 @@ fn teacher_message(op: &Op, now_ms: TimestampMs) -> TeacherCall {
         Op::Set {
             units,
             auto_renew,
-            high,
+            priority,
             ..
         } => TeacherCall::Set(SetAllocation {
             service: service(),
             allocated_units: units,
-            priority: Some(if high {
-                Priority::High
-            } else {
-                Priority::Normal
-            }),
+            priority,
             auto_renew,
             change: change(now_ms),
             managed: true,

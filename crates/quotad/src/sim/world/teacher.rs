@@ -7,7 +7,7 @@ use super::{
     error_text, Blocked, Fact, Finish, Flow, Msg, Node, Outcome, SchoolCall, TeacherCall, World,
 };
 use crate::engine::machine::{Env, Frozen, Started, TeacherMachine};
-use crate::engine::{AllocationView, Commit, Durable, Release, Reply, Reserve};
+use crate::engine::{resolve_bulk, AllocationView, Commit, Durable, Release, Reply, Reserve};
 use crate::sim::Protocol;
 use quotad_core::{EventId, Record, SyncEvent, SyncOutcome};
 
@@ -250,10 +250,18 @@ impl World {
             self.abort_bulk(call);
             return;
         }
-        let Some(Flow::Bulk { slices, .. }) = self.flows.get(&call) else {
+        let Some(Flow::Bulk { slices, frozen, .. }) = self.flows.get(&call) else {
             return;
         };
-        let slices = slices.clone();
+        // As the engine does: what an entry left out is its frozen teacher's.
+        let resolved = resolve_bulk(slices.clone(), frozen.iter().map(|(_, f)| f));
+        let slices = match resolved {
+            Ok(slices) => slices,
+            Err(_) => {
+                self.abort_bulk(call);
+                return;
+            }
+        };
         self.send(
             Node::Call(call),
             Node::School(s),
