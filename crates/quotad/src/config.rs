@@ -10,9 +10,11 @@ use thiserror::Error;
 
 use std::sync::Arc;
 
-use crate::auth::{AuthMode, Authenticator};
+use crate::auth::{check_public_key_ids, AuthMode, Authenticator, PublicKey, PublicKeyFile};
 use crate::engine::EngineConfig;
 use crate::rls::{DomainConfig, Domains};
+use crate::server::conn::ConnLimits;
+use crate::server::tls::TlsFiles;
 use crate::storage::history::RecoverFrom;
 use crate::storage::{Durability, WalConfig};
 use quotad_core::analytics::AlertThresholds;
@@ -65,6 +67,33 @@ pub struct Config {
     /// How each rate limit domain's descriptors name a slice (README,
     /// "Behind an AI gateway").
     pub rls_domains: Vec<DomainConfig>,
+    /// TLS for the gRPC listeners (both or neither): PEM files, reloaded
+    /// on SIGHUP and when they change.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Mutual TLS on `grpc_addr`: clients must present a certificate this
+    /// CA signed.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Mutual TLS on `rls_addr` (the gateways' listener), which takes no
+    /// tokens: the natural way to say which gateways may charge.
+    pub rls_tls_client_ca_file: Option<PathBuf>,
+    /// How often the TLS files are checked for a change.
+    pub tls_reload_interval_s: u64,
+    /// A TLS handshake not done by then closes the connection.
+    pub tls_handshake_timeout_ms: u64,
+    /// Connections a gRPC listener holds at once; more are closed as soon
+    /// as they are accepted.
+    pub connections_max: usize,
+    /// Of those, from one peer address.
+    pub connections_per_ip_max: usize,
+    /// Calls one connection may have open at once (HTTP/2
+    /// MAX_CONCURRENT_STREAMS): a client waits for a free one.
+    pub streams_per_connection_max: u32,
+    /// A connection that moved no byte either way for this long is closed.
+    pub idle_timeout_s: u64,
+    /// The largest header block a request may send (HTTP/2
+    /// MAX_HEADER_LIST_SIZE).
+    pub header_list_bytes_max: u32,
     /// Schools whose pools are exported as gauges (the first ones in id
     /// order); the rest are counted in `quotad_pool_schools_omitted`. Bounds
     /// those gauges to 3 x this x 32 service types series.
@@ -93,10 +122,17 @@ pub struct Config {
     pub wal_batch_records_max: usize,
     /// Service types a new school gets when it names none.
     pub default_service_types: Vec<String>,
-    /// A file holding the key that signs bearer tokens (HS256, at least 32
-    /// bytes; surrounding whitespace is ignored). `QUOTAD_AUTH_KEY` may give
-    /// the key itself instead.
+    /// A file holding the shared key that checks and signs bearer tokens
+    /// (HS256, at least 32 bytes; surrounding whitespace is ignored), for a
+    /// single box: whoever reads it can mint any token. `QUOTAD_AUTH_KEY` may
+    /// give the key itself instead. Not with `auth_public_keys`.
     pub auth_key_file: Option<PathBuf>,
+    /// The public keys that check EdDSA (Ed25519) and ES256 (P-256) tokens,
+    /// each chosen by the `kid` in a token's header: `[[auth_public_keys]]`
+    /// tables of `kid` and `file` (PEM). Several, so that a new key can be
+    /// added before the old one is removed. quotad never holds the private
+    /// keys, so nothing it holds can mint a token.
+    pub auth_public_keys: Vec<PublicKeyFile>,
     /// Accept every call without a token, as an admin. For a first run on a
     /// laptop only; logged loudly.
     pub insecure_dev: bool,
@@ -151,6 +187,17 @@ impl Default for Config {
             rls_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             rls_allow_public: false,
             rls_domains: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            rls_tls_client_ca_file: None,
+            tls_reload_interval_s: 10,
+            tls_handshake_timeout_ms: 10_000,
+            connections_max: 4096,
+            connections_per_ip_max: 1024,
+            streams_per_connection_max: 128,
+            idle_timeout_s: 300,
+            header_list_bytes_max: 16 * 1024,
             metrics_schools_max: 100,
             metrics_refresh_interval_ms: 10_000,
             data_dir: PathBuf::from("./data"),
@@ -172,6 +219,7 @@ impl Default for Config {
                 .map(|s| s.to_string())
                 .collect(),
             auth_key_file: None,
+            auth_public_keys: Vec::new(),
             insecure_dev: false,
             accept_data_loss: false,
             auth_key: None,
@@ -182,6 +230,16 @@ impl Default for Config {
             alert_pool_used_percent: alerts.pool_used_percent,
             alert_anomaly_factor_percent: alerts.anomaly_factor_percent,
             alerts_interval_s: 60,
+        }
+    }
+}
+
+/// 127.0.0.0/8, ::1, or ::ffff:127.x.y.z.
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
     }
 }
@@ -239,6 +297,15 @@ impl Config {
                 self.metrics_refresh_interval_ms,
             ),
             ("alerts_interval_s", self.alerts_interval_s),
+            ("tls_reload_interval_s", self.tls_reload_interval_s),
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms),
+            ("connections_max", self.connections_max as u64),
+            ("connections_per_ip_max", self.connections_per_ip_max as u64),
+            (
+                "streams_per_connection_max",
+                u64::from(self.streams_per_connection_max),
+            ),
+            ("idle_timeout_s", self.idle_timeout_s),
         ];
         for (setting, value) in positive {
             if value == 0 {
@@ -289,6 +356,21 @@ impl Config {
         }
         self.service_types()?;
         self.rls_domains()?;
+        self.check_auth_settings()?;
+        self.tls_files()?;
+        // A mistyped sslmode or an unreadable sslrootcert would otherwise
+        // look like a Postgres that does not answer, and quotad would start
+        // without it.
+        if let Some(url) = &self.postgres_url {
+            crate::postgres::check_url(&url.0)
+                .map_err(|e| invalid("postgres_url", e.to_string()))?;
+        }
+        if !(1024..=1024 * 1024).contains(&self.header_list_bytes_max) {
+            return Err(invalid(
+                "header_list_bytes_max",
+                "must be between 1 KiB and 1 MiB",
+            ));
+        }
         if !self.rls_allow_public && !is_private(self.rls_addr.ip()) {
             return Err(invalid(
                 "rls_addr",
@@ -313,6 +395,60 @@ impl Config {
             .map_err(|e| invalid("rls_domains", e.problem))
     }
 
+    /// The TLS files of the main listener and of the rate limit listener;
+    /// None: plaintext.
+    pub fn tls_files(&self) -> Result<Option<(TlsFiles, TlsFiles)>, ConfigError> {
+        let (cert, key) = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (None, None) => {
+                for (setting, ca) in [
+                    ("tls_client_ca_file", &self.tls_client_ca_file),
+                    ("rls_tls_client_ca_file", &self.rls_tls_client_ca_file),
+                ] {
+                    if ca.is_some() {
+                        return Err(invalid(
+                            setting,
+                            "mutual TLS needs TLS: set tls_cert_file and tls_key_file",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key_file",
+                    "tls_cert_file is set, its key is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert_file",
+                    "tls_key_file is set, its certificate is not",
+                ))
+            }
+        };
+        let files = |client_ca: &Option<PathBuf>, client_ca_setting| TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.clone(),
+            client_ca_setting,
+        };
+        Ok(Some((
+            files(&self.tls_client_ca_file, "tls_client_ca_file"),
+            files(&self.rls_tls_client_ca_file, "rls_tls_client_ca_file"),
+        )))
+    }
+
+    /// What a client may hold of a gRPC listener.
+    pub fn conn_limits(&self) -> ConnLimits {
+        ConnLimits {
+            connections_max: self.connections_max,
+            connections_per_ip_max: self.connections_per_ip_max,
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            handshake_timeout: Duration::from_millis(self.tls_handshake_timeout_ms),
+        }
+    }
+
     pub fn alert_thresholds(&self) -> AlertThresholds {
         AlertThresholds {
             slice_used_percents: self.alert_slice_used_percents.clone(),
@@ -321,34 +457,151 @@ impl Config {
         }
     }
 
-    /// How calls are authenticated: a signing key, or the explicit dev mode.
-    pub fn auth_mode(&self) -> Result<AuthMode, ConfigError> {
-        let key = match (&self.auth_key, &self.auth_key_file) {
-            (Some(key), _) => Some(key.0.trim().as_bytes().to_vec()),
+    /// The environment variable that may hold the shared HS256 key itself.
+    /// Never a flag: a command line is visible to every user in `ps`.
+    pub const AUTH_KEY_ENV: &'static str = "QUOTAD_AUTH_KEY";
+
+    /// The shared key from [`Config::AUTH_KEY_ENV`], if set and not empty
+    /// (`docker run -e QUOTAD_AUTH_KEY=` sets it empty).
+    pub fn auth_key_from_env() -> Result<Option<Secret>, ConfigError> {
+        match std::env::var(Self::AUTH_KEY_ENV) {
+            Ok(key) if key.is_empty() => Ok(None),
+            Ok(key) => Ok(Some(Secret(key))),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(invalid(
+                "auth_key",
+                format!("{} is not valid UTF-8", Self::AUTH_KEY_ENV),
+            )),
+        }
+    }
+
+    /// The auth settings that can be checked without reading a key file.
+    ///
+    /// A shared HS256 key and public keys together are refused rather than
+    /// both accepted: whoever reads the shared key can mint any token, which
+    /// is what the public keys are there to prevent, and two ways in would
+    /// leave it to the token's header which one is used. To move from one
+    /// to the other, mint new tokens first, then start with the new keys only.
+    fn check_auth_settings(&self) -> Result<(), ConfigError> {
+        let shared = self.auth_key.is_some() || self.auth_key_file.is_some();
+        if self.auth_public_keys.is_empty() {
+            return Ok(());
+        }
+        if shared {
+            return Err(invalid(
+                "auth_public_keys",
+                "a shared HS256 key (QUOTAD_AUTH_KEY or auth_key_file) is set too. Whoever \
+                 reads that key can mint any token, which public keys are meant to prevent: \
+                 set one or the other (to move to public keys, mint new tokens with `quotad \
+                 token --private-key-file`, then remove the shared key)",
+            ));
+        }
+        let kids: Vec<&str> = self
+            .auth_public_keys
+            .iter()
+            .map(|k| k.kid.as_str())
+            .collect();
+        check_public_key_ids(&kids).map_err(|e| invalid("auth_public_keys", e.to_string()))
+    }
+
+    /// The shared HS256 key, from `QUOTAD_AUTH_KEY` or else `auth_key_file`.
+    fn shared_auth_key(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        match (&self.auth_key, &self.auth_key_file) {
+            (Some(key), _) => Ok(Some(key.0.trim().as_bytes().to_vec())),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
                     source,
                 })?;
-                Some(text.trim().as_bytes().to_vec())
+                Ok(Some(text.trim().as_bytes().to_vec()))
             }
-            (None, None) => None,
-        };
-        match (key, self.insecure_dev) {
-            (Some(_), true) => Err(invalid(
-                "insecure_dev",
-                "a signing key is configured too; use one or the other",
-            )),
-            (Some(key), false) => Authenticator::new(&key)
-                .map(|a| AuthMode::Key(Arc::new(a)))
-                .map_err(|e| invalid("auth_key", e.to_string())),
-            (None, true) => Ok(AuthMode::InsecureDev),
-            (None, false) => Err(invalid(
-                "auth_key",
-                "no key to check bearer tokens with: set QUOTAD_AUTH_KEY or auth_key_file \
-                 (see README, Roles), or run `quotad serve --insecure-dev` on a laptop",
-            )),
+            (None, None) => Ok(None),
         }
+    }
+
+    /// Reads every `auth_public_keys` file.
+    fn public_keys(&self) -> Result<Vec<PublicKey>, ConfigError> {
+        self.auth_public_keys
+            .iter()
+            .map(|entry| {
+                let text =
+                    std::fs::read_to_string(&entry.file).map_err(|source| ConfigError::Read {
+                        path: entry.file.clone(),
+                        source,
+                    })?;
+                PublicKey::from_pem(&entry.kid, &text).map_err(|e| {
+                    invalid(
+                        "auth_public_keys",
+                        format!("key {:?} ({}): {e}", entry.kid, entry.file.display()),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// How calls are authenticated: public keys, a shared key, or the
+    /// explicit dev mode; exactly one of them.
+    pub fn auth_mode(&self) -> Result<AuthMode, ConfigError> {
+        self.check_auth_settings()?;
+        let shared = self.shared_auth_key()?;
+        let public = !self.auth_public_keys.is_empty();
+        if self.insecure_dev {
+            if shared.is_some() || public {
+                return Err(invalid(
+                    "insecure_dev",
+                    "a signing key is configured too; use one or the other",
+                ));
+            }
+            return Ok(AuthMode::InsecureDev);
+        }
+        let authenticator =
+            match shared {
+                // `check_auth_settings` refused a shared key beside public keys.
+                Some(key) => {
+                    Authenticator::new(&key).map_err(|e| invalid("auth_key", e.to_string()))?
+                }
+                None if public => Authenticator::with_public_keys(self.public_keys()?)
+                    .map_err(|e| invalid("auth_public_keys", e.to_string()))?,
+                None => return Err(invalid(
+                    "auth_key",
+                    "no key to check bearer tokens with: set auth_public_keys, or for a single \
+                     box QUOTAD_AUTH_KEY or auth_key_file (see README, Roles), or run `quotad \
+                     serve --insecure-dev` on a laptop",
+                )),
+            };
+        Ok(AuthMode::Key(Arc::new(authenticator)))
+    }
+
+    /// Under `insecure_dev` every caller is an admin, so quotad listens on
+    /// loopback only: refuses any listener that is on (`metrics_on`,
+    /// `rls_on`: not turned off by `--no-metrics`, `--no-rls`) and bound to
+    /// another address, naming its setting.
+    pub fn check_insecure_dev_listeners(
+        &self,
+        metrics_on: bool,
+        rls_on: bool,
+    ) -> Result<(), ConfigError> {
+        if !self.insecure_dev {
+            return Ok(());
+        }
+        let listeners = [
+            ("grpc_addr", self.grpc_addr, true),
+            ("metrics_addr", self.metrics_addr, metrics_on),
+            ("rls_addr", self.rls_addr, rls_on),
+        ];
+        for (setting, addr, on) in listeners {
+            if on && !is_loopback(addr.ip()) {
+                return Err(invalid(
+                    setting,
+                    format!(
+                        "{addr} is not a loopback address, and --insecure-dev accepts every call \
+                         without a token, as an admin: bind it to 127.0.0.1 or [::1], or give \
+                         quotad keys instead (see README, Roles)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn service_types(&self) -> Result<Vec<ServiceType>, ConfigError> {
@@ -471,6 +724,62 @@ mod tests {
             }
             .validate()
             .unwrap();
+        }
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key_and_mutual_tls_needs_tls() {
+        assert_eq!(Config::default().tls_files().unwrap(), None);
+        let half = Config {
+            tls_cert_file: Some("cert.pem".into()),
+            ..Config::default()
+        };
+        assert!(half
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tls_key_file"));
+        let other_half = Config {
+            tls_key_file: Some("key.pem".into()),
+            ..Config::default()
+        };
+        assert!(other_half
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tls_cert_file"));
+        let mutual_without_tls = Config {
+            rls_tls_client_ca_file: Some("gateways.pem".into()),
+            ..Config::default()
+        };
+        let error = mutual_without_tls.validate().unwrap_err().to_string();
+        assert!(error.contains("rls_tls_client_ca_file"), "{error}");
+        let both = Config {
+            tls_cert_file: Some("cert.pem".into()),
+            tls_key_file: Some("key.pem".into()),
+            rls_tls_client_ca_file: Some("gateways.pem".into()),
+            ..Config::default()
+        };
+        let (main, rls) = both.tls_files().unwrap().unwrap();
+        assert_eq!(
+            (main.client_ca, rls.client_ca),
+            (None, Some("gateways.pem".into()))
+        );
+        for bad in [
+            Config {
+                connections_max: 0,
+                ..Config::default()
+            },
+            Config {
+                idle_timeout_s: 0,
+                ..Config::default()
+            },
+            Config {
+                header_list_bytes_max: 100,
+                ..Config::default()
+            },
+        ] {
+            bad.validate().unwrap_err();
         }
     }
 
@@ -602,6 +911,174 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(Config::default().recover_from, RecoverFrom::Auto);
         assert!(toml::from_str::<Config>("recover_from = \"sled\"\n").is_err());
+    }
+
+    /// An Ed25519 public key in PEM, written to `dir/name`.
+    fn public_key_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
+        use ed25519_dalek::pkcs8::EncodePublicKey;
+        let pem = ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+            .verifying_key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    #[test]
+    fn public_keys_are_read_from_the_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = public_key_file(dir.path(), "old.pem", 1);
+        let new = public_key_file(dir.path(), "new.pem", 2);
+        let text = format!(
+            "[[auth_public_keys]]\nkid = \"2025-01\"\nfile = {old:?}\n\n\
+             [[auth_public_keys]]\nkid = \"2025-07\"\nfile = {new:?}\n"
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let AuthMode::Key(authenticator) = config.auth_mode().unwrap() else {
+            panic!("not keys");
+        };
+        assert!(format!("{authenticator:?}").contains("2025-07"));
+
+        let same_kid = Config {
+            auth_public_keys: vec![config.auth_public_keys[0].clone(); 2],
+            ..Config::default()
+        };
+        let error = same_kid.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("auth_public_keys") && error.contains("twice"),
+            "{error}"
+        );
+        let missing = Config {
+            auth_public_keys: vec![PublicKeyFile {
+                kid: "k".into(),
+                file: dir.path().join("absent.pem"),
+            }],
+            ..Config::default()
+        };
+        let error = missing.auth_mode().unwrap_err().to_string();
+        assert!(error.contains("absent.pem"), "{error}");
+        let not_a_key = Config {
+            auth_public_keys: vec![PublicKeyFile {
+                kid: "k".into(),
+                file: dir.path().join("old.pem.txt"),
+            }],
+            ..Config::default()
+        };
+        std::fs::write(dir.path().join("old.pem.txt"), "hello").unwrap();
+        let error = not_a_key.auth_mode().unwrap_err().to_string();
+        assert!(
+            error.contains("auth_public_keys") && error.contains("\"k\"") && error.contains("PEM"),
+            "{error}"
+        );
+        let unknown_field = "[[auth_public_keys]]\nkid = \"k\"\npath = \"x\"\n";
+        assert!(toml::from_str::<Config>(unknown_field).is_err());
+    }
+
+    #[test]
+    fn a_shared_key_and_public_keys_together_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = vec![PublicKeyFile {
+            kid: "k".into(),
+            file: public_key_file(dir.path(), "k.pem", 1),
+        }];
+        for shared in [
+            Config {
+                auth_key: Some(Secret("0123456789abcdef0123456789abcdef".into())),
+                ..Config::default()
+            },
+            Config {
+                auth_key_file: Some(dir.path().join("shared.key")),
+                ..Config::default()
+            },
+        ] {
+            let both = Config {
+                auth_public_keys: keys.clone(),
+                ..shared
+            };
+            for error in [both.validate().unwrap_err(), both.auth_mode().unwrap_err()] {
+                let error = error.to_string();
+                assert!(
+                    error.starts_with("setting auth_public_keys:")
+                        && error.contains("mint any token"),
+                    "{error}"
+                );
+            }
+        }
+        let dev = Config {
+            auth_public_keys: keys,
+            insecure_dev: true,
+            ..Config::default()
+        };
+        let error = dev.auth_mode().unwrap_err().to_string();
+        assert!(error.contains("insecure_dev"), "{error}");
+        let error = Config::default().auth_mode().unwrap_err().to_string();
+        assert!(
+            error.contains("auth_public_keys") && error.contains("--insecure-dev"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn insecure_dev_listens_on_loopback_only() {
+        let dev = |grpc: &str, metrics: &str, rls: &str| Config {
+            grpc_addr: grpc.parse().unwrap(),
+            metrics_addr: metrics.parse().unwrap(),
+            rls_addr: rls.parse().unwrap(),
+            insecure_dev: true,
+            ..Config::default()
+        };
+        let local = "127.0.0.1:1";
+        for loopback in [
+            "127.0.0.1:1",
+            "127.9.9.9:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            dev(loopback, loopback, loopback)
+                .check_insecure_dev_listeners(true, true)
+                .unwrap_or_else(|e| panic!("{loopback}: {e}"));
+        }
+        for public in [
+            "0.0.0.0:1",
+            "[::]:1",
+            "10.0.0.1:1",
+            "8.8.8.8:1",
+            "[::ffff:10.0.0.1]:1",
+        ] {
+            let cases = [
+                ("grpc_addr", dev(public, local, local)),
+                ("metrics_addr", dev(local, public, local)),
+                ("rls_addr", dev(local, local, public)),
+            ];
+            for (setting, config) in cases {
+                let error = config
+                    .check_insecure_dev_listeners(true, true)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    error.starts_with(&format!("setting {setting}:"))
+                        && error.contains("loopback")
+                        && error.contains("--insecure-dev"),
+                    "{error}"
+                );
+            }
+            // A listener turned off is not listening anywhere.
+            dev(local, public, public)
+                .check_insecure_dev_listeners(false, false)
+                .unwrap();
+            assert!(dev(public, local, local)
+                .check_insecure_dev_listeners(false, false)
+                .is_err());
+            // With keys, listeners may be anywhere.
+            Config {
+                insecure_dev: false,
+                ..dev(public, public, local)
+            }
+            .check_insecure_dev_listeners(true, true)
+            .unwrap();
+        }
     }
 
     #[test]

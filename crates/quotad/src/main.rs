@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use quotad::auth::{AuthMode, Role};
+use quotad::auth::{AuthMode, Role, TokenSigner};
 use quotad::config::Config;
 use quotad::server::{serve, Listeners};
 use quotad::storage::history::RecoverFrom;
@@ -35,7 +35,8 @@ struct Cli {
 enum Command {
     /// Run the server (embedded sled storage under --data-dir).
     Serve(ServeArgs),
-    /// Print a signed bearer token, for local use and scripts.
+    /// Print a signed bearer token: with a private key (EdDSA, ES256) whose
+    /// public key the server has, or with the server's shared HS256 key.
     Token(TokenArgs),
     /// Create or update quotad's tables and views in Postgres.
     Migrate(MigrateArgs),
@@ -48,7 +49,10 @@ struct MigrateArgs {
     database_url: String,
 }
 
-/// The key comes from the same places as the server's.
+/// With `--private-key-file` and `--kid`: EdDSA or ES256, signed by a key
+/// the server knows only the public half of. Otherwise HS256, with the
+/// server's own shared key, from the same places as the server's
+/// (`QUOTAD_AUTH_KEY`, or `--auth-key-file`).
 #[derive(Args)]
 struct TokenArgs {
     /// admin, principal, teacher or service.
@@ -63,10 +67,42 @@ struct TokenArgs {
     /// How long the token is valid, in seconds.
     #[arg(long, default_value_t = 3600)]
     ttl_s: u64,
-    #[arg(long, env = "QUOTAD_AUTH_KEY", hide_env_values = true)]
-    auth_key: Option<String>,
+    /// A PEM private key, Ed25519 or P-256 (`openssl genpkey -algorithm ed25519`),
+    /// whose public key the server has in auth_public_keys under --kid.
+    #[arg(long, requires = "kid")]
+    private_key_file: Option<PathBuf>,
+    /// The id the server knows --private-key-file's public key by.
+    #[arg(long, requires = "private_key_file")]
+    kid: Option<String>,
+    /// A file holding the shared HS256 key (single box), when there is no
+    /// --private-key-file; or the key itself in QUOTAD_AUTH_KEY.
     #[arg(long, env = "QUOTAD_AUTH_KEY_FILE")]
     auth_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    no_key_flag: NoKeyOnCommandLine,
+}
+
+/// `--auth-key` is gone: a key on the command line is visible to every user
+/// of the machine in `ps`. Still parsed (hidden), to say so and where the
+/// key goes instead, rather than clap's "unexpected argument".
+#[derive(Args)]
+struct NoKeyOnCommandLine {
+    #[arg(long = "auth-key", hide = true, value_name = "KEY")]
+    auth_key: Option<String>,
+}
+
+impl NoKeyOnCommandLine {
+    fn refuse(&self) -> Result<(), String> {
+        match self.auth_key {
+            None => Ok(()),
+            Some(_) => Err(format!(
+                "--auth-key is not accepted: a command line is visible to every user in `ps`. \
+                 Put the key in {} or in a file named by --auth-key-file (QUOTAD_AUTH_KEY_FILE), \
+                 or better, use public keys (README, Roles and tokens)",
+                Config::AUTH_KEY_ENV
+            )),
+        }
+    }
 }
 
 /// Each flag overrides its environment variable, which overrides the config file.
@@ -111,13 +147,14 @@ struct ServeArgs {
     /// Threads that run the actors and the gRPC server (0: one per core).
     #[arg(long, env = "QUOTAD_ACTOR_THREADS")]
     actor_threads: Option<usize>,
-    /// The key that signs bearer tokens (at least 32 bytes).
-    #[arg(long, env = "QUOTAD_AUTH_KEY", hide_env_values = true)]
-    auth_key: Option<String>,
-    /// A file holding the key that signs bearer tokens.
+    /// A file holding the shared HS256 key (at least 32 bytes), for a single
+    /// box; or the key itself in QUOTAD_AUTH_KEY. Public keys: auth_public_keys.
     #[arg(long, env = "QUOTAD_AUTH_KEY_FILE")]
     auth_key_file: Option<PathBuf>,
-    /// Accept every call without a token, as an admin: for a first run on a laptop only.
+    #[command(flatten)]
+    no_key_flag: NoKeyOnCommandLine,
+    /// Accept every call without a token, as an admin: for a first run on a
+    /// laptop only; every listener must be on a loopback address.
     #[arg(long)]
     insecure_dev: bool,
     /// Start even though the write-ahead log is damaged, serving what it still holds
@@ -148,7 +185,8 @@ fn parse_durability(value: &str) -> Result<Durability, String> {
 }
 
 impl ServeArgs {
-    fn config(&self) -> Result<Config, quotad::config::ConfigError> {
+    fn config(&self) -> Result<Config, Box<dyn std::error::Error>> {
+        self.no_key_flag.refuse()?;
         let mut config = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -174,13 +212,14 @@ impl ServeArgs {
         if let Some(path) = &self.auth_key_file {
             config.auth_key_file = Some(path.clone());
         }
-        if let Some(key) = &self.auth_key {
-            config.auth_key = Some(quotad::config::Secret(key.clone()));
+        if let Some(key) = Config::auth_key_from_env()? {
+            config.auth_key = Some(key);
         }
         config.insecure_dev |= self.insecure_dev;
         config.rls_allow_public |= self.rls_allow_public;
         config.accept_data_loss |= self.accept_data_loss;
         config.validate()?;
+        config.check_insecure_dev_listeners(!self.no_metrics, !self.no_rls)?;
         Ok(config)
     }
 }
@@ -224,14 +263,7 @@ fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn token(args: TokenArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config {
-        auth_key: args.auth_key.map(quotad::config::Secret),
-        auth_key_file: args.auth_key_file,
-        ..Config::default()
-    };
-    let AuthMode::Key(authenticator) = config.auth_mode()? else {
-        return Err("no signing key".into());
-    };
+    args.no_key_flag.refuse()?;
     let role = Role::parse(&args.role)?;
     let schools = args
         .schools
@@ -241,13 +273,36 @@ fn token(args: TokenArgs) -> Result<(), Box<dyn std::error::Error>> {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let token = authenticator.mint(
-        &args.subject,
-        role,
-        &schools,
-        std::time::Duration::from_secs(args.ttl_s),
-        now_s,
-    )?;
+    let ttl = std::time::Duration::from_secs(args.ttl_s);
+    let token = match (&args.private_key_file, &args.kid) {
+        (Some(path), Some(kid)) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --private-key-file {}: {e}", path.display()))?;
+            let signer = TokenSigner::from_private_key_pem(kid, &pem)
+                .map_err(|e| format!("--private-key-file {}: {e}", path.display()))?;
+            signer.mint(&args.subject, role, &schools, ttl, now_s)?
+        }
+        // clap makes --private-key-file and --kid go together.
+        _ => {
+            let config = Config {
+                auth_key: Config::auth_key_from_env()?,
+                auth_key_file: args.auth_key_file,
+                ..Config::default()
+            };
+            if config.auth_key.is_none() && config.auth_key_file.is_none() {
+                return Err(format!(
+                    "no key to sign with: give --private-key-file and --kid, or, for a server \
+                     with a shared HS256 key, {} or --auth-key-file",
+                    Config::AUTH_KEY_ENV
+                )
+                .into());
+            }
+            let AuthMode::Key(authenticator) = config.auth_mode()? else {
+                return Err("no signing key".into());
+            };
+            authenticator.mint(&args.subject, role, &schools, ttl, now_s)?
+        }
+    };
     println!("{token}");
     Ok(())
 }

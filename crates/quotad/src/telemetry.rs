@@ -69,6 +69,8 @@ pub const ALL_NAMES: &[&str] = &[
     ALERTS_FAILURES_TOTAL,
     RLS_REQUESTS_TOTAL,
     RLS_UNKNOWN_SLICE_TOTAL,
+    CONNECTIONS_OPEN,
+    CONNECTIONS_REFUSED_TOTAL,
 ];
 
 /// Distinct service types that get their own `service` label on decisions;
@@ -81,6 +83,11 @@ pub const ALERTS_ACTIVE: &str = "quotad_alerts_active";
 pub const ALERTS_FAILURES_TOTAL: &str = "quotad_alerts_failures_total";
 pub const RLS_REQUESTS_TOTAL: &str = "quotad_rls_requests_total";
 pub const RLS_UNKNOWN_SLICE_TOTAL: &str = "quotad_rls_unknown_slice_total";
+pub const CONNECTIONS_OPEN: &str = "quotad_connections_open";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "quotad_connections_refused_total";
+/// The `reason` label values of [`CONNECTIONS_REFUSED_TOTAL`].
+pub const CONNECTION_REFUSALS: [&str; 3] =
+    ["connections_max", "connections_per_ip_max", "tls_handshake"];
 
 /// Histogram buckets for request and flush latencies, in seconds: 25 us to 1 s.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -270,6 +277,14 @@ fn describe_postgres() {
         ALERTS_FAILURES_TOTAL,
         "Schools an alert pass could not compute (Postgres unavailable, too much data)."
     );
+    metrics::describe_gauge!(
+        CONNECTIONS_OPEN,
+        "gRPC connections open, on every listener."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "gRPC connections closed as soon as they were accepted, by reason (connections_max, connections_per_ip_max, tls_handshake)."
+    );
     metrics::describe_counter!(
         RLS_REQUESTS_TOTAL,
         "Rate limit calls of the gateways' protocols, by protocol (envoy, kuadrant), method, domain (a configured one, or unknown) and code (ok, over_limit, invalid, error)."
@@ -278,6 +293,20 @@ fn describe_postgres() {
         RLS_UNKNOWN_SLICE_TOTAL,
         "Rate limit descriptors that named no known slice, by domain and the answer the domain gives them (deny, allow)."
     );
+}
+
+pub fn connection_opened() {
+    gauge!(CONNECTIONS_OPEN).increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!(CONNECTIONS_OPEN).decrement(1.0);
+}
+
+/// A connection closed as soon as it was accepted (`reason`: one of
+/// [`CONNECTION_REFUSALS`]).
+pub fn connection_refused(reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// One rate limit call answered. `domain` is a configured domain's name
@@ -440,6 +469,9 @@ pub fn register_at_start(with_postgres: bool) {
     }
     counter!(WAL_RECORDS_TOTAL).increment(0);
     counter!(ROLLOVERS_TOTAL).increment(0);
+    for reason in CONNECTION_REFUSALS {
+        counter!(CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(0);
+    }
     for kind in ACTOR_KINDS {
         counter!(ACTOR_RESTARTS_TOTAL, "actor" => kind).increment(0);
     }
@@ -448,6 +480,7 @@ pub fn register_at_start(with_postgres: bool) {
         WAL_DURABLE_SEQ,
         SNAPSHOT_WAL_SEQ,
         ACTORS_ALIVE,
+        CONNECTIONS_OPEN,
     ] {
         gauge!(gauge).increment(0.0);
     }

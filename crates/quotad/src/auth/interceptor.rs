@@ -16,13 +16,13 @@ use super::token::{AuthError, Authenticator, Caller};
 pub enum AuthMode {
     /// Every call is [`Caller::dev`], whatever it sends. For local development only.
     InsecureDev,
-    /// Every call needs a token signed with this key.
+    /// Every call needs a token these keys accept.
     Key(Arc<Authenticator>),
 }
 
 /// Authenticates every call before its handler runs and leaves the
 /// [`Caller`] in the request's extensions. A refused token ends the call with
-/// UNAUTHENTICATED. On the hot path: one HS256 check, no I/O.
+/// UNAUTHENTICATED. On the hot path: one signature check, no I/O.
 ///
 /// A proxy sends the same token with every call, so tokens that verified are
 /// remembered (by their exact text, until they expire): checking a signature

@@ -1,13 +1,19 @@
-//! Tokens: HS256 JWTs signed with the configured key, the claims they carry,
-//! and the [`Caller`] a verified one names. Pure: the time is passed in.
+//! Tokens: JWTs signed with EdDSA or ES256 (checked with public keys, each
+//! chosen by the token's `kid`) or with HS256 (a shared key, for a single
+//! box), the claims they carry, and the [`Caller`] a verified one names.
+//! Pure: the time is passed in.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use super::keys::{check_public_key_ids, shown, KeyAlgorithm, KeyError, PublicKey, TokenSigner};
 
 use quotad_core::{SchoolId, TeacherId};
 
@@ -36,8 +42,28 @@ pub enum AuthError {
     Malformed(String),
     #[error("the token's signature does not match: it was signed with another key, or altered")]
     BadSignature,
-    #[error("the token is not signed with HS256, the only algorithm accepted")]
-    WrongAlgorithm,
+    #[error("the token is unsigned (alg \"none\"): every token must be signed")]
+    Unsigned,
+    #[error("the token is signed with {algorithm}, but {accepted}")]
+    WrongAlgorithm {
+        /// The token's `alg`, quoted if printable.
+        algorithm: String,
+        /// What the key would have accepted.
+        accepted: String,
+    },
+    #[error(
+        "the token names no key id (kid): this server checks tokens with public keys, \
+         each chosen by the kid in the token's header"
+    )]
+    MissingKeyId,
+    #[error(
+        "the token's key id (kid) {kid} is not one of this server's auth_public_keys: it was \
+         signed by a key this server does not know, or by one it no longer accepts"
+    )]
+    UnknownKey {
+        /// The token's `kid`, quoted if printable.
+        kid: String,
+    },
     #[error("the token expired at {expired_at_s} s since the epoch (now {now_s}); get a new one")]
     Expired { expired_at_s: u64, now_s: u64 },
     #[error("unknown role: expected admin, principal, teacher or service")]
@@ -48,6 +74,11 @@ pub enum AuthError {
     InvalidClaims(String),
     #[error("cannot sign the token: {0}")]
     Signing(String),
+    #[error(
+        "this server holds public keys only, which cannot mint tokens: mint with the private \
+         key (`quotad token --private-key-file FILE --kid KID`)"
+    )]
+    PublicKeysOnly,
 }
 
 /// What a token lets its bearer be.
@@ -179,6 +210,56 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// The claims of a new token for `subject`, valid from `now_s` for `ttl`
+    /// (whole seconds, at least one). `schools`: exactly one for a principal
+    /// or teacher, 1 to [`SCHOOLS_PER_TOKEN_MAX`] for a service, none for an admin.
+    pub(super) fn new(
+        subject: &str,
+        role: Role,
+        schools: &[SchoolId],
+        ttl: Duration,
+        now_s: u64,
+    ) -> Result<Claims, AuthError> {
+        let invalid = |problem: String| AuthError::InvalidClaims(problem);
+        if ttl.as_secs() == 0 {
+            return Err(invalid("the ttl must be at least one second".to_owned()));
+        }
+        let exp = now_s
+            .checked_add(ttl.as_secs())
+            .ok_or_else(|| invalid("now + ttl overflows 64 bits of seconds".to_owned()))?;
+        let (school_id, schools) = match (role, schools) {
+            (Role::Admin, []) => (None, Vec::new()),
+            (Role::Admin, _) => {
+                return Err(invalid(
+                    "an admin token names no schools: an admin may act on all".to_owned(),
+                ))
+            }
+            (Role::Principal | Role::Teacher, [school]) => (Some(school.clone()), Vec::new()),
+            (Role::Principal | Role::Teacher, _) => {
+                return Err(invalid(format!(
+                    "a {role} token names exactly one school; {} given",
+                    schools.len()
+                )))
+            }
+            (Role::Service, []) => {
+                return Err(invalid(
+                    "a service token names at least one school".to_owned(),
+                ))
+            }
+            (Role::Service, _) => (None, schools.to_vec()),
+        };
+        let claims = Claims {
+            sub: Arc::from(subject),
+            role,
+            school_id,
+            schools,
+            exp,
+            iat: now_s,
+        };
+        claims.check().map_err(invalid)?;
+        Ok(claims)
+    }
+
     /// The rules that `mint` and `verify` share, so that a minted token always verifies.
     fn check(&self) -> Result<(), String> {
         check_subject(&self.sub)?;
@@ -290,49 +371,89 @@ impl Caller {
     }
 }
 
-/// Mints and verifies tokens with one HS256 key.
+/// Checks tokens, with public keys (EdDSA, ES256) or with one shared HS256
+/// key, which also mints.
 pub struct Authenticator {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    validation: Validation,
+    keys: VerifyingKeys,
+    /// The shared key's signer; `None` with public keys, which cannot mint.
+    signer: Option<TokenSigner>,
 }
 
-/// Never prints the key.
+enum VerifyingKeys {
+    /// One HS256 key; a token's `kid`, if any, is not looked at. (Boxed:
+    /// the variants' sizes would differ tenfold.)
+    Shared(Box<(DecodingKey, Validation)>),
+    /// Each token names its key by `kid` and is checked with that key's
+    /// algorithm alone. At most `PUBLIC_KEYS_MAX`: found by a linear search.
+    Public(Vec<(PublicKey, Validation)>),
+}
+
+/// Never prints a key.
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Authenticator { key: <redacted> }")
+        match &self.keys {
+            VerifyingKeys::Shared(_) => f.write_str("Authenticator { HS256, key: <redacted> }"),
+            VerifyingKeys::Public(keys) => {
+                let keys: Vec<&PublicKey> = keys.iter().map(|(key, _)| key).collect();
+                write!(f, "Authenticator {{ public keys: {keys:?} }}")
+            }
+        }
     }
 }
 
+/// What quotad checks besides the signature: `exp` is required and compared
+/// by `verify` with the time it is given, not by jsonwebtoken with the
+/// system clock, so expiry is deterministic in tests. Only `algorithm`: a
+/// token naming any other is refused before its signature is looked at.
+fn validation(algorithm: KeyAlgorithm) -> Validation {
+    let mut validation = Validation::new(algorithm.jwt());
+    validation.validate_exp = false;
+    validation.leeway = 0;
+    validation.set_required_spec_claims(&["exp"]);
+    // `validate_aud` stays on: a token naming an audience was minted for
+    // someone else, as quotad's tokens name none.
+    validation
+}
+
 impl Authenticator {
-    /// Refuses a key shorter than [`KEY_BYTES_MIN`].
+    /// One shared HS256 key, which checks and mints: for a single box, since
+    /// whatever can check a token can mint an admin one. Refuses a key
+    /// shorter than [`KEY_BYTES_MIN`].
     pub fn new(secret: &[u8]) -> Result<Self, AuthError> {
         if secret.len() < KEY_BYTES_MIN {
             return Err(AuthError::KeyTooShort {
                 key_bytes: secret.len(),
             });
         }
-        // Only HS256: a token naming any other algorithm (or "none") is refused
-        // before its signature is looked at.
-        let mut validation = Validation::new(Algorithm::HS256);
-        // jsonwebtoken would compare `exp` with the system clock; `verify`
-        // compares it with the time it is given instead, so expiry is
-        // deterministic in tests. `exp` stays required.
-        validation.validate_exp = false;
-        validation.leeway = 0;
-        validation.set_required_spec_claims(&["exp"]);
-        // `validate_aud` stays on: a token naming an audience was minted for
-        // someone else, as quotad's tokens name none.
         Ok(Authenticator {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
+            keys: VerifyingKeys::Shared(Box::new((
+                DecodingKey::from_secret(secret),
+                validation(KeyAlgorithm::Hs256),
+            ))),
+            signer: Some(TokenSigner::hs256(secret)),
         })
     }
 
-    /// A token for `subject`, valid from `now_s` for `ttl` (whole seconds, at
-    /// least one). `schools`: exactly one for a principal or teacher, 1 to
-    /// [`SCHOOLS_PER_TOKEN_MAX`] for a service, none for an admin.
+    /// Public keys only (1 to `PUBLIC_KEYS_MAX`, distinct key ids): checks
+    /// tokens, mints none.
+    pub fn with_public_keys(keys: Vec<PublicKey>) -> Result<Self, KeyError> {
+        let kids: Vec<&str> = keys.iter().map(PublicKey::kid).collect();
+        check_public_key_ids(&kids)?;
+        let keys = keys
+            .into_iter()
+            .map(|key| {
+                let validation = validation(key.algorithm());
+                (key, validation)
+            })
+            .collect();
+        Ok(Authenticator {
+            keys: VerifyingKeys::Public(keys),
+            signer: None,
+        })
+    }
+
+    /// A token for `subject` signed with the shared key (see
+    /// [`TokenSigner::mint`]); refused with public keys, which cannot sign.
     pub fn mint(
         &self,
         subject: &str,
@@ -341,49 +462,14 @@ impl Authenticator {
         ttl: Duration,
         now_s: u64,
     ) -> Result<String, AuthError> {
-        let invalid = |problem: String| AuthError::InvalidClaims(problem);
-        if ttl.as_secs() == 0 {
-            return Err(invalid("the ttl must be at least one second".to_owned()));
-        }
-        let exp = now_s
-            .checked_add(ttl.as_secs())
-            .ok_or_else(|| invalid("now + ttl overflows 64 bits of seconds".to_owned()))?;
-        let (school_id, schools) = match (role, schools) {
-            (Role::Admin, []) => (None, Vec::new()),
-            (Role::Admin, _) => {
-                return Err(invalid(
-                    "an admin token names no schools: an admin may act on all".to_owned(),
-                ))
-            }
-            (Role::Principal | Role::Teacher, [school]) => (Some(school.clone()), Vec::new()),
-            (Role::Principal | Role::Teacher, _) => {
-                return Err(invalid(format!(
-                    "a {role} token names exactly one school; {} given",
-                    schools.len()
-                )))
-            }
-            (Role::Service, []) => {
-                return Err(invalid(
-                    "a service token names at least one school".to_owned(),
-                ))
-            }
-            (Role::Service, _) => (None, schools.to_vec()),
-        };
-        let claims = Claims {
-            sub: Arc::from(subject),
-            role,
-            school_id,
-            schools,
-            exp,
-            iat: now_s,
-        };
-        claims.check().map_err(invalid)?;
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|e| AuthError::Signing(e.to_string()))
+        self.signer
+            .as_ref()
+            .ok_or(AuthError::PublicKeysOnly)?
+            .mint(subject, role, schools, ttl, now_s)
     }
 
-    /// The caller a `Bearer <token>` value names, if its signature is this
-    /// key's, it has not expired at `now_s` (no leeway) and its claims fit its role.
+    /// The caller a `Bearer <token>` value names, if its signature is one of
+    /// these keys', it has not expired at `now_s` (no leeway) and its claims fit its role.
     pub fn verify(&self, header_value: Option<&str>, now_s: u64) -> Result<Caller, AuthError> {
         self.verify_until(header_value, now_s)
             .map(|(caller, _)| caller)
@@ -396,7 +482,8 @@ impl Authenticator {
         now_s: u64,
     ) -> Result<(Caller, u64), AuthError> {
         let token = bearer_token(header_value)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let (decoding, validation) = self.key_for(&TokenHeader::read(token)?)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, decoding, validation)
             .map_err(from_jwt_error)?
             .claims;
         claims.check().map_err(AuthError::Malformed)?;
@@ -409,6 +496,88 @@ impl Authenticator {
         }
         let exp = claims.exp;
         Ok((Caller::from_claims(claims), exp))
+    }
+
+    /// The key a token is checked with, and how: chosen by the token's `kid`
+    /// among these keys alone (never a key the token carries, `jwk` or
+    /// `x5c`), and only if the token's `alg` is that key's one algorithm. So
+    /// an HS256 token "signed" with a public key as its secret is refused
+    /// here, before any signature is computed (and jsonwebtoken refuses a
+    /// key of another family again).
+    fn key_for(&self, header: &TokenHeader) -> Result<(&DecodingKey, &Validation), AuthError> {
+        if header.alg.eq_ignore_ascii_case("none") {
+            return Err(AuthError::Unsigned);
+        }
+        match &self.keys {
+            VerifyingKeys::Shared(key) => {
+                if header.alg != KeyAlgorithm::Hs256.as_str() {
+                    return Err(AuthError::WrongAlgorithm {
+                        algorithm: shown(&header.alg, 16),
+                        accepted: "this server accepts only HS256, with its shared key".to_owned(),
+                    });
+                }
+                Ok((&key.0, &key.1))
+            }
+            VerifyingKeys::Public(keys) => {
+                let public = [KeyAlgorithm::EdDsa, KeyAlgorithm::Es256];
+                if !public.iter().any(|a| header.alg == a.as_str()) {
+                    return Err(AuthError::WrongAlgorithm {
+                        algorithm: shown(&header.alg, 16),
+                        accepted: "this server accepts only EdDSA and ES256, checked with its \
+                                   public keys"
+                            .to_owned(),
+                    });
+                }
+                let kid = header.kid.as_deref().ok_or(AuthError::MissingKeyId)?;
+                let (key, validation) =
+                    keys.iter()
+                        .find(|(key, _)| key.kid() == kid)
+                        .ok_or_else(|| AuthError::UnknownKey {
+                            kid: shown(kid, super::keys::KID_BYTES_MAX),
+                        })?;
+                if header.alg != key.algorithm().as_str() {
+                    return Err(key.wrong_algorithm(&header.alg));
+                }
+                Ok((key.decoding(), validation))
+            }
+        }
+    }
+}
+
+/// What a token's header says about how it is signed, read before any key
+/// is chosen. Other header fields are left to jsonwebtoken (which reads the
+/// header again: once per token, as verified tokens are remembered).
+#[derive(Deserialize)]
+struct TokenHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    /// Extensions the signer says must be understood (RFC 7515, 4.1.11):
+    /// quotad understands none, so a token naming any is refused.
+    #[serde(default)]
+    crit: Option<serde::de::IgnoredAny>,
+}
+
+impl TokenHeader {
+    fn read(token: &str) -> Result<TokenHeader, AuthError> {
+        let malformed = |problem: &str| AuthError::Malformed(problem.to_owned());
+        let mut parts = token.split('.');
+        let (Some(header), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed("it is not three base64url parts joined by dots"));
+        };
+        let json = URL_SAFE_NO_PAD
+            .decode(header)
+            .map_err(|_| malformed("a part is not valid base64url"))?;
+        let header: TokenHeader = serde_json::from_slice(&json)
+            .map_err(|e| AuthError::Malformed(format!("its header: {e}")))?;
+        if header.crit.is_some() {
+            return Err(malformed(
+                "its header names critical extensions (crit), which quotad does not implement",
+            ));
+        }
+        Ok(header)
     }
 }
 
@@ -436,7 +605,10 @@ fn from_jwt_error(error: jsonwebtoken::errors::Error) -> AuthError {
     let malformed = |problem: &str| AuthError::Malformed(problem.to_owned());
     match error.kind() {
         ErrorKind::InvalidSignature => AuthError::BadSignature,
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::WrongAlgorithm,
+        // `key_for` has matched the token's algorithm to the key already.
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            malformed("its algorithm does not fit the key")
+        }
         ErrorKind::InvalidToken => malformed("it is not three base64url parts joined by dots"),
         ErrorKind::Base64(_) => malformed("a part is not valid base64url"),
         ErrorKind::Utf8(_) => malformed("a part is not UTF-8"),

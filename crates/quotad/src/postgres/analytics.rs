@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::{Mutex, Semaphore};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use quotad_core::{SchoolId, ServiceType, TeacherId, TimestampMs};
 
@@ -151,7 +151,7 @@ impl Reader {
             return Ok((client.clone(), false));
         }
         *slot = None;
-        let connecting = tokio_postgres::connect(&self.url, NoTls);
+        let connecting = super::open(&self.url);
         let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| ReadError::Unavailable("connecting took longer than 5 s".into()))?

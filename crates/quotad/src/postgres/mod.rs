@@ -1,18 +1,21 @@
 //! Postgres, quotad's long-term store: the schema (with the original system's
 //! table names) and its migrations, the snapshots written to it and recovery
 //! from it. Migrations are applied in order, each once, in one transaction; a
-//! lock keeps two quotads from migrating at the same time.
+//! lock keeps two quotads from migrating at the same time. Every connection
+//! is made by [`open`] (or [`connect`]), which honours the URL's `sslmode`.
 
+mod connect;
 pub mod recover;
 pub mod rows;
 pub mod snapshot;
 
 use thiserror::Error;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 pub mod analytics;
 
 pub use analytics::{ReadError, Reader};
+pub use connect::{check_url, open, ConnectError, ConnectionTask, SslMode};
 
 /// Every migration, in order. Append only: a shipped migration never changes.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -36,7 +39,7 @@ const MIGRATION_LOCK: i64 = 0x7175_6f74_6164; // "quotad"
 #[derive(Debug, Error)]
 pub enum PostgresError {
     #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] ConnectError),
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {
         version: i32,
@@ -85,11 +88,10 @@ pub async fn prepare(url: &str) -> Result<Client, PostgresError> {
     Ok(client)
 }
 
-/// Connects; the connection is driven by a task on the current runtime.
+/// Connects ([`open`]); the connection is driven by a task on the current
+/// runtime.
 pub async fn connect(url: &str) -> Result<Client, PostgresError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(PostgresError::Connect)?;
+    let (client, connection) = open(url).await.map_err(PostgresError::Connect)?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::error!(%error, "Postgres connection ended");

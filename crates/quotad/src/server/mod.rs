@@ -21,9 +21,11 @@ use crate::storage::snapshot::Snapshotter;
 use crate::storage::{LogStore, SledLog, StorageError, Wal, WalWriter};
 use crate::telemetry;
 
+pub mod conn;
 mod grpc;
 mod metrics;
 mod recovery;
+pub mod tls;
 
 use grpc::{serve_grpc, Grpc};
 use metrics::{prometheus, serve_metrics};
@@ -46,6 +48,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("gRPC listener: {0}")]
     Listener(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(tls::TlsError),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]

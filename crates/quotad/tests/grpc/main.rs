@@ -3,6 +3,7 @@
 //! over TCP and real sled in a temp dir.
 
 mod admin;
+mod auth_keys;
 mod bad_input;
 mod common;
 mod contract;
@@ -23,4 +24,5 @@ mod rls;
 mod stress;
 mod sync;
 mod tenants;
+mod tls;
 mod undecodable;

@@ -18,6 +18,7 @@ mod history;
 #[path = "../grpc/load.rs"]
 mod load;
 mod snapshots;
+mod tls;
 
 async fn relations(client: &Client) -> Vec<String> {
     client
