@@ -6,14 +6,21 @@ use serde::Serialize;
 
 use crate::{Args, BenchError, Mode, Target};
 
-/// Longest school id accepted, so that `<school_id>-<call number>` stays within the
-/// 128-byte event id limit of the contract.
+/// Longest school id accepted, so that `<school_id>-rls<call number>#<k>` (the id the server
+/// derives for the k-th descriptor of a ShouldRateLimit) stays within the 128-byte event id
+/// limit of the contract: 100 + 4 + 20 digits + 2.
 const SCHOOL_ID_MAX_BYTES: usize = 100;
 
 /// The settings every phase runs with, resolved from the command line.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct RunConfig {
     pub(super) addr: String,
+    /// The RLS listener (ShouldRateLimit, no bearer token); used by `--target rls` only.
+    pub(super) rls_addr: String,
+    /// `RateLimitRequest.domain` of every ShouldRateLimit.
+    pub(super) domain: String,
+    /// Descriptors per ShouldRateLimit, each naming one slice of the same teacher.
+    pub(super) descriptors: usize,
     pub(super) mode: Mode,
     pub(super) target: Target,
     pub(super) concurrency: usize,
@@ -45,6 +52,9 @@ impl RunConfig {
         }
         Ok(Self {
             addr: args.addr.clone(),
+            rls_addr: args.rls_addr.clone(),
+            domain: args.domain.clone(),
+            descriptors: args.descriptors as usize,
             mode: args.mode,
             target: args.target,
             concurrency: args.concurrency as usize,

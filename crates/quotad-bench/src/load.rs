@@ -16,7 +16,6 @@ use crate::{BenchError, Mode};
 /// resolution, so the last calls leave a little late even when the sender keeps up; beyond this
 /// the sender has fallen behind, and the calls not yet sent are reported as `unsent`.
 const SEND_GRACE: Duration = Duration::from_millis(100);
-/// Setup calls (one per teacher) run this many at a time.
 /// One measured phase: a workload driven in the configured mode over one window.
 pub(super) struct Phase<W: Workload> {
     pub(super) name: &'static str,

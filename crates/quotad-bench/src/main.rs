@@ -2,7 +2,9 @@
 //!
 //! It drives `grpc.health.v1.Health/Check` (the floor: what the gRPC stack alone costs) and
 //! `QuotaGate/Consume` (the hot path) with the same parameters, and reports both side by side so
-//! the ratio shows what the quota engine adds on top of the transport.
+//! the ratio shows what the quota engine adds on top of the transport. `--target rls` does the
+//! same on the RLS listener: its health check, then Envoy's
+//! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit` (what a gateway calls).
 //!
 //! Two ways to apply load share one measuring core ([`Recorder`](measure::Recorder),
 //! [`Window`](measure::Window), [`PhaseReport`](report::PhaseReport)):
@@ -11,12 +13,12 @@
 //!   taken from each call's *scheduled* send time, so a stall that delays later sends is counted
 //!   against those calls (no coordinated omission).
 //!
-//! It only talks to `--addr`, and always stops by itself: every phase has a deadline and every
+//! It only talks to `--addr` (and `--rls-addr` with `--target rls`), and always stops by itself: every phase has a deadline and every
 //! call a timeout.
 //!
 //! - [`config`]: the settings of a run, resolved from the command line.
 //! - [`setup`]: the connections, the bearer token and the bench school.
-//! - [`workloads`]: the calls driven (health check, consume, set allocation).
+//! - [`workloads`]: the calls driven (health check, consume, set allocation, ShouldRateLimit).
 //! - [`measure`]: how one call ended, the measuring window, latency histograms.
 //! - [`load`]: closed loop and fixed rate, each over one phase.
 //! - [`report`]: the figures of each phase, the ratios to the health check, the table and JSON.
@@ -39,7 +41,7 @@ use serde::Serialize;
 use config::RunConfig;
 use load::Phase;
 use report::{render_json, render_table, Reports};
-use setup::{connect_all, prepare_consume};
+use setup::{connect_all, prepare_consume, prepare_rls};
 use workloads::{AllocationLoad, HealthCheck};
 
 #[derive(Parser, Debug)]
@@ -51,6 +53,19 @@ struct Args {
     /// Server to load (the only address this tool talks to).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// quotad's RLS listener (`--target rls`: its health check and ShouldRateLimit go there,
+    /// without a token; the school is still set up through --addr).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    rls_addr: String,
+    /// `RateLimitRequest.domain` of every ShouldRateLimit (`quotad` exists by default under
+    /// `quotad serve --insecure-dev`; otherwise it must be an `[[rls_domains]]` of the server).
+    #[arg(long, default_value = "quotad")]
+    domain: String,
+    /// Descriptors in each ShouldRateLimit: one per service type of the same teacher
+    /// (claude_messages, then lesson_generation, then grading_assistance), as a gateway that
+    /// meters one request against several of a teacher's pools sends them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    descriptors: u32,
     /// closed: --concurrency workers, one call in flight each. fixed-rate: --rate calls/s.
     #[arg(long, value_enum, default_value_t = Mode::Closed)]
     mode: Mode,
@@ -76,7 +91,8 @@ struct Args {
     /// Distinct teachers ("t0".."t{T-1}") the consume calls spread across.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     teachers: u32,
-    /// Units charged by each consume call.
+    /// Units charged by each consume call (by each descriptor of a ShouldRateLimit: its
+    /// `hits_addend`).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     units: u64,
     /// What to load; `both` runs health then consume and prints their ratio.
@@ -111,11 +127,13 @@ enum Target {
     Both,
     /// `QuotaAdmin/SetAllocation` (an admin call: p50/p99 of allocation changes).
     Allocation,
+    /// The health check, then `ShouldRateLimit`, both on --rls-addr, and their ratio.
+    Rls,
 }
 
 impl Target {
     fn runs_health(self) -> bool {
-        matches!(self, Target::Health | Target::Both)
+        matches!(self, Target::Health | Target::Both | Target::Rls)
     }
 
     fn runs_consume(self) -> bool {
@@ -123,15 +141,19 @@ impl Target {
     }
 
     fn needs_school(self) -> bool {
-        matches!(self, Target::Consume | Target::Both | Target::Allocation)
+        matches!(
+            self,
+            Target::Consume | Target::Both | Target::Allocation | Target::Rls
+        )
     }
 }
 
 /// Why a run stopped before measuring anything.
 #[derive(Debug, thiserror::Error)]
 enum BenchError {
-    #[error("invalid --addr {addr:?}")]
+    #[error("invalid {flag} {addr:?}")]
     Address {
+        flag: &'static str,
         addr: String,
         #[source]
         source: tonic::transport::Error,
@@ -150,27 +172,43 @@ enum BenchError {
     Task(#[from] tokio::task::JoinError),
     #[error("the pacing thread: {0}")]
     Pacer(String),
+    #[error("--units: {0}")]
+    Units(String),
     #[error("--token: {0}")]
     Token(quotad_proto::TokenError),
 }
 
 async fn run(args: &Args) -> Result<String, BenchError> {
     let config = RunConfig::from_args(args)?;
-    let channels = connect_all(&config).await?;
+    let channels = connect_all("--addr", &config.addr, &config).await?;
+    // The RLS target's health check goes to the listener its calls go to: the same transport.
+    let rls_channels = match config.target {
+        Target::Rls => Some(connect_all("--rls-addr", &config.rls_addr, &config).await?),
+        _ => None,
+    };
     // Set up before any phase, so a setup failure costs no measuring time.
-    let consume_load = if config.target.needs_school() {
+    if config.target.needs_school() {
         eprintln!(
             "setting up school {} with {} teacher(s)",
             config.school_id, config.teachers
         );
-        Some(prepare_consume(&channels, &config).await?)
-    } else {
-        None
+    }
+    let rls_load = match &rls_channels {
+        Some(rls_channels) => Some(prepare_rls(&channels, rls_channels, &config).await?),
+        None => None,
+    };
+    let consume_load = match config.target {
+        Target::Consume | Target::Both | Target::Allocation => {
+            Some(prepare_consume(&channels, &config).await?)
+        }
+        Target::Health | Target::Rls => None,
     };
     let mut reports = Reports::default();
     if config.target.runs_health() {
         announce("health", &config);
-        let workload = Arc::new(HealthCheck::new(&channels));
+        let workload = Arc::new(HealthCheck::new(
+            rls_channels.as_deref().unwrap_or(&channels),
+        ));
         reports.health = Some(
             Phase {
                 name: "health",
@@ -202,6 +240,18 @@ async fn run(args: &Args) -> Result<String, BenchError> {
         reports.consume = Some(
             Phase {
                 name: "consume",
+                workload,
+            }
+            .run(&config)
+            .await?,
+        );
+    }
+    if let Some(load) = rls_load {
+        announce("rls", &config);
+        let workload = Arc::new(load);
+        reports.rls = Some(
+            Phase {
+                name: "rls",
                 workload,
             }
             .run(&config)

@@ -1,6 +1,6 @@
-//! What a run prints: the figures of each phase, consume over the health
-//! check (what the quota engine adds to the bare gRPC round trip), as a
-//! table or as one JSON object.
+//! What a run prints: the figures of each phase, consume (or ShouldRateLimit)
+//! over the health check (what the quota engine adds to the bare gRPC round
+//! trip), as a table or as one JSON object.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::measure::Recorder;
-use crate::Mode;
+use crate::{Mode, Target};
 
 /// The figures printed for one phase.
 #[derive(Debug, Clone, Serialize)]
@@ -58,9 +58,10 @@ pub(super) struct Reports {
     pub(super) health: Option<PhaseReport>,
     pub(super) consume: Option<PhaseReport>,
     pub(super) allocation: Option<PhaseReport>,
+    pub(super) rls: Option<PhaseReport>,
 }
 
-/// consume / health: how much the quota engine adds to the bare gRPC round trip.
+/// consume (or rls) / health: how much the quota engine adds to the bare gRPC round trip.
 #[derive(Debug, Serialize)]
 struct Ratio {
     requests_per_s: Option<f64>,
@@ -70,14 +71,11 @@ struct Ratio {
 
 impl Reports {
     fn consume_over_health(&self) -> Option<Ratio> {
-        let (consume, health) = (self.consume.as_ref()?, self.health.as_ref()?);
-        let divide =
-            |numerator: f64, denominator: f64| (denominator > 0.0).then(|| numerator / denominator);
-        Some(Ratio {
-            requests_per_s: divide(consume.requests_per_s, health.requests_per_s),
-            p50: divide(consume.p50_us as f64, health.p50_us as f64),
-            p99: divide(consume.p99_us as f64, health.p99_us as f64),
-        })
+        over_health(self.consume.as_ref()?, self.health.as_ref()?)
+    }
+
+    fn rls_over_health(&self) -> Option<Ratio> {
+        over_health(self.rls.as_ref()?, self.health.as_ref()?)
     }
 
     fn phases(&self) -> impl Iterator<Item = &PhaseReport> {
@@ -85,7 +83,18 @@ impl Reports {
             .iter()
             .chain(self.consume.iter())
             .chain(self.allocation.iter())
+            .chain(self.rls.iter())
     }
+}
+
+fn over_health(phase: &PhaseReport, health: &PhaseReport) -> Option<Ratio> {
+    let divide =
+        |numerator: f64, denominator: f64| (denominator > 0.0).then(|| numerator / denominator);
+    Some(Ratio {
+        requests_per_s: divide(phase.requests_per_s, health.requests_per_s),
+        p50: divide(phase.p50_us as f64, health.p50_us as f64),
+        p99: divide(phase.p99_us as f64, health.p99_us as f64),
+    })
 }
 
 pub(super) fn render_json(config: &RunConfig, reports: &Reports) -> String {
@@ -95,6 +104,8 @@ pub(super) fn render_json(config: &RunConfig, reports: &Reports) -> String {
         "consume": reports.consume,
         "set_allocation": reports.allocation,
         "consume_over_health": reports.consume_over_health(),
+        "rls": reports.rls,
+        "rls_over_health": reports.rls_over_health(),
     });
     document.to_string()
 }
@@ -107,13 +118,20 @@ pub(super) fn render_table(config: &RunConfig, reports: &Reports) -> String {
             config.rate_per_s, config.max_in_flight
         ),
     };
+    let calls = match config.target {
+        Target::Rls => format!(
+            "ShouldRateLimit on {} (health check there too), domain {}, {} descriptor(s) \
+             of {} unit(s)/call",
+            config.rls_addr, config.domain, config.descriptors, config.units
+        ),
+        _ => format!("{} unit(s)/consume", config.units),
+    };
     let mut out = format!(
-        "quotad-bench {}: {load}, {} connection(s), {} teacher(s), {} unit(s)/consume, \
+        "quotad-bench {}: {load}, {} connection(s), {} teacher(s), {calls}, \
          {} s measured after {} s warm-up, school {}\n\n",
         config.addr,
         config.connections,
         config.teachers,
-        config.units,
         config.duration_s,
         config.warmup_s,
         config.school_id,
@@ -156,6 +174,16 @@ fn render_table_notes(reports: &Reports) -> String {
         let show = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}"));
         out += &format!(
             "\nconsume/health: req/s {}  p50 {}  p99 {}\n",
+            show(ratio.requests_per_s),
+            show(ratio.p50),
+            show(ratio.p99)
+        );
+    }
+    if let Some(ratio) = reports.rls_over_health() {
+        let show = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}"));
+        out += &format!(
+            "\nrls/health: req/s {}  p50 {}  p99 {}\n\
+             rls denied = OVER_LIMIT answers (an answer, not an error)\n",
             show(ratio.requests_per_s),
             show(ratio.p50),
             show(ratio.p99)
