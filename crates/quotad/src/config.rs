@@ -77,6 +77,9 @@ pub struct Config {
     /// Mutual TLS on `rls_addr` (the gateways' listener), which takes no
     /// tokens: the natural way to say which gateways may charge.
     pub rls_tls_client_ca_file: Option<PathBuf>,
+    /// Serve `/metrics` over TLS too, with the same certificate (and no
+    /// client certificate: a scraper is not a gRPC client).
+    pub metrics_tls: bool,
     /// How often the TLS files are checked for a change.
     pub tls_reload_interval_s: u64,
     /// A TLS handshake not done by then closes the connection.
@@ -191,6 +194,7 @@ impl Default for Config {
             tls_key_file: None,
             tls_client_ca_file: None,
             rls_tls_client_ca_file: None,
+            metrics_tls: false,
             tls_reload_interval_s: 10,
             tls_handshake_timeout_ms: 10_000,
             connections_max: 4096,
@@ -358,6 +362,7 @@ impl Config {
         self.rls_domains()?;
         self.check_auth_settings()?;
         self.tls_files()?;
+        self.metrics_tls_files()?;
         // A mistyped sslmode or an unreadable sslrootcert would otherwise
         // look like a Postgres that does not answer, and quotad would start
         // without it.
@@ -432,11 +437,32 @@ impl Config {
             key: key.clone(),
             client_ca: client_ca.clone(),
             client_ca_setting,
+            // gRPC is HTTP/2 only.
+            alpn: vec![b"h2".to_vec()],
         };
         Ok(Some((
             files(&self.tls_client_ca_file, "tls_client_ca_file"),
             files(&self.rls_tls_client_ca_file, "rls_tls_client_ca_file"),
         )))
+    }
+
+    /// The metrics endpoint's TLS (`metrics_tls`): the gRPC certificate,
+    /// no client certificate, HTTP/1.1 or h2. None: plaintext.
+    pub fn metrics_tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        if !self.metrics_tls {
+            return Ok(None);
+        }
+        let Some((main, _)) = self.tls_files()? else {
+            return Err(invalid(
+                "metrics_tls",
+                "needs the certificate of the gRPC listeners: set tls_cert_file and tls_key_file",
+            ));
+        };
+        Ok(Some(TlsFiles {
+            client_ca: None,
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            ..main
+        }))
     }
 
     /// What a client may hold of a gRPC listener.
@@ -760,6 +786,20 @@ mod tests {
             rls_tls_client_ca_file: Some("gateways.pem".into()),
             ..Config::default()
         };
+        assert!(Config {
+            metrics_tls: true,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("metrics_tls"));
+        let metrics = Config {
+            metrics_tls: true,
+            ..both.clone()
+        };
+        let files = metrics.metrics_tls_files().unwrap().unwrap();
+        assert_eq!((files.client_ca, files.alpn.len()), (None, 2));
         let (main, rls) = both.tls_files().unwrap().unwrap();
         assert_eq!(
             (main.client_ca, rls.client_ca),

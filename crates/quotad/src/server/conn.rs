@@ -128,6 +128,11 @@ impl Conn {
         }
     }
 
+    /// The peer's address.
+    pub fn remote(&self) -> Option<std::net::SocketAddr> {
+        self.info.remote_addr
+    }
+
     fn active(&mut self) {
         let deadline = Instant::now() + self.idle_timeout;
         self.idle.as_mut().reset(deadline);

@@ -8,6 +8,9 @@ use std::time::Duration;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use super::conn::{incoming, Conn, ConnGate};
+use super::tls::Tls;
+
 use super::ServeError;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -50,10 +53,13 @@ pub(super) fn prometheus() -> Result<PrometheusHandle, ServeError> {
 /// (so that scrapes, however frequent, never reach the actors).
 pub(super) fn serve_metrics(
     listener: TcpListener,
+    tls: Option<Tls>,
     handle: PrometheusHandle,
     engine: Engine,
     config: &Config,
 ) -> impl Future<Output = ()> + Send + 'static {
+    let conn_limits = config.conn_limits();
+    let tls_reload = Duration::from_secs(config.tls_reload_interval_s);
     let pools = Arc::new(Mutex::new(String::new()));
     let refresh = Duration::from_millis(config.metrics_refresh_interval_ms);
     let schools_max = config.metrics_schools_max;
@@ -81,9 +87,52 @@ pub(super) fn serve_metrics(
                 async move { render_metrics(&handle, &pools) }
             }),
         );
-        if let Err(error) = axum::serve(listener, app).await {
+        let served = match tls {
+            None => axum::serve(listener, app).await,
+            Some(tls) => {
+                background.spawn(tls.clone().follow(tls_reload));
+                let local = listener.local_addr();
+                let incoming = incoming(listener, Some(tls), ConnGate::new(conn_limits));
+                match local {
+                    Ok(local) => axum::serve(TlsListener { incoming, local }, app).await,
+                    Err(error) => Err(error),
+                }
+            }
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "the metrics endpoint stopped");
         }
+    }
+}
+
+/// The metrics endpoint over TLS: the connections the gRPC listeners' own
+/// accept loop admits and handshakes (HTTP/1.1 or h2).
+struct TlsListener {
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = Conn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, std::net::SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(conn)) => {
+                    let peer = conn.remote().unwrap_or(self.local);
+                    return (conn, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop ended: the endpoint is being stopped.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        Ok(self.local)
     }
 }
 

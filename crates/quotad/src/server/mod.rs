@@ -172,9 +172,20 @@ pub async fn serve_on_clock(
     let (engine, runtime) =
         Engine::start(recovered.state, wal.clone(), config.engine()?, clock).await?;
     let reader = analytics_reader(&config);
-    let metrics_task = listeners
-        .metrics
-        .map(|listener| tokio::spawn(serve_metrics(listener, metrics, engine.clone(), &config)));
+    let metrics_tls = config
+        .metrics_tls_files()?
+        .map(tls::Tls::load)
+        .transpose()
+        .map_err(ServeError::Tls)?;
+    let metrics_task = listeners.metrics.map(|listener| {
+        tokio::spawn(serve_metrics(
+            listener,
+            metrics_tls.clone(),
+            metrics,
+            engine.clone(),
+            &config,
+        ))
+    });
     let analytics = Arc::new(Analytics::new(
         engine.clone(),
         reader.clone(),

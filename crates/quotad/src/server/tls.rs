@@ -39,6 +39,9 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
     /// The setting that names `client_ca`, for messages.
     pub client_ca_setting: &'static str,
+    /// The application protocols offered (ALPN): h2 for gRPC, http/1.1
+    /// too for the metrics endpoint.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// The files' modification times and sizes, to notice a change.
@@ -199,7 +202,6 @@ fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
             setting: "tls_key_file",
             problem: format!("does not go with tls_cert_file: {e}"),
         })?;
-    // gRPC is HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = files.alpn.clone();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

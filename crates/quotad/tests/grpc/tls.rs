@@ -332,3 +332,64 @@ async fn the_server_advertises_its_limit_of_streams_per_connection() {
     }
     assert_eq!(advertised, 7);
 }
+
+/// GET /metrics over TLS (HTTP/1.1, as Prometheus scrapes), trusting `ca`.
+async fn scrape_tls(addr: SocketAddr, ca: &Ca) -> std::io::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncWriteExt;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text)
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_can_use_the_same_certificate() {
+    let (dir, data) = temp_dir();
+    let ca = Ca::new("quotad test CA");
+    let files = write_server_files(dir.path(), &ca);
+    let server = TestServer::start_with(Config {
+        metrics_tls: true,
+        ..tls_config(&data, &files)
+    })
+    .await;
+    ready(server.addr, &ca, None).await;
+    let text = scrape_tls(server.metrics_addr, &ca).await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:.200}");
+    assert!(text.contains("quotad_connections_open"), "{text:.400}");
+    // Plaintext HTTP gets no metrics.
+    let mut plain = tokio::net::TcpStream::connect(server.metrics_addr)
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("quotad_"),
+        "metrics were served in plaintext"
+    );
+    // Another CA's client refuses the certificate.
+    assert!(scrape_tls(server.metrics_addr, &Ca::new("other"))
+        .await
+        .is_err());
+}
