@@ -536,6 +536,27 @@ impl RateLimiter {
         }
     }
 
+    /// The `domain` label of a call: a configured domain's name, or
+    /// "unknown" (the caller's string would make the labels unbounded).
+    fn label(&self, domain: &str) -> &str {
+        self.domains
+            .get(domain)
+            .map_or("unknown", |known| known.name.as_str())
+    }
+
+    /// ShouldRateLimit, CheckRateLimit and Report, answered and counted.
+    async fn answer_rate_limit(
+        &self,
+        request: Request<envoy::RateLimitRequest>,
+        method: Method,
+    ) -> Result<Response<envoy::RateLimitResponse>, Status> {
+        let caller = self.caller(&request);
+        let request = request.into_inner();
+        let label = self.label(&request.domain);
+        let result = self.rate_limit(caller.as_ref(), request, method).await;
+        self.finish(method, label, result, |r| r.overall_code())
+    }
+
     /// Counts the call and makes its error a status.
     fn finish<T>(
         &self,
@@ -544,10 +565,6 @@ impl RateLimiter {
         result: Result<T, RlsError>,
         code_of: impl Fn(&T) -> Code,
     ) -> Result<Response<T>, Status> {
-        let domain = match self.domains.get(domain) {
-            Some(known) => known.name.as_str(),
-            None => "unknown",
-        };
         let code = match &result {
             Ok(answer) => match code_of(answer) {
                 Code::OverLimit => "over_limit",
@@ -653,12 +670,8 @@ impl envoy::rate_limit_service_server::RateLimitService for RateLimiter {
         &self,
         request: Request<envoy::RateLimitRequest>,
     ) -> Result<Response<envoy::RateLimitResponse>, Status> {
-        let caller = self.caller(&request);
-        let request = request.into_inner();
-        let domain = request.domain.clone();
-        let method = Method::ShouldRateLimit;
-        let result = self.rate_limit(caller.as_ref(), request, method).await;
-        self.finish(method, &domain, result, |r| r.overall_code())
+        self.answer_rate_limit(request, Method::ShouldRateLimit)
+            .await
     }
 }
 
@@ -668,24 +681,15 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimiter {
         &self,
         request: Request<envoy::RateLimitRequest>,
     ) -> Result<Response<envoy::RateLimitResponse>, Status> {
-        let caller = self.caller(&request);
-        let request = request.into_inner();
-        let domain = request.domain.clone();
-        let method = Method::CheckRateLimit;
-        let result = self.rate_limit(caller.as_ref(), request, method).await;
-        self.finish(method, &domain, result, |r| r.overall_code())
+        self.answer_rate_limit(request, Method::CheckRateLimit)
+            .await
     }
 
     async fn report(
         &self,
         request: Request<envoy::RateLimitRequest>,
     ) -> Result<Response<envoy::RateLimitResponse>, Status> {
-        let caller = self.caller(&request);
-        let request = request.into_inner();
-        let domain = request.domain.clone();
-        let method = Method::Report;
-        let result = self.rate_limit(caller.as_ref(), request, method).await;
-        self.finish(method, &domain, result, |r| r.overall_code())
+        self.answer_rate_limit(request, Method::Report).await
     }
 
     async fn reserve(
@@ -694,9 +698,9 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimiter {
     ) -> Result<Response<kuadrant::ReserveResponse>, Status> {
         let caller = self.caller(&request);
         let request = request.into_inner();
-        let domain = request.domain.clone();
+        let label = self.label(&request.domain);
         let result = RateLimiter::reserve(self, caller.as_ref(), request).await;
-        self.finish(Method::Reserve, &domain, result, |r| r.code())
+        self.finish(Method::Reserve, label, result, |r| r.code())
     }
 
     async fn commit(
@@ -705,8 +709,8 @@ impl kuadrant::rate_limit_service_server::RateLimitService for RateLimiter {
     ) -> Result<Response<kuadrant::CommitResponse>, Status> {
         let caller = self.caller(&request);
         let request = request.into_inner();
-        let domain = request.domain.clone();
+        let label = self.label(&request.domain);
         let result = RateLimiter::commit(self, caller.as_ref(), request).await;
-        self.finish(Method::Commit, &domain, result, |_| Code::Ok)
+        self.finish(Method::Commit, label, result, |_| Code::Ok)
     }
 }
